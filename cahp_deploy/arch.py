@@ -1,0 +1,179 @@
+"""The architecture table: where each supported encoder keeps its layers, heads and projections.
+
+Every stage (signals, gates, pruning, export) reaches into a model only through :func:`spec_for`.
+Adding an architecture is one :class:`ArchSpec` entry here plus a tiny-model row in
+``tests/conftest.py``. No other module may mention ``bert`` or ``distilbert`` attribute paths.
+
+Paths are dotted attribute paths. ``layers`` is relative to ``model.base_model``; every other path is
+relative to one layer (one Transformer block).
+
+transformers v5 note: the paths below are the 4.x module names. v5 keeps the module names for these
+encoders but drops ``head_mask``/``prune_heads``; nothing here relies on either.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from torch import nn
+
+from cahp_deploy.errors import CahpError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to reach the attention internals of one encoder family.
+
+    Attributes
+    ----------
+    model_types : model_type strings from ``config.json`` that this entry serves.
+    layers : path from ``model.base_model`` to the ``nn.ModuleList`` of blocks.
+    self_attention : path from a block to the module that owns Q/K/V and the head-count attributes.
+    query, key, value, output : paths from a block to the four projection ``nn.Linear`` modules.
+        ``output`` is the attention output projection; its *input* is the concatenated per-head
+        context, (B, S, heads*head_dim), which is where head gates are applied.
+    attention_block : path from a block to the module a zero-head layer replaces (it must return the
+        output projection's bias in place of the attention output).
+    heads_attr, width_attr : attributes on ``self_attention`` holding the head count and the
+        concatenated width (heads * head_dim); the pruner rewrites both.
+    config_heads, config_layers, config_hidden : attribute names in the HF config.
+    onnx_model_type : ``model_type`` for ONNX Runtime's transformer optimizer.
+    """
+
+    model_types: tuple[str, ...]
+    layers: str
+    self_attention: str
+    query: str
+    key: str
+    value: str
+    output: str
+    attention_block: str
+    heads_attr: str
+    width_attr: str
+    config_heads: str = "num_attention_heads"
+    config_layers: str = "num_hidden_layers"
+    config_hidden: str = "hidden_size"
+    config_intermediate: str = "intermediate_size"
+    onnx_model_type: str = "bert"
+
+
+_BERT_LIKE = dict(
+    layers="encoder.layer",
+    self_attention="attention.self",
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    output="attention.output.dense",
+    attention_block="attention",
+    heads_attr="num_attention_heads",
+    width_attr="all_head_size",
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec(model_types=("bert",), **_BERT_LIKE),  # BERT and MiniLM checkpoints
+    ArchSpec(model_types=("roberta", "xlm-roberta"), **_BERT_LIKE),
+    ArchSpec(model_types=("electra",), **_BERT_LIKE),
+    ArchSpec(
+        model_types=("distilbert",),
+        layers="transformer.layer",
+        self_attention="attention",
+        query="attention.q_lin",
+        key="attention.k_lin",
+        value="attention.v_lin",
+        output="attention.out_lin",
+        attention_block="attention",
+        heads_attr="n_heads",
+        width_attr="dim",
+        config_heads="n_heads",
+        config_layers="n_layers",
+        config_hidden="dim",
+        config_intermediate="hidden_dim",
+    ),
+)
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ARCHITECTURES for t in a.model_types)
+
+
+def spec_for(model_or_config) -> ArchSpec:
+    """The :class:`ArchSpec` of a model or config; a :class:`CahpError` naming the supported ones."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            return spec
+    raise CahpError(
+        f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    return functools.reduce(getattr, path.split("."), root)
+
+
+def set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_path(root, parent) if parent else root, name, module)
+
+
+def layers(model: nn.Module) -> nn.ModuleList:
+    return get_path(model.base_model, spec_for(model).layers)
+
+
+def num_layers(config) -> int:
+    return int(getattr(config, spec_for(config).config_layers))
+
+
+def num_heads(config) -> int:
+    """Heads per layer of the *dense* architecture."""
+    return int(getattr(config, spec_for(config).config_heads))
+
+
+def hidden_size(config) -> int:
+    return int(getattr(config, spec_for(config).config_hidden))
+
+
+def head_dim(config) -> int:
+    return hidden_size(config) // num_heads(config)
+
+
+def heads_per_layer(model: nn.Module) -> list[int]:
+    """Current head count of every layer (after pruning, these differ from the config)."""
+    config = model.config
+    kept = getattr(config, "cahp_kept_heads", None)
+    if kept is not None:
+        return [len(k) for k in kept]
+    return [num_heads(config)] * num_layers(config)
+
+
+def output_projection(model: nn.Module, layer: int) -> nn.Linear:
+    return get_path(layers(model)[layer], spec_for(model).output)
+
+
+def attention_probs_supported(model: nn.Module) -> bool:
+    """Whether the model returns attention probabilities (needs the eager attention path)."""
+    return getattr(model.config, "_attn_implementation", "eager") == "eager"
+
+
+def dense_head_grid(config) -> tuple[int, int]:
+    """(layers, heads per layer) of the dense architecture."""
+    return num_layers(config), num_heads(config)
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchSpec",
+    "SUPPORTED_MODEL_TYPES",
+    "dense_head_grid",
+    "get_path",
+    "head_dim",
+    "heads_per_layer",
+    "hidden_size",
+    "layers",
+    "num_heads",
+    "num_layers",
+    "output_projection",
+    "set_path",
+    "spec_for",
+    "attention_probs_supported",
+]

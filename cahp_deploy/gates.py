@@ -1,0 +1,96 @@
+"""Per-head gates: one hook that multiplies a gate into each head's context output.
+
+The gate sits on the *input* of the attention output projection, where the context is laid out as
+(B, S, heads * head_dim) with head h at columns [h*d, (h+1)*d). Multiplying head h's slice by g_h is
+exactly "head h contributes g_h times its output", for every supported architecture, without
+``head_mask`` (gone in transformers v5).
+
+Used for gradient salience (d loss / d g_h at g = 1), masked evaluation (g in {0, 1}), the
+trainable baselines (g from a relaxed distribution) and as the reference in pruning tests.
+
+::
+
+    x ──► Q,K,V ──► softmax(QKᵀ/√d)·V ──► context (B,S,H·d) ──[× g_h per head]──► O proj ──► + x ──► LN
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from cahp_deploy import arch
+
+
+class HeadGates:
+    """Hooks that scale each head's context by a gate value.
+
+    ``values`` is a list (one tensor per layer, shape (heads_in_layer,)); replace or edit the
+    tensors freely between forward passes, or make them require grad for salience. A gate tensor may
+    also have a leading batch dimension, (B, heads), for per-example gates.
+    """
+
+    def __init__(self, model: nn.Module, values: Sequence[torch.Tensor] | None = None):
+        self.model = model
+        counts = arch.heads_per_layer(model)
+        device = next(model.parameters()).device
+        if values is None:
+            values = [torch.ones(n, device=device) for n in counts]
+        if len(values) != len(counts):
+            raise ValueError(f"expected {len(counts)} gate tensors, got {len(values)}")
+        self.values: list[torch.Tensor] = list(values)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, layer: int):
+        def pre_hook(module: nn.Module, args: tuple):
+            (context, *rest) = args
+            gate = self.values[layer].to(context.dtype)
+            n = gate.shape[-1]
+            if n == 0:
+                return None
+            b, s, width = context.shape
+            d = width // n
+            g = gate.view(1, 1, n, 1) if gate.dim() == 1 else gate.view(b, 1, n, 1)
+            return ((context.view(b, s, n, d) * g).view(b, s, width), *rest)
+
+        return pre_hook
+
+    def attach(self) -> HeadGates:
+        for i, n in enumerate(arch.heads_per_layer(self.model)):
+            if n == 0:  # a zero-head layer has no context to gate
+                continue
+            proj = arch.output_projection(self.model, i)
+            self._handles.append(proj.register_forward_pre_hook(self._hook(i)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> HeadGates:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+@contextlib.contextmanager
+def head_mask(model: nn.Module, keep: Sequence[Sequence[int]]) -> Iterator[HeadGates]:
+    """Gate off every head not listed in ``keep`` (per layer, original head indices)."""
+    counts = arch.heads_per_layer(model)
+    device = next(model.parameters()).device
+    values = []
+    for n, kept in zip(counts, keep, strict=True):
+        g = torch.zeros(n, device=device)
+        g[list(kept)] = 1.0
+        values.append(g)
+    with HeadGates(model, values) as gates:
+        yield gates
+
+
+def mask_to_keep(mask) -> list[list[int]]:
+    """A (layers, heads) 0/1 array to the per-layer list of kept head indices."""
+    return [[h for h, v in enumerate(row) if v] for row in mask]

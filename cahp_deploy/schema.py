@@ -1,0 +1,19 @@
+"""Schema versions of the files that flow between stages, and the one check readers share."""
+
+from __future__ import annotations
+
+from cahp_deploy.errors import CahpError
+
+SELECTION = "cahp-deploy/selection/1"
+PRUNING = "cahp-deploy/pruning/1"
+MANIFEST = "cahp-deploy/manifest/1"
+REPORT = "cahp-deploy/report/1"
+STUDY = "cahp-deploy/study/1"
+RUN = "cahp-deploy/run/1"
+
+
+def check_schema(obj: dict, expected: str, source: str) -> None:
+    """Fail clearly on a file of another kind or of a version this code does not know."""
+    found = obj.get("schema") if isinstance(obj, dict) else None
+    if found != expected:
+        raise CahpError(f"{source}: expected schema {expected!r}, found {found!r}")
