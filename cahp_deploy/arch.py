@@ -37,8 +37,15 @@ class ArchSpec:
         output projection's bias in place of the attention output).
     heads_attr, width_attr : attributes on ``self_attention`` holding the head count and the
         concatenated width (heads * head_dim); the pruner rewrites both.
+    attention_norm : path from a block to the LayerNorm that ``attention_block`` itself applies to
+        residual + attention (BERT-like), or None when the block applies it outside (DistilBERT).
+        It decides what a zero-head layer's replacement returns: LN(x + b) or b.
     config_heads, config_layers, config_hidden : attribute names in the HF config.
     onnx_model_type : ``model_type`` for ONNX Runtime's transformer optimizer.
+    attention_probs : path from a block to the module whose *output* is the attention probabilities,
+        (B, heads, S, S), right before they multiply V (the eager path's attention dropout, an
+        identity in eval mode). A forward hook there can read or replace the maps (attention
+        attribution, head confidence); ``None`` where no such module exists.
     """
 
     model_types: tuple[str, ...]
@@ -56,6 +63,8 @@ class ArchSpec:
     config_hidden: str = "hidden_size"
     config_intermediate: str = "intermediate_size"
     onnx_model_type: str = "bert"
+    attention_probs: str | None = None
+    attention_norm: str | None = None
 
 
 _BERT_LIKE = dict(
@@ -68,6 +77,8 @@ _BERT_LIKE = dict(
     attention_block="attention",
     heads_attr="num_attention_heads",
     width_attr="all_head_size",
+    attention_norm="attention.output.LayerNorm",
+    attention_probs="attention.self.dropout",
 )
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
@@ -89,6 +100,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         config_layers="n_layers",
         config_hidden="dim",
         config_intermediate="hidden_dim",
+        attention_probs="attention.dropout",
     ),
 )
 
@@ -150,6 +162,22 @@ def output_projection(model: nn.Module, layer: int) -> nn.Linear:
     return get_path(layers(model)[layer], spec_for(model).output)
 
 
+def attention_probs_module(model: nn.Module, layer: int) -> nn.Module:
+    """The module whose output is layer ``layer``'s attention probabilities (see ``ArchSpec.attention_probs``).
+
+    Only the eager attention path runs it; SDPA/flash kernels never materialize the maps.
+    """
+    spec = spec_for(model)
+    if spec.attention_probs is None:
+        raise CahpError(f"{model.config.model_type}: attention maps cannot be intercepted")
+    if not attention_probs_supported(model):
+        raise CahpError(
+            f"attention maps need eager attention, the model uses {model.config._attn_implementation!r}; "
+            "load it with attn_implementation='eager'"
+        )
+    return get_path(layers(model)[layer], spec.attention_probs)
+
+
 def attention_probs_supported(model: nn.Module) -> bool:
     """Whether the model returns attention probabilities (needs the eager attention path)."""
     return getattr(model.config, "_attn_implementation", "eager") == "eager"
@@ -176,4 +204,5 @@ __all__ = [
     "set_path",
     "spec_for",
     "attention_probs_supported",
+    "attention_probs_module",
 ]

@@ -86,6 +86,14 @@ def _looks_like_path(data: str) -> bool:
     return os.sep in data or data.startswith(".") or Path(data).suffix in _FILE_BUILDERS
 
 
+def _check_not_blank(path: Path, split: str) -> None:
+    """An empty file makes the ``datasets`` JSON builder crash (StopIteration), not return 0 rows."""
+    with open(path, "rb") as f:
+        blank = not f.read(1 << 16).strip()
+    if blank:
+        raise CahpError(f"split {split!r} ({path}) is empty")
+
+
 def _load_table(data: str, split: str):
     """Return (datasets.Dataset, the split's name, {file: sha256})."""
     import datasets
@@ -96,6 +104,7 @@ def _load_table(data: str, split: str):
         builder = _FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise CahpError(f"data file {path} has an unknown format; use .jsonl, .csv or .parquet")
+        _check_not_blank(path, path.stem)
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         return ds, path.stem, {path.name: sha256_file(path)}
     if path.is_dir():
@@ -115,6 +124,7 @@ def _load_table(data: str, split: str):
         if split not in files:
             raise CahpError(f"split {split!r} not in {path}; available: {', '.join(files)}")
         f = files[split]
+        _check_not_blank(f, split)
         ds = datasets.load_dataset(_FILE_BUILDERS[f.suffix], data_files=str(f), split="train")
         return ds, split, {f.name: sha256_file(f)}
     if _looks_like_path(data):

@@ -12,7 +12,7 @@ _CHUNK = 1 << 20
 
 # Files that define a model's behaviour; logs, manifests and READMEs do not change what it computes.
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".onnx", ".onnx_data")
-_NOT_MODEL = {"training_info.json", "pruning.json", "manifest.json", "selection.json"}
+_NOT_MODEL = {"training_info.json", "pruning.json", "manifest.json", "selection.json", "recovery.json"}
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -10,6 +10,7 @@ MANIFEST = "cahp-deploy/manifest/1"
 REPORT = "cahp-deploy/report/1"
 STUDY = "cahp-deploy/study/1"
 RUN = "cahp-deploy/run/1"
+RECOVERY = "cahp-deploy/recovery/1"
 
 
 def check_schema(obj: dict, expected: str, source: str) -> None:
