@@ -24,6 +24,12 @@ def check_output_path(target: str | os.PathLike, force: bool) -> Path:
     return target
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temp directory beside ``target``; on success it replaces ``target``.
@@ -34,6 +40,7 @@ def atomic_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]
     target = check_output_path(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared with serving teams
     try:
         yield tmp
     except BaseException:
@@ -56,6 +63,7 @@ def atomic_file(target: str | os.PathLike, force: bool = True) -> Iterator[Path]
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~_umask())
     try:
         yield tmp
     except BaseException:

@@ -181,3 +181,19 @@ def test_selection_json_round_trip(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(d))
     with pytest.raises(CahpError, match="expected schema"):
         Selection.from_json(tmp_path / "s.json")
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from cahp_deploy.atomic import atomic_file
+
+    with atomic_dir(tmp_path / "art") as tmp:
+        (tmp / "a").write_text("x")
+    with atomic_file(tmp_path / "f.json") as tmp:
+        tmp.write_text("{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "art").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o666 & ~umask

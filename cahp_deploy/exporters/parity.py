@@ -1,0 +1,118 @@
+"""Parity: does each ONNX variant compute what the PyTorch model computes?
+
+Inputs: random token ids at several (batch, sequence) shapes, rows padded to different lengths
+(padding is where masks go wrong), and, when labelled data is given, its tokenized examples (the
+distribution that matters). The reference is always the PyTorch model's fp32 logits.
+
+Gates (a failure aborts the export; nothing is written):
+
+* ``fp32`` and ``optimized``: max |logit diff| <= :data:`FP32_ATOL` and identical argmax.
+* ``int8``: argmax agreement >= :data:`INT8_MIN_AGREEMENT` on the data split. Without data the
+  agreement on random tokens is recorded (``on: random_tokens``) and gated at the looser
+  :data:`INT8_MIN_AGREEMENT_RANDOM`: random text has many near-ties that real text does not.
+* ``fp16``: max |logit diff| <= :data:`FP16_ATOL` and identical argmax wherever the fp32 top-2
+  margin exceeds ``2 * FP16_ATOL`` (closer calls may legitimately flip at half precision).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is only needed for the reference logits; verify() runs without it
+    from torch import nn
+
+FP32_ATOL = 1e-4
+FP16_ATOL = 1e-2
+INT8_MIN_AGREEMENT = 0.99
+INT8_MIN_AGREEMENT_RANDOM = 0.90
+#: at most this many data examples per parity run (recorded as num_examples)
+MAX_DATA_EXAMPLES = 2000
+#: (batch, sequence) shapes of the random parity inputs; sequences are capped by the model's positions
+RANDOM_SHAPES: tuple[tuple[int, int], ...] = ((1, 7), (2, 16), (3, 37), (4, 64))
+
+Feed = dict[str, np.ndarray]
+
+
+def max_sequence(config) -> int:
+    """Longest sequence the position table allows (RoBERTa offsets positions by pad id + 1)."""
+    n = int(getattr(config, "max_position_embeddings", 512) or 512)
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
+        n -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    return n
+
+
+def random_feeds(input_names: Sequence[str], config, seed: int = 0,
+                 shapes: Sequence[tuple[int, int]] = RANDOM_SHAPES) -> list[Feed]:
+    """Random ids; row r of a batch keeps ``seq - r * seq // (batch + 1)`` tokens, the rest is padding."""
+    rng = np.random.default_rng(seed)
+    vocab = int(getattr(config, "vocab_size", 1000))
+    pad = int(getattr(config, "pad_token_id", 0) or 0)
+    two_types = int(getattr(config, "type_vocab_size", 1) or 1) >= 2
+    limit = max_sequence(config)
+    feeds = []
+    for batch, seq in shapes:
+        seq = min(seq, limit)
+        ids = rng.integers(min(5, vocab - 1), vocab, (batch, seq), dtype=np.int64)
+        mask = np.ones((batch, seq), dtype=np.int64)
+        types = np.zeros((batch, seq), dtype=np.int64)
+        for r in range(batch):
+            keep = max(1, seq - r * seq // (batch + 1))
+            ids[r, keep:], mask[r, keep:] = pad, 0
+            if two_types and keep > 2:
+                types[r, keep // 2 : keep] = 1  # a second segment, as sentence pairs have
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        feeds.append({k: v for k, v in feed.items() if k in input_names})
+    return feeds
+
+
+def data_feeds(tokenizer, data, input_names: Sequence[str], config, batch_size: int = 32,
+               limit: int | None = MAX_DATA_EXAMPLES) -> tuple[list[Feed], np.ndarray]:
+    """Tokenized batches of ``data`` (first ``limit`` rows, length-bucketed) and their labels, in feed order."""
+    from cahp_deploy.data import iter_batches
+
+    rows = data.head(limit)
+    feeds, labels = [], []
+    max_length = min(512, max_sequence(config))
+    for _idx, enc, y in iter_batches(tokenizer, rows, batch_size=batch_size, max_length=max_length, return_tensors="np"):
+        feeds.append({k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in input_names})
+        labels.append(np.asarray(y))
+    return feeds, np.concatenate(labels)
+
+
+def torch_logits(model: nn.Module, feeds: Iterable[Feed]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = [model(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.float().numpy() for f in feeds]
+    return np.concatenate(out)
+
+
+def ort_logits(session, feeds: Iterable[Feed]) -> np.ndarray:
+    """Run ``session`` on each feed, passing only the inputs the graph declares."""
+    names = {i.name for i in session.get_inputs()}
+    out = [np.asarray(session.run(None, {k: v for k, v in f.items() if k in names})[0], dtype=np.float32) for f in feeds]
+    return np.concatenate(out)
+
+
+def compare(reference: np.ndarray, got: np.ndarray, tie_margin: float = 0.0) -> dict:
+    """Max |diff| and argmax agreement; rows whose reference top-2 margin is <= ``tie_margin`` are
+    left out of ``argmax_mismatches`` (they are reported in ``near_ties``)."""
+    diff = float(np.abs(reference - got).max()) if reference.size else 0.0
+    ref_top, got_top = reference.argmax(-1), got.argmax(-1)
+    srt = np.sort(reference, axis=-1)
+    margin = srt[:, -1] - srt[:, -2] if reference.shape[-1] > 1 else np.full(len(reference), np.inf)
+    decided = margin > tie_margin
+    return {
+        "num_examples": int(len(reference)),
+        "max_abs_diff": diff,
+        "argmax_agreement": float((ref_top == got_top).mean()) if len(reference) else 1.0,
+        "argmax_mismatches": int(((ref_top != got_top) & decided).sum()),
+        "near_ties": int((~decided).sum()),
+    }
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean())

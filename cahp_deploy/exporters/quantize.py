@@ -1,0 +1,92 @@
+"""INT8 (dynamic quantization, CPU) and FP16 (CUDA, fp32 inputs/outputs kept) variants.
+
+INT8 quantizes the *optimized* graph, so it inherits the fused attention. ORT's quantizer needs
+``DefaultTensorType=FLOAT`` there: the fused contrib ops (Attention, EmbedLayerNormalization) have
+outputs whose type its shape inference cannot derive, and it stops without a default.
+
+FP16 starts from the fully fused graph (``ort_default``: on CUDA SkipLayerNormalization is the fast
+path, unlike on CPU) and keeps fp32 inputs and outputs (``keep_io_types``), so callers feed the
+same int64 ids and read fp32 logits. It is *checked* on CPU: ONNX Runtime's CPU provider runs fp16
+graphs (slowly, converting around ops without fp16 kernels). When no available provider can even
+create a session for the fp16 graph (an op with no fp16 kernel anywhere installed), there is no way
+to check it, and the export fails rather than ship an unchecked model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from cahp_deploy.errors import CahpError
+
+log = logging.getLogger(__name__)
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ORT's quantizer logs through the *root* logger (a pre-processing hint, one line per tensor
+    without quantization parameters); the parity gate, not those lines, decides if INT8 is good."""
+    root, flt = logging.getLogger(), _BelowError()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
+def quantize_int8(src: Path, dst: Path, per_channel: bool = False) -> None:
+    """Dynamic INT8 quantization of the MatMul weights (signed int8 weights, uint8 activations)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_root_logger():
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    log.info("quantized %s -> %s (per_channel=%s)", src, dst, per_channel)
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """Half-precision weights and activations; fp32 graph inputs/outputs."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(src)))
+    model.convert_float_to_float16(keep_io_types=True, use_symbolic_shape_infer=True)
+    model.save_model_to_file(str(dst))
+    log.info("converted %s -> %s (fp16, fp32 I/O)", src, dst)
+
+
+def fp16_session(path: Path, provider: str):
+    """A session that can run the fp16 graph, or a :class:`CahpError` saying there is no way to check it."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise CahpError(
+                "--fp16 with --provider cuda, but CUDAExecutionProvider is not available "
+                "(install onnxruntime-gpu), so the fp16 model cannot be checked; use --provider cpu or drop --fp16"
+            )
+        providers = ["CUDAExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:  # ORT raises its own Fail/NotImplemented types, all "cannot run this graph"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CahpError(
+            f"--fp16: ONNX Runtime ({providers[0]}) cannot run the fp16 graph, so it cannot be checked ({first}); "
+            "export it where CUDA is available (--provider cuda) or drop --fp16"
+        ) from e

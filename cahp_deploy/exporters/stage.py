@@ -1,0 +1,313 @@
+"""The ``export`` stage: model dir (dense or pruned) -> verified ONNX artifact dir.
+
+::
+
+    check options, paths, data ──► load model (sdpa/eager) ──► model.onnx ──► parity vs PyTorch
+        ──► [optimize: candidates, fused-head check, timing, choice] ──► model_optimized.onnx ──► parity
+        ──► [int8 from the optimized graph] ──► parity (argmax agreement)
+        ──► [fp16 from the fully fused graph] ──► parity on CPU (looser tolerance)
+        ──► config.json, tokenizer, pruning.json, manifest.json (sha256 of every file)
+
+Everything the user can get wrong is checked before the first export; everything is written into a
+temporary sibling of ``out`` that replaces it only when every parity gate passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from cahp_deploy import arch, schema
+from cahp_deploy.atomic import atomic_dir, check_output_path
+from cahp_deploy.errors import CahpError
+from cahp_deploy.exporters import onnx_export, optimize as ortopt, parity, quantize as quant
+from cahp_deploy.exporters.manifest import VARIANT_FILES, file_records, versions, write_manifest
+from cahp_deploy.hashing import sha256_dir
+from cahp_deploy.modeling import KEPT_HEADS_FIELD, load_classifier, load_config
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("int8",)
+PROVIDERS = ("cpu", "cuda")
+#: random-input batches stored in the manifest for ``verify``'s smoke test (kept small)
+_SMOKE_FEEDS = 2
+
+
+def _check_options(quantize, per_channel, fp16, opset, provider, int8_min_agreement) -> None:
+    if not 0.0 <= float(int8_min_agreement) <= 1.0:
+        raise CahpError(f"--int8-min-agreement {int8_min_agreement} must be a fraction in [0, 1] (default {parity.INT8_MIN_AGREEMENT})")
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise CahpError(f"--quantize {quantize!r} is not supported; choose from {', '.join(QUANTIZE_CHOICES)}")
+    if per_channel and quantize is None:
+        raise CahpError("--per-channel only applies to quantization; add --quantize int8 or drop --per-channel")
+    if provider not in PROVIDERS:
+        raise CahpError(f"--provider {provider!r} is not supported; choose from {', '.join(PROVIDERS)}")
+    if opset is not None:
+        hi = onnx_export.max_opset()
+        if not isinstance(opset, int) or not onnx_export.MIN_OPSET <= opset <= hi:
+            raise CahpError(
+                f"--opset {opset} cannot be exported (torch/Optimum support {onnx_export.MIN_OPSET}..{hi}); pick one in that range"
+            )
+    if fp16 and provider == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise CahpError(
+                "--fp16 --provider cuda needs CUDAExecutionProvider to check the fp16 model, and it is not available "
+                "(install onnxruntime-gpu); use --provider cpu to check it on the CPU, or drop --fp16"
+            )
+
+
+def _gate_close(variant: str, result: dict, atol: float, where: str) -> None:
+    if result["max_abs_diff"] > atol or result["argmax_mismatches"]:
+        raise CahpError(
+            f"parity check failed for {variant} on {where}: max |logit diff| {result['max_abs_diff']:.2e} "
+            f"(limit {atol:g}), {result['argmax_mismatches']} argmax mismatches of {result['num_examples']}; "
+            "nothing was written"
+        )
+
+
+def _gate_agreement(variant: str, result: dict, minimum: float, where: str) -> None:
+    if result["argmax_agreement"] < minimum:
+        raise CahpError(
+            f"parity check failed for {variant}: argmax agreement with fp32 {result['argmax_agreement']:.2%} on {where} "
+            f"is below {minimum:.0%}; nothing was written (try --per-channel, or ship the optimized fp32 model)"
+        )
+
+
+class _Parity:
+    """Reference logits computed once, then every variant's session checked against them."""
+
+    def __init__(self, model, tokenizer, config, input_names, data, int8_min_agreement: float):
+        self.int8_min = float(int8_min_agreement)
+        self.random_feeds = parity.random_feeds(input_names, config)
+        self.random_ref = parity.torch_logits(model, self.random_feeds)
+        self.data = data
+        self.data_feeds, self.labels, self.data_ref = [], None, None
+        if data is not None:
+            self.data_feeds, self.labels = parity.data_feeds(tokenizer, data, input_names, config)
+            self.data_ref = parity.torch_logits(model, self.data_feeds)
+
+    def run(self, session) -> tuple[np.ndarray, np.ndarray | None]:
+        rnd = parity.ort_logits(session, self.random_feeds)
+        dat = parity.ort_logits(session, self.data_feeds) if self.data is not None else None
+        return rnd, dat
+
+    def check(self, variant: str, session) -> dict:
+        rnd, dat = self.run(session)
+        out: dict = {"reference": "pytorch fp32"}
+        out["random"] = parity.compare(self.random_ref, rnd,
+                                       tie_margin=2 * parity.FP16_ATOL if variant == "fp16" else 0.0)
+        out["data"] = None
+        if dat is not None:
+            out["data"] = parity.compare(self.data_ref, dat,
+                                         tie_margin=2 * parity.FP16_ATOL if variant == "fp16" else 0.0)
+            out["data"]["accuracy"] = parity.accuracy(dat, self.labels)
+            out["data"]["reference_accuracy"] = parity.accuracy(self.data_ref, self.labels)
+        head = out["data"] or out["random"]
+        out["on"] = "data" if out["data"] else "random_tokens"
+        out["max_abs_diff"] = max(out["random"]["max_abs_diff"], (out["data"] or {}).get("max_abs_diff", 0.0))
+        out["argmax_agreement"] = head["argmax_agreement"]
+        if variant in ("fp32", "optimized"):
+            out["atol"] = parity.FP32_ATOL
+            _gate_close(variant, out["random"], parity.FP32_ATOL, "random inputs")
+            if out["data"]:
+                _gate_close(variant, out["data"], parity.FP32_ATOL, f"{self.data.source} [{self.data.split}]")
+        elif variant == "fp16":
+            out["atol"] = parity.FP16_ATOL
+            out["tie_margin"] = 2 * parity.FP16_ATOL
+            _gate_close(variant, out["random"], parity.FP16_ATOL, "random inputs")
+            if out["data"]:
+                _gate_close(variant, out["data"], parity.FP16_ATOL, f"{self.data.source} [{self.data.split}]")
+        elif variant == "int8":
+            minimum = self.int8_min if out["data"] else min(self.int8_min, parity.INT8_MIN_AGREEMENT_RANDOM)
+            out["min_agreement"] = minimum
+            if not out["data"]:
+                out["note"] = "no --data given: agreement measured on random tokens, not on real data"
+            where = f"{self.data.source} [{self.data.split}]" if out["data"] else "random tokens (no --data given)"
+            _gate_agreement(variant, head, minimum, where)
+        out["passed"] = True
+        return out
+
+    def smoke(self) -> dict:
+        feeds = self.random_feeds[:_SMOKE_FEEDS]
+        n = sum(len(next(iter(f.values()))) for f in feeds)
+        return {
+            "inputs": [{k: v.tolist() for k, v in f.items()} for f in feeds],
+            "logits": self.random_ref[:n].tolist(),
+        }
+
+
+def _session(path: Path, provider: str = "cpu"):
+    import onnxruntime as ort
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), providers=providers)
+
+
+def _read_pruning(model_dir: Path) -> dict | None:
+    p = model_dir / "pruning.json"
+    if not p.is_file():
+        return None
+    try:
+        record = json.loads(p.read_text())
+    except ValueError as e:
+        raise CahpError(f"{p} is not valid JSON ({e}); re-run `cahp-deploy prune`") from e
+    schema.check_schema(record, schema.PRUNING, str(p))
+    return record
+
+
+def export(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    optimize: bool = True,
+    quantize: str | None = None,
+    per_channel: bool = False,
+    fp16: bool = False,
+    opset: int | None = None,
+    data: str | os.PathLike | None = None,
+    split: str = "validation",
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    force: bool = False,
+    provider: str = "cpu",
+    measure: bool = True,
+    int8_min_agreement: float = parity.INT8_MIN_AGREEMENT,
+) -> Path:
+    """Export ``model_dir`` (dense or pruned classifier) to a parity-checked ONNX artifact dir ``out``.
+
+    Parameters
+    ----------
+    optimize : also write ``model_optimized.onnx`` (ORT fusions chosen by measurement, see
+        :mod:`cahp_deploy.exporters.optimize`).
+    quantize : ``"int8"`` writes ``model_int8.onnx`` (dynamic quantization of the optimized graph).
+    per_channel : per-channel INT8 weight scales.
+    fp16 : write ``model_fp16.onnx`` (for CUDA; fp32 inputs/outputs), checked on ``provider``.
+    opset : ONNX opset; Optimum's default for the architecture when None.
+    data, split, text_column, text_pair_column, label_column : labelled data for parity on real
+        examples (and the INT8 agreement gate); random inputs only when None.
+    provider : the device the artifact is made for: ``cpu`` (timing picks the fusions) or ``cuda``.
+    measure : time the optimization candidates (a few seconds); False uses the provider default.
+    int8_min_agreement : the INT8 gate on the data split (argmax agreement with PyTorch fp32). Lower
+        it only knowingly: it is recorded in the manifest as ``min_agreement``.
+
+    Returns ``out``. Raises :class:`CahpError` on bad input (before any work) or a failed parity
+    gate (then nothing is written).
+    """
+    started = time.perf_counter()
+    model_dir = Path(model_dir)
+    out = check_output_path(out, force)
+    _check_options(quantize, per_channel, fp16, opset, provider, int8_min_agreement)
+    config = load_config(model_dir)
+    pruning = _read_pruning(model_dir)
+    labelled = None
+    if data is not None:
+        from cahp_deploy.data import check_labels, load_labelled
+
+        labelled = load_labelled(data, split, text_column, text_pair_column, label_column)
+        check_labels(labelled, int(config.num_labels))
+
+    attn = onnx_export.attn_implementation_for(config)
+    model, tokenizer = load_classifier(model_dir, attn_implementation=attn)
+    opset = onnx_export.resolve_opset(model, opset)
+    heads = arch.heads_per_layer(model)
+    n_layers, dense_heads = arch.dense_head_grid(config)
+    spec = arch.spec_for(config)
+
+    from cahp_deploy.progress import make_progress
+
+    steps = 2 + int(optimize) + int(quantize is not None) + int(fp16)
+    with atomic_dir(out, force) as tmp, tempfile.TemporaryDirectory(prefix=".cahp-export-", dir=tmp.parent) as scratch, make_progress() as bar:
+        task = bar.add_task("export", total=steps)
+        scratch = Path(scratch)
+        plain = tmp / VARIANT_FILES["fp32"]
+        bar.update(task, description="export: ONNX")
+        input_names = onnx_export.export_onnx(model, plain, opset)
+        check = _Parity(model, tokenizer, config, input_names, labelled, int8_min_agreement)
+        variants: dict[str, dict] = {"fp32": {"file": plain.name, "parity": check.check("fp32", _session(plain))}}
+        bar.advance(task)
+
+        fused_source = plain  # what int8 quantizes
+        fp16_source = plain
+        if optimize:
+            bar.update(task, description="export: optimize")
+            result = ortopt.optimize(
+                plain, tmp / VARIANT_FILES["optimized"], scratch / "candidates",
+                onnx_model_type=spec.onnx_model_type, heads_per_layer=heads,
+                head_dim=arch.head_dim(config), vocab_size=int(getattr(config, "vocab_size", 1000)),
+                measure=measure, provider=provider,
+            )
+            variants["optimized"] = {"file": result.path.name, **result.record,
+                                     "parity": check.check("optimized", _session(result.path))}
+            fused_source = result.path
+            fp16_source = result.candidates.get("ort_default", result.path)
+            bar.advance(task)
+        if quantize == "int8":
+            bar.update(task, description="export: int8")
+            dst = tmp / VARIANT_FILES["int8"]
+            quant.quantize_int8(fused_source, dst, per_channel=per_channel)
+            variants["int8"] = {
+                "file": dst.name, "source": "optimized" if fused_source != plain else "fp32",
+                "per_channel": per_channel, "weight_type": "int8", "activation_type": "uint8 (dynamic)",
+                "parity": check.check("int8", _session(dst)),
+            }
+            bar.advance(task)
+        if fp16:
+            bar.update(task, description="export: fp16")
+            dst = tmp / VARIANT_FILES["fp16"]
+            quant.convert_fp16(fp16_source, dst)
+            session = quant.fp16_session(dst, provider)
+            variants["fp16"] = {
+                "file": dst.name, "source": "ort_default" if fp16_source != plain else "fp32",
+                "keep_io_types": True, "intended_provider": "CUDAExecutionProvider",
+                "checked_on": session.get_providers()[0],
+                "parity": check.check("fp16", session),
+            }
+            bar.advance(task)
+
+        bar.update(task, description="export: manifest")
+        shutil.copyfile(model_dir / "config.json", tmp / "config.json")
+        tokenizer.save_pretrained(tmp)
+        if pruning is not None:
+            shutil.copyfile(model_dir / "pruning.json", tmp / "pruning.json")
+        kept = getattr(config, KEPT_HEADS_FIELD, None)
+        manifest = {
+            "schema": schema.MANIFEST,
+            "task": onnx_export.TASK,
+            "variants": variants,
+            "files": file_records(tmp),
+            "kept_heads": kept,
+            "heads_per_layer": heads,
+            "num_heads_kept": int(sum(heads)),
+            "num_heads_total": int(n_layers * dense_heads),
+            "pruning": pruning,
+            "source_model": str(model_dir),
+            "source_model_sha256": sha256_dir(model_dir),
+            "selection_sha256": (pruning or {}).get("selection_sha256"),
+            "num_labels": int(config.num_labels),
+            "id2label": {str(k): v for k, v in (config.id2label or {}).items()},
+            "model_type": config.model_type,
+            "opset": opset,
+            "input_names": input_names,
+            "max_position_embeddings": int(getattr(config, "max_position_embeddings", 0) or 0) or None,
+            "attn_implementation": attn,
+            "parity_data": None if labelled is None else {**labelled.provenance(), "num_examples": len(check.labels)},
+            "smoke": check.smoke(),
+            "versions": versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        write_manifest(tmp, manifest)
+        bar.advance(task)
+    log.info("exported %s -> %s (%s)", model_dir, out, ", ".join(variants))
+    return out
