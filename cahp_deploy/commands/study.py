@@ -1,0 +1,74 @@
+"""``cahp-deploy study``: every method at every budget, before and after recovery (see :mod:`cahp_deploy.study`)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+from cahp_deploy.commands._options import force_option
+
+# Kept in step with cahp_deploy.study.DEFAULT_METHODS (not imported: --help must not load torch).
+DEFAULT_METHODS = ("cahp", "gradient", "random", "attattr", "l0", "dsp", "pass")
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    from cahp_deploy.errors import CahpError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CahpError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+@click.command("study")
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True, help="Labelled data (a dir of <split>.jsonl/.csv/.parquet files, ...).")
+@click.option("--out", required=True, type=click.Path(), help="Study directory (resumed if it holds only cells/).")
+@click.option("--select-split", default="train", show_default=True, help="Split the methods select on (and recovery trains on).")
+@click.option("--eval-split", default="validation", show_default=True, help="Held-out split every cell is measured on.")
+@click.option("--test-split", default=None, help="Optional second held-out split for the final table (e.g. test).")
+@click.option("--budgets", default="0.1,0.25,0.5,0.75", show_default=True, help="Fractions of all heads to keep; CAHP's knee is always added.")
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True, help="Methods to compare (missing ones are skipped with a note).")
+@click.option("--random-seeds", default="0,1,2", show_default=True, help="Seeds of the random baseline.")
+@click.option("--recover/--no-recover", default=True, show_default=True, help="Fine-tune every pruned model and measure again.")
+@click.option("--recover-epochs", default=3, show_default=True, type=int)
+@click.option("--recover-max-examples", default=None, type=int, help="Recover on a seeded subset of N examples (default: the whole split).")
+@click.option("--recover-lr", default=2e-5, show_default=True, type=float)
+@click.option("--recover-batch-size", default=32, show_default=True, type=int)
+@click.option("--max-examples", default=None, type=int, help="Select on the first N examples of the selection split.")
+@click.option("--eval-max-examples", default=None, type=int, help="Measure on the first N examples of the evaluation split.")
+@click.option("--max-length", default=128, show_default=True, type=int)
+@click.option("--degrees", default="2,3,4,5,6,7,8", show_default=True, help="Knee polynomial degrees for the sensitivity scan.")
+@click.option("--sensitivity-seeds", default="0,1,2,3,4", show_default=True, help="t-SNE / FasterPAM seeds for the sensitivity scan.")
+@click.option("--method-option", "method_options", multiple=True, metavar="METHOD.KEY=VALUE",
+              help="A method option, e.g. l0.steps=200 or cahp.space=full (repeatable).")
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--text-column", default=None, help="Text column [default: text, or premise/hypothesis].")
+@click.option("--text-pair-column", default=None, help="Second text column for pair tasks.")
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--note", default=None, help="A line shown at the top of study.md (e.g. 'REDUCED run: ...').")
+@force_option
+def command(model, data, out, select_split, eval_split, test_split, budgets, methods, random_seeds, recover,
+            recover_epochs, recover_max_examples, recover_lr, recover_batch_size, max_examples, eval_max_examples,
+            max_length, degrees, sensitivity_seeds, method_options, seed, text_column, text_pair_column,
+            label_column, note, force):
+    """Compare every selection method on MODEL at several budgets, before and after recovery."""
+    from cahp_deploy.study import StudyConfig, parse_budgets, parse_method_option, study
+
+    cfg = StudyConfig(
+        select_split=select_split, eval_split=eval_split, test_split=test_split, budgets=parse_budgets(budgets),
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        random_seeds=_ints(random_seeds, "--random-seeds"), seed=seed, max_examples=max_examples,
+        eval_max_examples=eval_max_examples, recover=recover, recover_epochs=recover_epochs,
+        recover_max_examples=recover_max_examples, recover_lr=recover_lr, recover_batch_size=recover_batch_size,
+        max_length=max_length, degrees=_ints(degrees, "--degrees"),
+        sensitivity_seeds=_ints(sensitivity_seeds, "--sensitivity-seeds"),
+        method_options=parse_method_option(method_options), note=note,
+    )
+    result = study(model, data, out, cfg, text_column=text_column, text_pair_column=text_pair_column,
+                   label_column=label_column, force=force,
+                   command="cahp-deploy " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    click.echo(f"study written to {out}: {len(result['cells'])} cells in {result['timings']['total'] / 60:.1f} min "
+               f"(see {out}/study.md)")
