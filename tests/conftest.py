@@ -109,6 +109,17 @@ def write_tiny_data(directory: Path, n_train: int = 60, n_val: int = 30, num_lab
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded machine they cost up to 30x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """{arch: saved model dir} for every supported architecture (3 layers x 4 heads, 3 labels)."""
