@@ -1,0 +1,64 @@
+"""``cahp-deploy select``: decide which attention heads to keep (CAHP or a baseline)."""
+
+from __future__ import annotations
+
+import click
+
+from cahp_deploy.commands._options import data_options, force_option
+from cahp_deploy.methods import REGISTRY
+
+
+@click.command("select")
+@click.argument("model")
+@data_options(default_split="train")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="selection.json to write; the MSS curve goes beside it as <stem>_mss.png.")
+@click.option("--method", type=click.Choice(list(REGISTRY)), default="cahp", show_default=True,
+              help="Selection method. " + ", ".join(n for n, (_, b) in REGISTRY.items() if not b)
+              + " choose how many heads (a budget, if given, caps them); the others need one.")
+@click.option("--degree", type=int, default=6, show_default=True,
+              help="CAHP: degree of the polynomial fitted to MSS(k) before the knee search (0: no smoothing).")
+@click.option("--pool-size", type=int, default=32, show_default=True,
+              help="CAHP: attention maps are resized to POOL_SIZE x POOL_SIZE.")
+@click.option("--space", type=click.Choice(["tsne", "full"]), default="tsne", show_default=True,
+              help="CAHP: cluster a 2-D t-SNE of the head profiles (the paper) or the profiles themselves.")
+@click.option("--representative", type=click.Choice(["salience", "medoid"]), default="salience",
+              show_default=True, help="CAHP: keep each cluster's most salient head, or its medoid.")
+@click.option("--salience-fraction", type=float, default=0.25, show_default=True,
+              help="Leading fraction of the split's examples used for gradient salience.")
+@click.option("--max-examples", type=int, default=None, help="Use only the first N examples of the split.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of every random step.")
+@click.option("--heads", type=int, default=None, help="Budget: keep this many heads.")
+@click.option("--keep-ratio", type=float, default=None, help="Budget: keep this fraction of the heads.")
+@click.option("--budget-from", type=click.Path(dir_okay=False), default=None,
+              help="Budget: as many heads as this selection.json keeps (compare methods at equal budgets).")
+@click.option("--allow-empty-layers", is_flag=True,
+              help="Let a layer lose all its heads (by default each layer keeps its most salient one).")
+@force_option
+def command(model: str, data: str, split: str, text_column: str | None, text_pair_column: str | None,
+            label_column: str, out: str, method: str, degree: int, pool_size: int, space: str,
+            representative: str, salience_fraction: float, max_examples: int | None, seed: int,
+            heads: int | None, keep_ratio: float | None, budget_from: str | None,
+            allow_empty_layers: bool, force: bool) -> None:
+    """Select which attention heads of MODEL to keep, from labelled --data; write --out.
+
+    With CAHP (the default) the number of heads comes from the knee of the MSS curve; no ratio to
+    guess. Baselines (gradient, random, ...) keep the budget you give.
+    """
+    from cahp_deploy.methods.runner import curve_path, select
+
+    sel = select(
+        model, data, out, method=method, split=split, text_column=text_column,
+        text_pair_column=text_pair_column, label_column=label_column, max_examples=max_examples,
+        seed=seed, heads=heads, keep_ratio=keep_ratio, budget_from=budget_from,
+        options={
+            "degree": degree, "pool_size": pool_size, "space": space, "representative": representative,
+            "salience_fraction": salience_fraction, "allow_empty_layers": allow_empty_layers,
+        },
+        force=force,
+    )
+    knee = f" (k*={sel.knee})" if sel.knee is not None else ""
+    per_layer = " ".join(str(len(k)) for k in sel.kept_heads)
+    wrote = f"{out} and {curve_path(out)}" if sel.mss_curve else out
+    click.echo(f"{sel.method}: kept {sel.num_heads_kept}/{sel.num_heads_total} heads{knee}; "
+               f"per layer [{per_layer}]; wrote {wrote}")

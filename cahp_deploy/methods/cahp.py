@@ -1,0 +1,295 @@
+"""CAHP (Livertovsky, Somin & Singer, arXiv 2606.19150): keep one head per cluster of complementary heads.
+
+Two phases, so other stages can re-cut at another k without re-running the model:
+
+::
+
+    collect_evidence(ctx) ─► CahpEvidence            signatures ─► JM profiles ─► t-SNE (or full space)
+                                                      ─► FasterPAM + MSS for k = 2..N-1 ─► knee k*
+                                                      + gradient salience
+    select_at(evidence, k, ctx) ─► Selection          clusters at k ─► one representative each ─► guard
+
+``select(ctx)`` is ``select_at(collect_evidence(ctx), k*)``. ``ctx.options["k"]`` forces k; a budget
+(``--heads`` / ``--keep-ratio`` / ``--budget-from``) picks the largest k whose selection, guard
+included, keeps at most that many heads.
+
+Options (``ctx.options``; defaults in :data:`DEFAULTS`): ``degree`` (knee polynomial), ``pool_size``
+(B), ``space`` (``tsne`` | ``full``), ``representative`` (``salience`` | ``medoid``),
+``salience_fraction``, ``allow_empty_layers``, ``k``, ``batch_size`` and ``max_length`` (signature
+pass), ``salience_batch_size``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cahp_deploy import arch
+from cahp_deploy.errors import CahpError
+from cahp_deploy.methods.base import MethodContext
+from cahp_deploy.selection.clustering import Clustering, Sweep, distance_matrix, fasterpam, mss_sweep
+from cahp_deploy.selection.embedding import SPACES, clustering_space, tsne_perplexity
+from cahp_deploy.selection.knee import DEFAULT_DEGREE, Knee, find_knee
+from cahp_deploy.selection.representatives import (
+    REPRESENTATIVES,
+    cluster_representatives,
+    guard_layers,
+    split_by_layer,
+    to_layer_head,
+)
+from cahp_deploy.selection.result import Selection
+from cahp_deploy.selection.separability import class_pairs, jm_profiles
+
+DEFAULTS: dict[str, Any] = {
+    "degree": DEFAULT_DEGREE,
+    "pool_size": 32,
+    "space": "tsne",
+    "representative": "salience",
+    "salience_fraction": 0.25,
+    "allow_empty_layers": False,
+    "k": None,
+    "batch_size": 64,
+    "max_length": 128,
+    "salience_batch_size": 32,
+}
+
+
+def cahp_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Defaults filled in and every value checked; a :class:`CahpError` names the bad one."""
+    opts = dict(DEFAULTS)
+    opts.update({k: v for k, v in (options or {}).items() if k in DEFAULTS and v is not None})
+    if int(opts["degree"]) < 0:
+        raise CahpError(f"--degree must be 0 (no smoothing) or more, got {opts['degree']}")
+    opts["degree"] = int(opts["degree"])
+    for name in ("pool_size", "batch_size", "max_length", "salience_batch_size"):
+        if int(opts[name]) < 1:
+            raise CahpError(f"--{name.replace('_', '-')} must be at least 1, got {opts[name]}")
+        opts[name] = int(opts[name])
+    if opts["space"] not in SPACES:
+        raise CahpError(f"--space must be one of {', '.join(SPACES)}, got {opts['space']!r}")
+    if opts["representative"] not in REPRESENTATIVES:
+        raise CahpError(f"--representative must be one of {', '.join(REPRESENTATIVES)}, got {opts['representative']!r}")
+    if not 0.0 < float(opts["salience_fraction"]) <= 1.0:
+        raise CahpError(f"--salience-fraction must be in (0, 1], got {opts['salience_fraction']}")
+    opts["salience_fraction"] = float(opts["salience_fraction"])
+    opts["allow_empty_layers"] = bool(opts["allow_empty_layers"])
+    return opts
+
+
+@dataclass
+class CahpEvidence:
+    """Everything CAHP learned about the heads; enough to cut at any k without the model.
+
+    ``profiles`` (N, P*D) JM profiles; ``points`` the (N, dims) clustering space; ``distances`` (N, N);
+    ``salience`` (N,) normalised gradient salience or None (medoid representatives without the guard);
+    ``sweep`` the MSS curve and its clusterings; ``knee`` k* and how it was found.
+    """
+
+    heads_per_layer: list[int]
+    classes: list[int]
+    class_counts: list[int]
+    profiles: np.ndarray
+    points: np.ndarray
+    distances: np.ndarray
+    salience: np.ndarray | None
+    sweep: Sweep
+    knee: Knee
+    seed: int
+    options: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_heads(self) -> int:
+        return int(sum(self.heads_per_layer))
+
+    def clustering(self, k: int) -> Clustering:
+        """The clustering at k: from the sweep when computed there, else FasterPAM now (same seed)."""
+        if not 1 <= k <= self.num_heads:
+            raise CahpError(f"k must be between 1 and {self.num_heads} heads, got {k}")
+        c = self.sweep.clusterings.get(k)
+        if c is None:
+            c = fasterpam(self.distances, k, self.seed)
+            self.sweep.clusterings[k] = c
+        return c
+
+
+def collect_evidence(ctx: MethodContext) -> CahpEvidence:
+    """Run the model once (signatures, salience) and do all of CAHP up to the knee."""
+    from cahp_deploy.signals.salience import head_salience, salience_examples
+    from cahp_deploy.signals.signatures import SignatureCollector, collect_signatures
+
+    opts = cahp_options(ctx.options)
+    heads = arch.heads_per_layer(ctx.model)
+    n = sum(heads)
+    if n < 3:
+        raise CahpError(f"CAHP needs at least 3 heads to cluster, the model has {n}; keep them all")
+    classes = np.unique(ctx.data.labels)
+    if len(classes) < 2:
+        raise CahpError("CAHP compares classes: the data needs at least 2 classes")
+    collector = SignatureCollector(heads, classes, opts["pool_size"])
+    timings: dict[str, float] = {}
+
+    # Salience first: its forward pass also feeds the signatures of the examples it sees, so those
+    # need no second forward. Time spent pooling them is counted under "signatures".
+    t = time.perf_counter()
+    salience = None
+    rest = ctx.data
+    if opts["representative"] == "salience" or not opts["allow_empty_layers"]:
+        n_sal = salience_examples(len(ctx.data), opts["salience_fraction"])
+        salience = head_salience(ctx.model, ctx.tokenizer, ctx.data.head(n_sal), fraction=1.0,
+                                 batch_size=opts["salience_batch_size"], max_length=opts["max_length"],
+                                 progress=ctx.progress, attention_sink=collector.add)
+        rest = ctx.data.subset(np.arange(n_sal, len(ctx.data)))
+    pooled_during_salience = collector.seconds
+    timings["salience"] = time.perf_counter() - t - pooled_during_salience
+
+    t = time.perf_counter()
+    stats = collect_signatures(ctx.model, ctx.tokenizer, rest, batch_size=opts["batch_size"],
+                               max_length=opts["max_length"], progress=ctx.progress, collector=collector)
+    timings["signatures"] = time.perf_counter() - t + pooled_during_salience
+
+    t = time.perf_counter()
+    profiles = jm_profiles(stats.mean, stats.var, stats.counts)
+    points = clustering_space(profiles, opts["space"], ctx.seed)
+    timings["embedding"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    distances = distance_matrix(points)
+    task = ctx.progress.add_task("MSS sweep", total=n - 2) if ctx.progress is not None else None
+    sweep = mss_sweep(distances, ctx.seed,
+                      on_step=(lambda k: ctx.progress.advance(task)) if task is not None else None)
+    if task is not None:
+        ctx.progress.update(task, completed=n - 2)
+    knee = find_knee(sweep.ks, sweep.mss, opts["degree"])
+    timings["sweep"] = time.perf_counter() - t
+
+    return CahpEvidence(
+        heads_per_layer=list(heads),
+        classes=[int(c) for c in stats.classes],
+        class_counts=[int(c) for c in stats.counts],
+        profiles=profiles,
+        points=points,
+        distances=distances,
+        salience=salience,
+        sweep=sweep,
+        knee=knee,
+        seed=int(ctx.seed),
+        options=opts,
+        timings=timings,
+    )
+
+
+def _cut(evidence: CahpEvidence, k: int, representative: str, allow_empty: bool):
+    clustering = evidence.clustering(k)
+    if (representative == "salience" or not allow_empty) and evidence.salience is None:
+        raise CahpError("this evidence has no salience; collect it with representative='salience' or the guard on")
+    reps = cluster_representatives(clustering, evidence.salience, representative)
+    kept = split_by_layer(reps, evidence.heads_per_layer)
+    rescued: list[int] = []
+    if not allow_empty:
+        kept, rescued = guard_layers(kept, split_by_layer_scores(evidence.salience, evidence.heads_per_layer))
+    return clustering, reps, kept, rescued
+
+
+def split_by_layer_scores(values: np.ndarray | None, heads_per_layer: list[int]) -> list[list[float]] | None:
+    """A global (N,) vector -> per layer lists (the ``scores`` layout of selection.json)."""
+    if values is None:
+        return None
+    offsets = np.concatenate([[0], np.cumsum(heads_per_layer)])
+    return [[float(v) for v in values[offsets[i]:offsets[i + 1]]] for i in range(len(heads_per_layer))]
+
+
+def _where(g: int, heads_per_layer: list[int]) -> list[int]:
+    return list(to_layer_head(int(g), heads_per_layer))
+
+
+def select_at(evidence: CahpEvidence, k: int, ctx: MethodContext | None = None) -> Selection:
+    """The selection at k clusters: one representative per cluster, plus the guard unless turned off.
+
+    ``ctx`` may override ``representative`` and ``allow_empty_layers``; everything else comes from
+    the evidence.
+    """
+    opts = dict(evidence.options)
+    if ctx is not None:
+        opts.update({key: ctx.options[key] for key in ("representative", "allow_empty_layers")
+                     if ctx.options.get(key) is not None})
+    opts = cahp_options(opts)
+    k = int(k)
+    clustering, reps, kept, rescued = _cut(evidence, k, opts["representative"], opts["allow_empty_layers"])
+    hpl = evidence.heads_per_layer
+    clusters = [
+        {
+            "members": [_where(int(g), hpl) for g in clustering.members(c)],
+            "medoid": _where(int(clustering.medoids[c]), hpl),
+            "representative": _where(reps[c], hpl),
+        }
+        for c in range(clustering.k)
+    ]
+    pairs = class_pairs(len(evidence.classes))
+    details: dict[str, Any] = {
+        "k": k,
+        "knee": evidence.knee.to_dict(),
+        "sweep_stopped_at": evidence.sweep.stopped_at,
+        "space": opts["space"],
+        "tsne_perplexity": tsne_perplexity(evidence.num_heads) if opts["space"] == "tsne" else None,
+        "embedding": evidence.points.tolist() if opts["space"] == "tsne" else None,
+        "clusters": clusters,
+        "rescued_layers": rescued,
+        "classes": evidence.classes,
+        "class_counts": evidence.class_counts,
+        "class_pairs": [list(p) for p in pairs],
+        "profile_dim": int(evidence.profiles.shape[1]),
+    }
+    params = {key: opts[key] for key in DEFAULTS if key != "k"}
+    params["k"] = opts["k"]
+    return Selection(
+        method="cahp",
+        kept_heads=kept,
+        num_heads_total=evidence.num_heads,
+        heads_per_layer=int(max(hpl)),
+        seed=evidence.seed,
+        knee=int(evidence.knee.k),
+        mss_curve=evidence.sweep.curve(),
+        scores=split_by_layer_scores(evidence.salience, hpl),
+        details=details,
+        params=params,
+        timings=dict(evidence.timings),
+    )
+
+
+def k_for_budget(evidence: CahpEvidence, budget: int, ctx: MethodContext | None = None) -> int:
+    """The largest k whose selection (guard included) keeps at most ``budget`` heads."""
+    opts = cahp_options({**evidence.options, **(ctx.options if ctx is not None else {})})
+    for k in range(min(int(budget), evidence.num_heads), 0, -1):
+        _, _, kept, _ = _cut(evidence, k, opts["representative"], opts["allow_empty_layers"])
+        if sum(len(layer) for layer in kept) <= budget:
+            return k
+    raise CahpError(
+        f"no CAHP selection keeps at most {budget} heads with one head per layer kept; "
+        "raise the budget or pass --allow-empty-layers"
+    )
+
+
+def select(ctx: MethodContext) -> Selection:
+    """CAHP end to end: evidence, then the cut at k* (or at ``options['k']``, or at the budget)."""
+    forced = ctx.options.get("k")
+    if forced is not None and ctx.budget is not None:
+        raise CahpError("give either a k for CAHP or a head budget, not both")
+    evidence = collect_evidence(ctx)
+    if forced is not None:
+        k, why = int(forced), "forced"
+    elif ctx.budget is not None:
+        k, why = k_for_budget(evidence, ctx.budget, ctx), "budget"
+    else:
+        k, why = evidence.knee.k, "knee"
+    selection = select_at(evidence, k, ctx)
+    selection.details["k_from"] = why
+    if ctx.budget is not None:
+        selection.details["budget"] = int(ctx.budget)
+    return selection
+
+
+__all__ = ["DEFAULTS", "CahpEvidence", "cahp_options", "collect_evidence", "k_for_budget", "select", "select_at"]

@@ -1,0 +1,163 @@
+"""The ``select`` stage: model + labelled data -> selection.json (+ the MSS curve as a PNG).
+
+Everything the user can get wrong is checked before the model runs (output exists, unknown or
+unavailable method, data, labels, budget); the outputs are written only at the end, each to a temp
+sibling renamed into place, so an error or Ctrl-C leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cahp_deploy import arch
+from cahp_deploy.atomic import atomic_file, check_output_path
+from cahp_deploy.data import check_labels, load_labelled
+from cahp_deploy.errors import CahpError
+from cahp_deploy.hashing import sha256_dir
+from cahp_deploy.methods import REGISTRY, MethodContext, needs_budget
+from cahp_deploy.selection.result import Selection
+from cahp_deploy.selection.topk import resolve_budget
+
+
+def curve_path(out: str | os.PathLike) -> Path:
+    """Where the MSS plot goes: ``selection.json`` -> ``selection_mss.png`` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_mss.png")
+
+
+def load_method(name: str):
+    """The method's ``select`` callable; a one-line :class:`CahpError` if unknown or not installed."""
+    if name not in REGISTRY:
+        raise CahpError(f"unknown method {name!r}; choose from {', '.join(REGISTRY)}")
+    module = REGISTRY[name][0]
+    try:
+        return importlib.import_module(module).select
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            available = [m for m, (mod, _) in REGISTRY.items() if importlib.util.find_spec(mod) is not None]
+            raise CahpError(
+                f"method {name!r} is not available in this installation ({module} is missing); "
+                f"available: {', '.join(available)}"
+            ) from None
+        raise
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def _budget_from_file(path: str | os.PathLike, total: int) -> int:
+    other = Selection.from_json(path)
+    if other.num_heads_total != total:
+        raise CahpError(
+            f"--budget-from {path} was made for a model with {other.num_heads_total} heads; this one has {total}"
+        )
+    return other.num_heads_kept
+
+
+def plot_mss_curve(selection: Selection, path: str | os.PathLike) -> None:
+    """MSS(k), the fitted polynomial and the knee, as a PNG (matplotlib's Agg canvas, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ks = sorted(selection.mss_curve)
+    mss = [selection.mss_curve[k] for k in ks]
+    knee = selection.details.get("knee", {})
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(ks, mss, "o", ms=3, color="tab:blue", label="MSS(k)")
+    if knee.get("fitted"):
+        ax.plot(ks, knee["fitted"], "-", color="tab:gray", lw=1,
+                label=f"polynomial fit (degree {knee.get('degree_used')})")
+    if selection.knee is not None:
+        ax.axvline(selection.knee, color="tab:red", ls="--", lw=1,
+                   label=f"k* = {selection.knee} ({knee.get('method', 'knee')})")
+    ax.set_xlabel("k (clusters)")
+    ax.set_ylabel("mean simplified silhouette")
+    ax.set_title(f"CAHP: {selection.num_heads_kept} of {selection.num_heads_total} heads kept")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def select(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    method: str = "cahp",
+    split: str = "train",
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    max_examples: int | None = None,
+    seed: int = 42,
+    heads: int | None = None,
+    keep_ratio: float | None = None,
+    budget_from: str | os.PathLike | None = None,
+    options: dict[str, Any] | None = None,
+    force: bool = False,
+    show_progress: bool | None = None,
+) -> Selection:
+    """Select heads of ``model`` on ``data[split]`` with ``method``; write ``out`` and its MSS plot.
+
+    ``options`` are method-specific (see each method module, e.g. :data:`cahp_deploy.methods.cahp.DEFAULTS`).
+    Returns the :class:`Selection` that was written.
+    """
+    from cahp_deploy.modeling import is_pruned, load_classifier
+    from cahp_deploy.progress import make_progress
+
+    out = check_output_path(out, force)
+    png = curve_path(out)
+    run = load_method(method)
+    if max_examples is not None and int(max_examples) < 1:
+        raise CahpError(f"--max-examples must be at least 1, got {max_examples}")
+    labelled = load_labelled(data, split, text_column=text_column, text_pair_column=text_pair_column,
+                             label_column=label_column).head(max_examples)
+    net, tokenizer = load_classifier(model)
+    if is_pruned(net.config):
+        raise CahpError(f"{model} is already pruned; run select on the dense model it came from")
+    check_labels(labelled, int(net.config.num_labels), min_classes=2)
+    n_layers, n_heads = arch.dense_head_grid(net.config)
+    total = n_layers * n_heads
+    from_file = _budget_from_file(budget_from, total) if budget_from is not None else None
+    budget = resolve_budget(total, heads=heads, keep_ratio=keep_ratio, budget_from=from_file)
+    if budget is None and needs_budget(method):
+        raise CahpError(f"--method {method} needs a budget: give --heads, --keep-ratio or --budget-from")
+
+    start = time.perf_counter()
+    with make_progress(disable=None if show_progress is None else not show_progress) as progress:
+        ctx = MethodContext(model=net, tokenizer=tokenizer, data=labelled, budget=budget, seed=int(seed),
+                            options=dict(options or {}), progress=progress)
+        selection = run(ctx)
+    selection.timings["total"] = time.perf_counter() - start
+    selection.timings["peak_rss_mb"] = peak_rss_mb()
+    selection.params.update({"max_examples": max_examples, "budget": budget})
+    selection.provenance.update({
+        "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
+        "model_sha256": sha256_dir(model) if Path(model).is_dir() else None,
+        **labelled.provenance(),
+    })
+
+    existed = out.exists()
+    with atomic_file(out, force=force) as tmp_json:
+        selection.to_json(tmp_json)
+        if selection.mss_curve:
+            with atomic_file(png, force=True) as tmp_png:
+                plot_mss_curve(selection, tmp_png)
+        elif existed and png.exists():  # a stale curve beside a baseline selection would mislead
+            png.unlink()
+    return selection
+
+
+__all__ = ["curve_path", "load_method", "peak_rss_mb", "plot_mss_curve", "select"]

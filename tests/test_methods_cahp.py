@@ -1,0 +1,125 @@
+"""CAHP's two-phase API and the gradient / random baselines on a tiny random BERT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cahp_deploy.data import load_labelled
+from cahp_deploy.errors import CahpError
+from cahp_deploy.methods import MethodContext, get_method
+from cahp_deploy.methods.cahp import cahp_options, collect_evidence, k_for_budget, select, select_at
+from cahp_deploy.modeling import load_classifier
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_models, tiny_data):
+    model, tok = load_classifier(tiny_models["bert"])
+    return model, tok, load_labelled(tiny_data, "train")
+
+
+@pytest.fixture(scope="module")
+def evidence(bert):
+    model, tok, data = bert
+    return collect_evidence(MethodContext(model, tok, data, seed=7, options={"pool_size": 8}))
+
+
+def ctx_for(bert, **kw):
+    model, tok, data = bert
+    options = {"pool_size": 8, **kw.pop("options", {})}
+    return MethodContext(model, tok, data, seed=7, options=options, **kw)
+
+
+def test_evidence_holds_everything_needed_to_cut(evidence):
+    assert evidence.num_heads == 12 and evidence.heads_per_layer == [4, 4, 4]
+    assert evidence.profiles.shape == (12, 3 * 64)  # 3 class pairs x 8*8 cells
+    assert evidence.points.shape == (12, 2) and evidence.distances.shape == (12, 12)
+    assert evidence.salience.shape == (12,) and evidence.salience.min() == 0 and evidence.salience.max() == 1
+    assert evidence.sweep.ks == list(range(2, 12)) and len(evidence.sweep.mss) == 10
+    assert 2 <= evidence.knee.k <= 11
+    assert set(evidence.timings) == {"signatures", "salience", "embedding", "sweep"}
+
+
+def test_select_is_select_at_the_knee(bert, evidence):
+    sel = select(ctx_for(bert))
+    at = select_at(evidence, evidence.knee.k)
+    assert sel.kept_heads == at.kept_heads and sel.knee == evidence.knee.k
+    assert sel.details["k_from"] == "knee"
+    assert sel.mss_curve == evidence.sweep.curve()
+    assert sel.to_dict()["knee"] == evidence.knee.k
+
+
+@pytest.mark.parametrize("k", range(1, 13))
+def test_every_k_keeps_one_representative_per_cluster(evidence, k):
+    free = select_at(evidence, k, ctx=MethodContext(None, None, None, options={"allow_empty_layers": True}))
+    assert free.num_heads_kept == k  # one distinct representative per cluster
+    clusters = free.details["clusters"]
+    assert len(clusters) == k
+    for c in clusters:
+        assert c["representative"] in c["members"]
+        best = max(evidence.salience[l * 4 + h] for l, h in c["members"])
+        assert evidence.salience[c["representative"][0] * 4 + c["representative"][1]] == best
+    guarded = select_at(evidence, k)
+    assert all(guarded.kept_heads)  # the guard: every layer keeps a head
+    rescued = guarded.details["rescued_layers"]
+    assert guarded.num_heads_kept == k + len(rescued)
+    assert rescued == [i for i, layer in enumerate(free.kept_heads) if not layer]
+    for i in rescued:  # the rescued head is the layer's most salient
+        assert guarded.kept_heads[i] == [int(np.argmax(evidence.salience[i * 4:(i + 1) * 4]))]
+
+
+def test_medoid_representatives(evidence):
+    sel = select_at(evidence, 5, ctx=MethodContext(None, None, None,
+                                                     options={"representative": "medoid", "allow_empty_layers": True}))
+    assert sorted(map(tuple, (c["medoid"] for c in sel.details["clusters"]))) == sorted(
+        (layer, h) for layer, heads in enumerate(sel.kept_heads) for h in heads)
+
+
+def test_forced_k_and_budget(bert, evidence):
+    assert select(ctx_for(bert, options={"k": 4})).details["k"] == 4
+    sel = select(ctx_for(bert, budget=6))
+    assert sel.num_heads_kept <= 6 and sel.details["k_from"] == "budget"
+    k = k_for_budget(evidence, 6)
+    assert k == sel.details["k"]
+    if k < 12:  # the next k would overshoot the budget
+        assert select_at(evidence, k + 1).num_heads_kept > 6
+    with pytest.raises(CahpError, match="one head per layer"):
+        k_for_budget(evidence, 2)
+    with pytest.raises(CahpError, match="either a k"):
+        select(ctx_for(bert, budget=6, options={"k": 3}))
+    with pytest.raises(CahpError, match="between 1 and 12"):
+        select_at(evidence, 13)
+
+
+def test_full_space_without_salience(bert):
+    sel = select(ctx_for(bert, options={"space": "full", "representative": "medoid", "allow_empty_layers": True}))
+    assert sel.details["space"] == "full" and sel.details["embedding"] is None
+    assert sel.scores is None and sel.timings["salience"] < 0.01
+    assert sel.num_heads_kept == sel.details["k"]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"pool_size": 0}, "--pool-size"), ({"degree": -1}, "--degree"), ({"space": "pca"}, "--space"),
+     ({"representative": "x"}, "--representative"), ({"salience_fraction": 1.5}, "--salience-fraction")],
+)
+def test_bad_options(options, match):
+    with pytest.raises(CahpError, match=match):
+        cahp_options(options)
+
+
+def test_gradient_baseline_keeps_the_most_salient_heads(bert, evidence):
+    sel = get_method("gradient")(ctx_for(bert, budget=5))
+    assert sel.method == "gradient" and sel.num_heads_kept == 5 and all(sel.kept_heads)
+    free = get_method("gradient")(ctx_for(bert, budget=5, options={"allow_empty_layers": True}))
+    top5 = sorted(np.argsort(-evidence.salience, kind="stable")[:5])
+    assert [layer * 4 + h for layer, heads in enumerate(free.kept_heads) for h in heads] == top5
+    with pytest.raises(CahpError, match="needs a budget"):
+        get_method("gradient")(ctx_for(bert))
+
+
+def test_random_baseline_is_seeded(bert):
+    model, tok, data = bert
+    pick = lambda seed: get_method("random")(MethodContext(model, tok, data, budget=6, seed=seed)).kept_heads  # noqa: E731
+    assert pick(1) == pick(1) and pick(1) != pick(2)
+    assert sum(map(len, pick(1))) == 6 and all(pick(1))
