@@ -12,10 +12,18 @@ from cahp_deploy.commands._options import data_options, force_option
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Artifact dir to write.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Also write model_optimized.onnx (ONNX Runtime fusions, chosen by timing on this machine).")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Also write model_int8.onnx (dynamic INT8, CPU).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also write model_int8.onnx (dynamic INT8 for CPU; the MatMuls it hurts most stay fp32).")
 @click.option("--int8-min-agreement", type=float, default=0.99, show_default=True,
-              help="INT8 gate: argmax agreement with PyTorch fp32 on --data (recorded in the manifest).")
-@click.option("--per-channel", is_flag=True, help="Per-channel INT8 weight scales (with --quantize int8).")
+              help="INT8 gate: argmax agreement with PyTorch fp32 on --data (else random tokens); the search tunes "
+                   "to it and the export fails below it.")
+@click.option("--per-channel/--per-tensor", "per_channel", default=None,
+              help="INT8 weight scales per output channel or per tensor [default: measure both, keep the better].")
+@click.option("--int8-tuning-examples", type=int, default=512, show_default=True,
+              help="INT8 tunes on this many random rows of --data's train split (else the first half of --split, "
+                   "then the gate is checked on the second half).")
+@click.option("--int8-tuning-margin", type=float, default=None,
+              help="INT8 search target = gate + margin on the tuning set [default: one standard error of that estimate].")
 @click.option("--fp16", is_flag=True, help="Also write model_fp16.onnx (for CUDA; fp32 inputs/outputs), checked on --provider.")
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: Optimum's for the architecture].")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -24,22 +32,33 @@ from cahp_deploy.commands._options import data_options, force_option
               help="Skip timing the optimization candidates; use the provider's default choice.")
 @data_options(default_split="validation", required=False)
 @force_option
-def command(model_dir, out, optimize, quantize, int8_min_agreement, per_channel, fp16, opset, provider, no_timing,
-            data, split, text_column, text_pair_column, label_column, force) -> None:
+def command(model_dir, out, optimize, quantize, int8_min_agreement, per_channel, int8_tuning_examples, int8_tuning_margin,
+            fp16, opset, provider, no_timing, data, split, text_column, text_pair_column, label_column, force) -> None:
     """Export MODEL_DIR (a fine-tuned classifier, or a dir from `cahp-deploy prune`) to ONNX in --out.
 
     \b
     Every variant is checked against the PyTorch model (random inputs, plus --data when given):
     fp32/optimized within 1e-4, INT8 argmax agreement >= 99% on --data, FP16 within 1e-2.
     A failed check writes nothing. manifest.json records kept heads, hashes and parity figures.
+
+    \b
+    INT8 is tuned on rows it is not checked on (--data's train split): every weight MatMul is
+    quantized, then the most sensitive ones go back to fp32 until the gate holds there; the
+    manifest records which, the fp32 share of MACs, and every step of the search.
     """
+    from cahp_deploy.errors import CahpError
     from cahp_deploy.exporters import export, load_manifest
+
+    if quantize is None and per_channel is not None:
+        flag = "--per-channel" if per_channel else "--per-tensor"
+        raise CahpError(f"{flag} only applies to quantization; add --quantize int8 or drop {flag}")
 
     path = export(
         model_dir, out, optimize=optimize, quantize=quantize, per_channel=per_channel, fp16=fp16,
         opset=opset, data=data, split=split, text_column=text_column, text_pair_column=text_pair_column,
         label_column=label_column, force=force, provider=provider, measure=not no_timing,
-        int8_min_agreement=int8_min_agreement,
+        int8_min_agreement=int8_min_agreement, int8_tuning_examples=int8_tuning_examples,
+        int8_tuning_margin=int8_tuning_margin,
     )
     m = load_manifest(path)
     parts = []
@@ -47,5 +66,12 @@ def command(model_dir, out, optimize, quantize, int8_min_agreement, per_channel,
         p = v["parity"]
         size = m["files"][v["file"]]["bytes"] / 2**20
         extra = f", fusions={v['choice']}" if name == "optimized" else ""
+        if name == "int8":
+            a = v["agreement"]
+            extra = (f", tuned {a['tuning']:.1%} on {a['tuning_on']}, {len(v['excluded_nodes'])} MatMuls fp32 = "
+                     f"{v['fp32_mac_fraction']:.0%} of MACs")
+            if v.get("speedup_vs_source"):
+                extra += ", speed vs fp32 " + "/".join(f"x{x:.2f}" for x in v["speedup_vs_source"].values()) + \
+                    " at " + "/".join(v["speedup_vs_source"])
         parts.append(f"{name} {size:.1f}MiB (max|diff| {p['max_abs_diff']:.1e}, agree {p['argmax_agreement']:.1%} on {p['on']}{extra})")
     click.echo(f"wrote {path}: " + "; ".join(parts))

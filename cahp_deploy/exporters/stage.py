@@ -4,7 +4,7 @@
 
     check options, paths, data ──► load model (sdpa/eager) ──► model.onnx ──► parity vs PyTorch
         ──► [optimize: candidates, fused-head check, timing, choice] ──► model_optimized.onnx ──► parity
-        ──► [int8 from the optimized graph] ──► parity (argmax agreement)
+        ──► [int8 from the optimized graph: mixed-precision search on a tuning set] ──► parity (argmax agreement)
         ──► [fp16 from the fully fused graph] ──► parity on CPU (looser tolerance)
         ──► config.json, tokenizer, pruning.json, manifest.json (sha256 of every file)
 
@@ -28,7 +28,7 @@ import numpy as np
 from cahp_deploy import arch, schema
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import onnx_export, optimize as ortopt, parity, quantize as quant
+from cahp_deploy.exporters import int8_tuning, onnx_export, optimize as ortopt, parity, quantize as quant
 from cahp_deploy.exporters.manifest import VARIANT_FILES, file_records, versions, write_manifest
 from cahp_deploy.hashing import sha256_dir
 from cahp_deploy.modeling import KEPT_HEADS_FIELD, load_classifier, load_config
@@ -39,11 +39,20 @@ QUANTIZE_CHOICES = ("int8",)
 PROVIDERS = ("cpu", "cuda")
 #: random-input batches stored in the manifest for ``verify``'s smoke test (kept small)
 _SMOKE_FEEDS = 2
+#: the split INT8 tunes on when --data is given (never the split the agreement is reported on)
+INT8_TUNING_SPLIT = "train"
+#: random-token tuning set without --data: (batch, sequence) shapes, a seed apart from the parity inputs
+INT8_RANDOM_TUNING_SHAPES: tuple[tuple[int, int], ...] = ((16, 16), (16, 32), (16, 64), (16, 128))
 
 
-def _check_options(quantize, per_channel, fp16, opset, provider, int8_min_agreement) -> None:
+def _check_options(quantize, per_channel, fp16, opset, provider, int8_min_agreement,
+                   int8_tuning_examples=int8_tuning.TUNING_EXAMPLES, int8_tuning_margin=None) -> None:
     if not 0.0 <= float(int8_min_agreement) <= 1.0:
         raise CahpError(f"--int8-min-agreement {int8_min_agreement} must be a fraction in [0, 1] (default {parity.INT8_MIN_AGREEMENT})")
+    if not isinstance(int8_tuning_examples, int) or int8_tuning_examples < 8:
+        raise CahpError(f"--int8-tuning-examples {int8_tuning_examples} must be an integer >= 8 (default {int8_tuning.TUNING_EXAMPLES})")
+    if int8_tuning_margin is not None and not 0.0 <= float(int8_tuning_margin) < 1.0:
+        raise CahpError(f"--int8-tuning-margin {int8_tuning_margin} must be a fraction in [0, 1) (default: one standard error)")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise CahpError(f"--quantize {quantize!r} is not supported; choose from {', '.join(QUANTIZE_CHOICES)}")
     if per_channel and quantize is None:
@@ -75,11 +84,12 @@ def _gate_close(variant: str, result: dict, atol: float, where: str) -> None:
         )
 
 
-def _gate_agreement(variant: str, result: dict, minimum: float, where: str) -> None:
+def _gate_agreement(variant: str, result: dict, minimum: float, where: str, tuned: str = "") -> None:
     if result["argmax_agreement"] < minimum:
         raise CahpError(
             f"parity check failed for {variant}: argmax agreement with fp32 {result['argmax_agreement']:.2%} on {where} "
-            f"is below {minimum:.0%}; nothing was written (try --per-channel, or ship the optimized fp32 model)"
+            f"is below {minimum:.2%}{tuned}; nothing was written (raise --int8-tuning-examples or --int8-tuning-margin, "
+            "or ship the optimized fp32 model)"
         )
 
 
@@ -96,12 +106,16 @@ class _Parity:
             self.data_feeds, self.labels = parity.data_feeds(tokenizer, data, input_names, config)
             self.data_ref = parity.torch_logits(model, self.data_feeds)
 
+    def int8_gate(self) -> float:
+        """The INT8 agreement gate: the user's on real data, at most the random-token one without."""
+        return self.int8_min if self.data is not None else min(self.int8_min, parity.INT8_MIN_AGREEMENT_RANDOM)
+
     def run(self, session) -> tuple[np.ndarray, np.ndarray | None]:
         rnd = parity.ort_logits(session, self.random_feeds)
         dat = parity.ort_logits(session, self.data_feeds) if self.data is not None else None
         return rnd, dat
 
-    def check(self, variant: str, session) -> dict:
+    def check(self, variant: str, session, tuned: dict | None = None) -> dict:
         rnd, dat = self.run(session)
         out: dict = {"reference": "pytorch fp32"}
         out["random"] = parity.compare(self.random_ref, rnd,
@@ -128,12 +142,13 @@ class _Parity:
             if out["data"]:
                 _gate_close(variant, out["data"], parity.FP16_ATOL, f"{self.data.source} [{self.data.split}]")
         elif variant == "int8":
-            minimum = self.int8_min if out["data"] else min(self.int8_min, parity.INT8_MIN_AGREEMENT_RANDOM)
+            minimum = self.int8_gate()
             out["min_agreement"] = minimum
             if not out["data"]:
                 out["note"] = "no --data given: agreement measured on random tokens, not on real data"
             where = f"{self.data.source} [{self.data.split}]" if out["data"] else "random tokens (no --data given)"
-            _gate_agreement(variant, head, minimum, where)
+            note = f" (tuned to {tuned['tuning_agreement']:.2%} on {tuned['on']})" if tuned else ""
+            _gate_agreement(variant, head, minimum, where, note)
         out["passed"] = True
         return out
 
@@ -144,6 +159,69 @@ class _Parity:
             "inputs": [{k: v.tolist() for k, v in f.items()} for f in feeds],
             "logits": self.random_ref[:n].tolist(),
         }
+
+
+def _int8_rows(data, split: str, columns: dict, labelled, num_labels: int, examples: int):
+    """(tuning rows, report rows, record): INT8 tunes on rows the agreement is never reported on.
+
+    With a train split (other than ``split``) in ``data``: ``examples`` random rows of it (seed 0),
+    reported on ``split``. Otherwise (one file, no train split, or ``split`` is train): the first half
+    of ``split`` (at most ``examples`` rows), reported on the second half. Without data: None.
+    """
+    if labelled is None:
+        return None, None, {"on": "random tokens (no --data given)", "shapes": [list(s) for s in INT8_RANDOM_TUNING_SHAPES], "seed": 1}
+    from cahp_deploy.data import check_labels, load_labelled
+
+    why = None
+    train = None
+    if split == INT8_TUNING_SPLIT:
+        why = f"--split is {INT8_TUNING_SPLIT}"
+    else:
+        try:
+            train = load_labelled(data, INT8_TUNING_SPLIT, **columns)
+        except CahpError as e:
+            why = f"no usable {INT8_TUNING_SPLIT} split ({str(e)[:160]})"
+        if train is not None and (train.split == labelled.split or train.file_hashes == labelled.file_hashes):
+            train, why = None, "the data is a single split"
+    if train is not None:
+        check_labels(train, num_labels)
+        rng = np.random.default_rng(0)
+        idx = np.sort(rng.choice(len(train), size=min(examples, len(train)), replace=False))
+        record = {"on": f"{train.source} [{train.split}]", "split": train.split, "rows": f"{len(idx)} random rows of {len(train)} (seed 0)",
+                  "num_examples": int(len(idx)), "report_on": f"{labelled.source} [{labelled.split}]"}
+        return train.subset(idx), labelled, record
+    half = len(labelled) // 2
+    if half < 2:
+        raise CahpError(
+            f"INT8 tuning needs a {INT8_TUNING_SPLIT} split in --data or >= 4 rows in split {split!r} "
+            f"(it has {len(labelled)}): it tunes on one half and reports on the other"
+        )
+    tune = labelled.subset(range(min(examples, half)))
+    report = labelled.subset(range(half, len(labelled)))
+    record = {"on": f"{labelled.source} [{labelled.split}] first half", "split": labelled.split,
+              "rows": f"rows 0..{len(tune) - 1} of {len(labelled)} (first half, {why})", "num_examples": len(tune),
+              "report_on": f"{labelled.source} [{labelled.split}] second half (rows {half}..{len(labelled) - 1})"}
+    return tune, report, record
+
+
+def _int8_tuning_feeds(tune_rows, tokenizer, input_names, config) -> list:
+    if tune_rows is None:
+        return parity.random_feeds(input_names, config, seed=1, shapes=INT8_RANDOM_TUNING_SHAPES)
+    return parity.data_feeds(tokenizer, tune_rows, input_names, config, limit=None)[0]
+
+
+def _time_int8(source: Path, int8: Path, vocab: int) -> dict:
+    """INT8 vs the graph it was quantized from, interleaved (as the optimization choice is timed).
+
+    Recorded, not gated: with many nodes kept fp32 INT8 can lose to fp32 (each quantized MatMul adds
+    a dynamic quantization of its input), and the manifest should say so rather than imply a speedup.
+    """
+    timings = ortopt.time_graphs({"source": source, "int8": int8}, vocab=vocab, budget_s=4.0)
+    speedup = {shape: round(timings["source"][shape] / timings["int8"][shape], 3) for shape in timings["int8"]}
+    if max(speedup.values()) < 1.0:
+        log.warning("INT8 is slower than its fp32 source at every timed shape (%s); model_optimized.onnx is the faster choice", speedup)
+    return {"timings_ms": timings, "speedup_vs_source": speedup,
+            "timing_note": "median ms, interleaved, ONNX Runtime default threads, on the exporting machine"}
 
 
 def _session(path: Path, provider: str = "cpu"):
@@ -171,7 +249,7 @@ def export(
     *,
     optimize: bool = True,
     quantize: str | None = None,
-    per_channel: bool = False,
+    per_channel: bool | None = None,
     fp16: bool = False,
     opset: int | None = None,
     data: str | os.PathLike | None = None,
@@ -183,6 +261,8 @@ def export(
     provider: str = "cpu",
     measure: bool = True,
     int8_min_agreement: float = parity.INT8_MIN_AGREEMENT,
+    int8_tuning_examples: int = int8_tuning.TUNING_EXAMPLES,
+    int8_tuning_margin: float | None = None,
 ) -> Path:
     """Export ``model_dir`` (dense or pruned classifier) to a parity-checked ONNX artifact dir ``out``.
 
@@ -190,8 +270,11 @@ def export(
     ----------
     optimize : also write ``model_optimized.onnx`` (ORT fusions chosen by measurement, see
         :mod:`cahp_deploy.exporters.optimize`).
-    quantize : ``"int8"`` writes ``model_int8.onnx`` (dynamic quantization of the optimized graph).
-    per_channel : per-channel INT8 weight scales.
+    quantize : ``"int8"`` writes ``model_int8.onnx``: dynamic quantization of the optimized graph's
+        weight MatMuls, the most sensitive kept in fp32 until the agreement gate holds on a tuning
+        set (see :mod:`cahp_deploy.exporters.int8_tuning`).
+    per_channel : INT8 weight scales per output channel (True) or per tensor (False); None measures
+        both on the tuning set and keeps the better.
     fp16 : write ``model_fp16.onnx`` (for CUDA; fp32 inputs/outputs), checked on ``provider``.
     opset : ONNX opset; Optimum's default for the architecture when None.
     data, split, text_column, text_pair_column, label_column : labelled data for parity on real
@@ -200,6 +283,10 @@ def export(
     measure : time the optimization candidates (a few seconds); False uses the provider default.
     int8_min_agreement : the INT8 gate on the data split (argmax agreement with PyTorch fp32). Lower
         it only knowingly: it is recorded in the manifest as ``min_agreement``.
+    int8_tuning_examples : rows INT8 tunes on: random rows of ``data``'s train split, else the first
+        half of ``split`` (then the gate is checked on the second half); random tokens without data.
+    int8_tuning_margin : the search demands ``int8_min_agreement + margin`` on the tuning set; None
+        is one binomial standard error of the tuning estimate.
 
     Returns ``out``. Raises :class:`CahpError` on bad input (before any work) or a failed parity
     gate (then nothing is written).
@@ -207,7 +294,7 @@ def export(
     started = time.perf_counter()
     model_dir = Path(model_dir)
     out = check_output_path(out, force)
-    _check_options(quantize, per_channel, fp16, opset, provider, int8_min_agreement)
+    _check_options(quantize, per_channel, fp16, opset, provider, int8_min_agreement, int8_tuning_examples, int8_tuning_margin)
     config = load_config(model_dir)
     pruning = _read_pruning(model_dir)
     labelled = None
@@ -216,6 +303,10 @@ def export(
 
         labelled = load_labelled(data, split, text_column, text_pair_column, label_column)
         check_labels(labelled, int(config.num_labels))
+    tune_rows, tune_record, parity_rows = None, None, labelled
+    if quantize == "int8":
+        columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
+        tune_rows, parity_rows, tune_record = _int8_rows(data, split, columns, labelled, int(config.num_labels), int8_tuning_examples)
 
     attn = onnx_export.attn_implementation_for(config)
     model, tokenizer = load_classifier(model_dir, attn_implementation=attn)
@@ -233,7 +324,7 @@ def export(
         plain = tmp / VARIANT_FILES["fp32"]
         bar.update(task, description="export: ONNX")
         input_names = onnx_export.export_onnx(model, plain, opset)
-        check = _Parity(model, tokenizer, config, input_names, labelled, int8_min_agreement)
+        check = _Parity(model, tokenizer, config, input_names, parity_rows, int8_min_agreement)
         variants: dict[str, dict] = {"fp32": {"file": plain.name, "parity": check.check("fp32", _session(plain))}}
         bar.advance(task)
 
@@ -255,12 +346,28 @@ def export(
         if quantize == "int8":
             bar.update(task, description="export: int8")
             dst = tmp / VARIANT_FILES["int8"]
-            quant.quantize_int8(fused_source, dst, per_channel=per_channel)
+            tuned = int8_tuning.tune_int8(
+                fused_source, dst, _int8_tuning_feeds(tune_rows, tokenizer, input_names, config), check.int8_gate(),
+                per_channel=per_channel, margin=int8_tuning_margin,
+                say=lambda msg: bar.update(task, description=f"export: {msg}"),
+            )
+            rec = {**tuned.record, "data": tune_record}
+            result = check.check("int8", _session(dst), tuned={"tuning_agreement": rec["tuning_agreement"], "on": tune_record["on"]})
+            report = result["data"] or result["random"]
             variants["int8"] = {
                 "file": dst.name, "source": "optimized" if fused_source != plain else "fp32",
-                "per_channel": per_channel, "weight_type": "int8", "activation_type": "uint8 (dynamic)",
-                "parity": check.check("int8", _session(dst)),
+                "per_channel": tuned.per_channel, "weight_type": "int8", "activation_type": "uint8 (dynamic)",
+                "excluded_nodes": rec["excluded_nodes"], "fp32_mac_fraction": rec["fp32_mac_fraction"],
+                "agreement": {"tuning": rec["tuning_agreement"], "tuning_on": tune_record["on"],
+                              "report": result["argmax_agreement"],
+                              "report_on": tune_record.get("report_on", "random tokens (no --data given)"),
+                              "gate": result["min_agreement"]},
+                "accuracy": None if not result["data"] else {"int8": report["accuracy"], "pytorch_fp32": report["reference_accuracy"]},
+                "tuning": rec,
+                "parity": result,
             }
+            if measure and provider == "cpu":
+                variants["int8"].update(_time_int8(fused_source, dst, int(getattr(config, "vocab_size", 1000))))
             bar.advance(task)
         if fp16:
             bar.update(task, description="export: fp16")
@@ -301,7 +408,10 @@ def export(
             "input_names": input_names,
             "max_position_embeddings": int(getattr(config, "max_position_embeddings", 0) or 0) or None,
             "attn_implementation": attn,
-            "parity_data": None if labelled is None else {**labelled.provenance(), "num_examples": len(check.labels)},
+            "parity_data": None if labelled is None else {
+                **parity_rows.provenance(), "num_examples": len(check.labels),
+                **({"rows": tune_record["report_on"]} if tune_record and parity_rows is not labelled else {}),
+            },
             "smoke": check.smoke(),
             "versions": versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,0 +1,272 @@
+"""INT8 mixed precision: the search keeps the nodes quantization hurts in fp32 until the gate holds.
+
+Two kinds of model where plain dynamic INT8 breaks argmax agreement, each built so we know why:
+
+* a hand-made ONNX graph whose MatMul inputs carry one huge channel (x[:, 0] = 400, and a bias that
+  makes one hidden unit ~400) that the fp32 weights ignore: per-tensor uint8 activation scales then
+  round every other channel to a few levels, so exactly those MatMuls are sensitive;
+* a tiny BERT, trained for a moment so it predicts several classes with modest margins, whose value
+  and FFN projections then get one channel scaled up by 100 (and the consumer scaled down): the same
+  outlier mechanism that breaks INT8 on real BERTs (early FFN inputs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from cahp_deploy import arch
+from cahp_deploy.cli import main
+from cahp_deploy.errors import CahpError
+from cahp_deploy.exporters import export, int8_tuning, load_manifest, parity, variant_path
+from cahp_deploy.exporters import quantize as quant
+from conftest import tiny_config, tokenizer_dir, write_tiny_data
+
+HIDDEN, CLASSES = 16, 3
+
+
+# ----------------------------------------------------------------------------- a graph with known sensitive nodes
+
+
+def _outlier_graph(path: Path, benign: int, seed: int = 0) -> tuple[Path, list[dict]]:
+    """x -> mm_in(+b, relu) -> mm_mid -> [relu -> mm_benign_k] ... -> logits (3 classes).
+
+    ``x[:, 0]`` is 400 and ``mm_in`` ignores it (zero weight row); ``b[0]`` is 400 and ``mm_mid``
+    ignores that unit. So fp32 never sees the outliers, while INT8's per-tensor activation scale of
+    ``mm_in`` and ``mm_mid`` is set by them. The benign MatMuls' inputs have no outlier.
+    """
+    rng = np.random.default_rng(seed)
+    w_in = rng.normal(0, 0.5, (HIDDEN, HIDDEN)).astype(np.float32)
+    w_in[0] = 0.0
+    bias = rng.normal(0, 0.5, HIDDEN).astype(np.float32)
+    bias[0] = 400.0
+    dims = [HIDDEN] * benign + [CLASSES]
+    w_mid = rng.normal(0, 0.5, (HIDDEN, dims[0])).astype(np.float32)
+    w_mid[0] = 0.0
+    inits = [numpy_helper.from_array(w_in, "w_in"), numpy_helper.from_array(bias, "b_in"), numpy_helper.from_array(w_mid, "w_mid")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_in"], ["h_in"], name="mm_in"),
+        helper.make_node("Add", ["h_in", "b_in"], ["a_in"], name="add_in"),
+        helper.make_node("Relu", ["a_in"], ["r_in"], name="relu_in"),
+        helper.make_node("MatMul", ["r_in", "w_mid"], ["h0"], name="mm_mid"),
+    ]
+    for k in range(benign):
+        w = rng.normal(0, 0.5, (HIDDEN, dims[k + 1])).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w_b{k}"))
+        nodes += [helper.make_node("Relu", [f"h{k}"], [f"r{k}"], name=f"relu_b{k}"),
+                  helper.make_node("MatMul", [f"r{k}", f"w_b{k}"], [f"h{k + 1}"], name=f"mm_benign_{k}")]
+    graph = helper.make_graph(
+        nodes, "outliers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", HIDDEN])],
+        [helper.make_tensor_value_info(f"h{benign}", TensorProto.FLOAT, ["batch", CLASSES])], initializer=inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    feeds = []
+    for _ in range(4):
+        x = rng.normal(0, 1, (32, HIDDEN)).astype(np.float32)
+        x[:, 0] = 400.0
+        feeds.append({"x": x})
+    return path, feeds
+
+
+def test_search_keeps_exactly_the_outlier_matmuls_in_fp32(tmp_path):
+    src, feeds = _outlier_graph(tmp_path / "g.onnx", benign=2)
+    res = int8_tuning.tune_int8(src, tmp_path / "q.onnx", feeds, 0.97, per_channel=False, margin=0.0)
+    rec = res.record
+    assert rec["granularity"]["per_tensor"]["agreement"] < 0.9  # plain INT8 breaks agreement
+    assert {r["name"] for r in rec["sensitivity"][:2]} == {"mm_in", "mm_mid"}  # ranked above the benign ones
+    assert {n.name for n in res.excluded} == {"mm_in", "mm_mid"}
+    assert rec["tuning_agreement"] >= 0.97 and rec["num_quantized"] == 2
+    assert 0.0 < rec["fp32_mac_fraction"] < 1.0
+    steps = [t["step"] for t in rec["trace"]]
+    assert steps[0].startswith("all quantized") and any(s.startswith("bisection") for s in steps)
+    assert steps[-1].startswith("shipped file") and all(t["seconds"] >= 0 for t in rec["trace"])
+    ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert ops["mm_in"] == ops["mm_mid"] == "MatMul"  # kept fp32, as the manifest says
+    assert "mm_benign_0" not in ops and "MatMulInteger" in ops.values()
+
+
+def test_impossible_gate_is_one_line_and_writes_nothing(tmp_path):
+    """Every MatMul is an outlier MatMul: meeting the gate needs all of them in fp32, so INT8 is pointless."""
+    src, feeds = _outlier_graph(tmp_path / "g.onnx", benign=0)
+    with pytest.raises(CahpError, match="unless all 2 quantizable MatMuls stay fp32") as e:
+        int8_tuning.tune_int8(src, tmp_path / "q.onnx", feeds, 0.97, per_channel=False, margin=0.0)
+    assert "\n" not in str(e.value) and not (tmp_path / "q.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]  # scratch removed too
+
+
+def test_sensitivity_uses_every_kth_batch_across_lengths():
+    feeds = [{"input_ids": np.zeros((32, 8 + b), np.int64)} for b in range(16)]  # 512 rows, length-bucketed
+    assert int8_tuning._sensitivity_batches(feeds, 128) == [0, 4, 8, 12]
+    assert int8_tuning._sensitivity_batches(feeds[:2], 128) == [0, 1]
+
+
+def test_tuning_target_adds_one_standard_error():
+    assert int8_tuning.tuning_target(0.99, 512) == pytest.approx(0.99 + (0.99 * 0.01 / 512) ** 0.5)
+    assert int8_tuning.tuning_target(0.99, 512, margin=0.0) == 0.99
+    assert int8_tuning.tuning_target(1.0, 10) == 1.0 and int8_tuning.tuning_target(0.99, 4) == 1.0
+
+
+# ----------------------------------------------------------------------------- a tiny BERT with outlier channels
+
+
+def _plant_outliers(model: nn.Module, scale: float = 100.0) -> nn.Module:
+    """In every layer, one value channel x scale (attention output rows / scale: exact), and one FFN
+    unit x scale with a positive bias (FFN output rows / scale: GELU is ~linear there)."""
+    spec = arch.spec_for(model)
+    inter = int(getattr(model.config, spec.config_intermediate))
+    with torch.no_grad():
+        for layer in arch.layers(model):
+            linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+            ffn_in = next(m for m in linears if m.out_features == inter)
+            ffn_out = next(m for m in linears if m.in_features == inter)
+            ffn_in.bias[0] = 3.0
+            for producer, consumer in ((arch.get_path(layer, spec.value), arch.get_path(layer, spec.output)), (ffn_in, ffn_out)):
+                producer.weight[0] *= scale
+                producer.bias[0] *= scale
+                consumer.weight[:, 0] /= scale
+    return model
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_tiny_data(tmp_path_factory.mktemp("int8-data"), n_train=96, n_val=48)
+
+
+@pytest.fixture(scope="module")
+def outlier_bert(tmp_path_factory, data) -> Path:
+    """A tiny BERT trained for 40 steps on half-noisy labels (so it predicts several classes with
+    modest margins, as real sentiment models do), then given outlier channels."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from cahp_deploy.data import load_labelled
+
+    out = tmp_path_factory.mktemp("int8") / "bert"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+    train = load_labelled(data, "train")
+    enc = tokenizer(train.texts, padding=True, return_tensors="pt")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor(train.labels)
+    labels = torch.where(torch.rand(len(labels), generator=g) < 0.5, torch.randint(0, 3, (len(labels),), generator=g), labels)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config("bert", layers=3, heads=4), attn_implementation="eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(40):
+        idx = torch.randint(0, len(labels), (32,))
+        loss = model(**{k: v[idx] for k, v in enc.items()}, labels=labels[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _plant_outliers(model.eval()).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifact(outlier_bert, data, tmp_path_factory) -> Path:
+    return export(outlier_bert, tmp_path_factory.mktemp("int8-art") / "art", quantize="int8", per_channel=False,
+                  data=data, measure=False)
+
+
+def test_export_meets_the_gate_by_keeping_sensitive_nodes_fp32(artifact):
+    m = load_manifest(artifact)
+    v = m["variants"]["int8"]
+    t = v["tuning"]
+    assert t["granularity"]["per_tensor"]["agreement"] < 0.99  # plain dynamic INT8 fails the gate
+    assert v["excluded_nodes"] and len(v["excluded_nodes"]) < t["num_candidates"]
+    assert v["excluded_nodes"][0]["name"] == t["sensitivity"][0]["name"]  # the most sensitive goes first
+    assert all(e["layer"] in (0, 1, 2) and e["role"] for e in v["excluded_nodes"])
+    assert 0.0 < v["fp32_mac_fraction"] < 0.5
+    assert v["agreement"]["tuning"] >= t["target_agreement"] >= 0.99
+    assert v["agreement"]["report"] >= 0.99 and v["parity"]["passed"]
+    assert v["accuracy"]["int8"] == pytest.approx(v["accuracy"]["pytorch_fp32"], abs=0.05)
+    assert t["per_channel"] is False and t["per_channel_chosen_by"] == "user"
+    assert t["sensitivity_examples"] == t["tuning_examples"] == 96  # under 128 rows: all of them rank the nodes
+    # the shipped graph keeps exactly the recorded nodes in fp32
+    graph = onnx.load(str(variant_path(artifact, "int8")))
+    fp32_ops = {n.name for n in graph.graph.node if n.op_type in ("MatMul", "Attention", "Gemm")}
+    assert fp32_ops == {e.get("quantizer_name", e["name"]) for e in v["excluded_nodes"]}
+    assert any(n.op_type in ("MatMulInteger", "QAttention") for n in graph.graph.node)
+
+
+def test_tuning_rows_are_never_the_report_rows(artifact, outlier_bert, data, tmp_path):
+    v = load_manifest(artifact)["variants"]["int8"]
+    assert v["tuning"]["data"]["split"] == "train" and v["agreement"]["tuning_on"].endswith("[train]")
+    assert v["agreement"]["report_on"].endswith("[validation]") and v["parity"]["data"]["num_examples"] == 48
+
+    # one split only (a single file): tune on its first half, report on the second half
+    one = tmp_path / "val.jsonl"
+    one.write_text((data / "validation.jsonl").read_text())
+    # tuned to 100% on 16 rows, yet 1 of the 24 held-out rows flips: the reported figure fails the export
+    with pytest.raises(CahpError, match=r"95\.83% on .*val\.jsonl \[val\] is below 99\.00% \(tuned to 100\.00% on .* first half\)"):
+        export(outlier_bert, tmp_path / "art", quantize="int8", data=one, measure=False, int8_tuning_examples=16)
+    assert not (tmp_path / "art").exists()
+    art = export(outlier_bert, tmp_path / "art", quantize="int8", data=one, measure=False, int8_tuning_examples=16,
+                 int8_min_agreement=0.95)
+    m = load_manifest(art)
+    v = m["variants"]["int8"]
+    assert v["tuning"]["data"]["num_examples"] == 16 and "first half" in v["agreement"]["tuning_on"]
+    assert "second half (rows 24..47)" in v["agreement"]["report_on"]
+    assert v["parity"]["data"]["num_examples"] == 24 and m["parity_data"]["num_examples"] == 24
+    assert "second half" in m["parity_data"]["rows"]
+    assert v["tuning"]["per_channel_chosen_by"].startswith("measurement")
+    assert set(v["tuning"]["granularity"]) == {"per_tensor", "per_channel"}
+
+
+def test_mixer_builds_what_quantize_dynamic_writes(artifact, tmp_path):
+    """The search probes in-memory mixes; the shipped file comes from ORT's quantizer: same logits."""
+    src = variant_path(artifact, "optimized")
+    fp32 = onnx.load(str(src))
+    nodes = int8_tuning.quantizable_nodes(fp32)
+    names = [n.name for n in nodes]
+    quantizer_name = {n.name: n.quantizer_name for n in nodes}
+    gemms = [n.name for n in nodes if n.op_type == "Gemm"]
+    assert len(gemms) == 2 and {n.op_type for n in nodes} == {"MatMul", "Attention", "Gemm"}  # pooler, classifier
+    quant.quantize_int8(src, tmp_path / "all.onnx", per_channel=True)
+    mixer = int8_tuning.Mixer(fp32, onnx.load(str(tmp_path / "all.onnx")), names)
+    from transformers import AutoConfig
+
+    feeds = parity.random_feeds(load_manifest(artifact)["input_names"], AutoConfig.from_pretrained(artifact))
+    rng = np.random.default_rng(0)
+    for excluded in ([], names[:1], gemms, list(rng.choice(names, 5, replace=False)), names[1:]):
+        quant.quantize_int8(src, tmp_path / "ref.onnx", per_channel=True,
+                            nodes_to_exclude=[quantizer_name[n] for n in excluded])
+        want = parity.ort_logits(int8_tuning.session(tmp_path / "ref.onnx"), feeds)
+        got = parity.ort_logits(int8_tuning.session(mixer.build(excluded)), feeds)
+        assert np.abs(want - got).max() <= 1e-6, excluded
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_impossible_target_in_export_is_one_line_and_writes_nothing(outlier_bert, data, tmp_path, capsys, monkeypatch):
+    """A target no mix can reach (as an impossible gate would be): the CLI says so in one line, writes nothing."""
+    monkeypatch.setattr(int8_tuning, "tuning_target", lambda gate, n, margin=None: 1.01)
+    out = tmp_path / "art"
+    err = _cli_error(["export", str(outlier_bert), "--out", str(out), "--quantize", "int8", "--data", str(data),
+                      "--no-timing", "--no-optimize"], capsys)
+    assert "INT8 cannot reach argmax agreement" in err and "quantizable MatMuls stay fp32" in err
+    assert not out.exists() and not list(tmp_path.glob(".art*"))
+
+
+def test_bad_int8_options(outlier_bert, tmp_path, capsys):
+    out = str(tmp_path / "art")
+    assert "--per-tensor only applies to quantization" in _cli_error(["export", str(outlier_bert), "--out", out, "--per-tensor"], capsys)
+    for flag, value in (("--int8-tuning-examples", "0"), ("--int8-tuning-margin", "1.5")):
+        err = _cli_error(["export", str(outlier_bert), "--out", out, "--quantize", "int8", flag, value], capsys)
+        assert f"{flag} {value}" in err
+    assert not Path(out).exists()
