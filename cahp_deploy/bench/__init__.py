@@ -1,0 +1,21 @@
+"""The benchmark harness: latency, throughput, memory and accuracy of exported artifacts.
+
+:func:`bench` is the stage (``cahp-deploy bench``). Modules, each one concern:
+
+* ``artifacts`` — open, verify (the export's ``verify``) and check comparability of artifact dirs;
+* ``providers`` — ONNX Runtime providers, thread settings, session creation that fails on fallback;
+* ``inputs`` — the fixed (batch x seq) grid and real-traffic batches from the data;
+* ``runner`` — one session on a list of feeds (IO binding on GPUs);
+* ``timing`` — warm-up, interleaved round-robin repetitions, statistics;
+* ``memory`` — peak RSS growth, GPU memory in use, file sizes;
+* ``accuracy`` — predictions through ONNX Runtime, accuracy and agreement;
+* ``machine``, ``report``, ``plots`` — what the report dir holds.
+
+Importing is cheap: ``onnxruntime``, ``transformers`` and ``matplotlib`` load when :func:`bench` runs.
+"""
+
+from __future__ import annotations
+
+from cahp_deploy.bench.stage import bench
+
+__all__ = ["bench"]

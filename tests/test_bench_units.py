@@ -1,0 +1,270 @@
+"""The bench harness's parts: timing loop, statistics, providers, memory, inputs, report text."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cahp_deploy.bench import inputs, memory, providers, timing
+from cahp_deploy.errors import CahpError
+
+# ----------------------------------------------------------------------------- timing
+
+
+def test_round_robin_rotates_order_and_feeds():
+    calls = []
+    runners = [lambda i, n=n: calls.append((n, i)) for n in "ABC"]
+    samples = timing.time_round_robin(runners, 2, warmup=1, min_reps=4, min_seconds=0.0)
+    assert [len(s) for s in samples] == [4, 4, 4]
+    timed = calls[3:]  # after one warm-up run each
+    rounds = [timed[k * 3:(k + 1) * 3] for k in range(4)]
+    assert [[n for n, _ in r] for r in rounds] == [list("ABC"), list("BCA"), list("CAB"), list("ABC")]
+    assert [{i for _, i in r} for r in rounds] == [{0}, {1}, {0}, {1}]  # same feed for all in a round
+
+
+def test_round_robin_times_every_feed_and_honours_min_seconds():
+    def sleeper(dt):
+        return lambda i: time.sleep(dt)
+
+    samples = timing.time_round_robin([sleeper(0.001), sleeper(0.003)], 5, warmup=0, min_reps=1, min_seconds=0.02)
+    fast, slow = samples
+    assert len(fast) == len(slow) >= 5  # every one of the 5 feeds at least once
+    assert fast.sum() >= 0.02  # the fastest runner decides when enough time was spent
+    assert np.median(slow) > np.median(fast)
+
+
+def test_summarize_by_hand():
+    s = timing.summarize(np.array([0.001, 0.002, 0.003, 0.004]), 2)
+    assert s["reps"] == 4 and s["p50_ms"] == pytest.approx(2.5) and s["mean_ms"] == pytest.approx(2.5)
+    assert s["p90_ms"] == pytest.approx(3.7) and s["min_ms"] == pytest.approx(1.0) and s["max_ms"] == pytest.approx(4.0)
+    assert s["std_ms"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1))
+    assert s["throughput_seq_per_s"] == pytest.approx(8 / 0.010)
+    # per-repetition sequence counts (real traffic): total sequences / total time
+    t = timing.summarize(np.array([0.001, 0.003]), np.array([1, 7]))
+    assert t["throughput_seq_per_s"] == pytest.approx(8 / 0.004)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(1e-5, 1.0), min_size=1, max_size=40), st.floats(0.1, 10))
+def test_paired_speedup_is_exact_for_scaled_timings(times, factor):
+    from cahp_deploy.bench.stage import _paired_speedup
+
+    this = np.array(times)
+    assert _paired_speedup(this * factor, this) == pytest.approx(factor)
+
+
+@pytest.mark.parametrize("kw, match", [({"min_reps": 0}, "min_reps"), ({"min_seconds": -1}, "min-seconds"), ({"warmup": -1}, "warmup")])
+def test_budget_checks(kw, match):
+    args = {"min_reps": 1, "min_seconds": 0.0, "warmup": 0} | kw
+    with pytest.raises(CahpError, match=match):
+        timing.check_budget(**args)
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def test_missing_gpu_provider_names_package_and_provider():
+    with pytest.raises(CahpError) as e:
+        providers.check_provider("cuda")
+    msg = str(e.value)
+    assert "CUDAExecutionProvider" in msg and f"onnxruntime {importlib.metadata.version('onnxruntime')}" in msg
+    assert "\n" not in msg
+    with pytest.raises(CahpError, match="TensorrtExecutionProvider"):
+        providers.check_provider("tensorrt")
+    with pytest.raises(CahpError, match="unknown provider 'rocm'"):
+        providers.check_provider("rocm")
+
+
+def test_installed_package_prefers_the_gpu_build(monkeypatch):
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: "1.99.0" if d == "onnxruntime-gpu" else real(d))
+    assert providers.installed_ort_package() == "onnxruntime-gpu 1.99.0"
+
+
+def test_provider_lists_put_the_asked_provider_first():
+    assert providers.provider_list("cpu") == ["CPUExecutionProvider"]
+    assert providers.provider_list("cuda") == [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    trt = providers.provider_list("tensorrt")
+    assert trt[0][0] == "TensorrtExecutionProvider" and trt[1][0] == "CUDAExecutionProvider" and trt[-1] == "CPUExecutionProvider"
+    assert providers.device_of("cuda") == ("cuda", 0) and providers.device_of("cpu") == ("cpu", 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory, tiny_models):
+    """A tiny BERT as plain ONNX (no manifest): enough for session-level tests."""
+    import torch
+
+    from cahp_deploy.modeling import load_classifier
+
+    net, _ = load_classifier(tiny_models["bert"])
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.ones(1, 8, dtype=torch.long)
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = net
+
+        def forward(self, a, b, c):
+            return self.m(input_ids=a, attention_mask=b, token_type_ids=c).logits
+
+    torch.onnx.export(Logits(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path), input_names=names,
+                      output_names=["logits"], dynamic_axes={n: {0: "b", 1: "s"} for n in names}, opset_version=17, dynamo=False)
+    return path
+
+
+def test_silent_cpu_fallback_is_an_error(tiny_onnx, monkeypatch):
+    """onnxruntime falls back to the CPU when CUDA cannot start; bench must not time that as 'cuda'."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert providers.check_provider("cuda") == "CUDAExecutionProvider"
+    with pytest.raises(CahpError, match="CUDAExecutionProvider was requested but the session .* runs on CPUExecutionProvider"):
+        providers.create_session(tiny_onnx, "cuda", providers.thread_settings(1))
+
+
+def test_session_options_follow_thread_settings(tiny_onnx):
+    opts = providers.session_options(providers.thread_settings(2))
+    assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    sess, seconds = providers.create_session(tiny_onnx, "cpu", providers.thread_settings(1))
+    assert seconds > 0 and sess.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(CahpError, match="--threads"):
+        providers.thread_settings(0)
+
+
+def test_io_binding_runner_matches_plain_run(tiny_onnx):
+    from cahp_deploy.bench.runner import Runner
+
+    sess, _ = providers.create_session(tiny_onnx, "cpu", providers.thread_settings(1))
+    feeds = [inputs.grid_feed(2, 8, 30522, seed=1), inputs.grid_feed(3, 5, 30522, seed=2)]
+    plain, bound = Runner(sess, feeds), Runner(sess, feeds, ("cpu", 0), io_binding=True)
+    for i in range(2):
+        np.testing.assert_allclose(bound.logits(i), plain.logits(i), rtol=1e-5, atol=1e-6)
+        assert bound.logits(i).shape == (feeds[i].num_sequences, 3)
+
+
+def test_broken_onnx_file_is_a_user_error(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(CahpError, match="onnxruntime cannot load"):
+        providers.create_session(bad, "cpu", providers.thread_settings(1))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_peak_rss_sees_a_transient_allocation():
+    with memory.PeakRSS(interval_s=0.001) as rss:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        time.sleep(0.05)
+        del block
+    assert rss.growth_bytes > 40 * 2**20
+
+
+def test_device_memory_from_nvidia_smi(monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0, stdout="1536\n", stderr="")
+
+    monkeypatch.setattr(memory.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(memory.subprocess, "run", fake_run)
+    assert memory.device_memory_used(0) == 1536 * 2**20
+    assert "--query-gpu=memory.used" in seen["cmd"] and "--id=0" in seen["cmd"]
+    readings = iter([1000, 1250])
+    monkeypatch.setattr(memory, "device_memory_used", lambda device_id=0: next(readings) * 2**20)
+    with memory.device_memory_growth("cuda", 0) as dev:
+        pass
+    assert dev["device_memory_bytes"] == 250 * 2**20
+    with memory.device_memory_growth("cpu", 0) as dev:
+        pass
+    assert dev["device_memory_bytes"] is None
+
+
+def test_no_gpu_means_no_device_memory(monkeypatch):
+    monkeypatch.setattr(memory.shutil, "which", lambda name: None)
+    monkeypatch.setattr(memory, "_torch_used", lambda device_id: None)
+    assert memory.device_memory_used(0) is None
+
+
+def test_model_size_counts_external_data(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"x" * 100)
+    assert memory.model_size_bytes(tmp_path / "model.onnx") == 100
+    (tmp_path / "model.onnx_data").write_bytes(b"x" * 1000)
+    assert memory.model_size_bytes(tmp_path / "model.onnx") == 1100
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def test_max_sequence_length_accounts_for_position_offsets():
+    assert inputs.max_sequence_length({"model_type": "bert", "max_position_embeddings": 512}) == 512
+    assert inputs.max_sequence_length({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}) == 512
+
+
+def test_grid_feed_is_full_and_reproducible():
+    f = inputs.grid_feed(4, 16, 100, seed=3)
+    assert f.arrays["input_ids"].shape == (4, 16) and f.arrays["input_ids"].dtype == np.int64
+    assert f.arrays["attention_mask"].all() and not f.arrays["token_type_ids"].any()
+    assert (f.num_sequences, f.padded_length, f.real_tokens) == (4, 16, 64)
+    np.testing.assert_array_equal(f.arrays["input_ids"], inputs.grid_feed(4, 16, 100, seed=3).arrays["input_ids"])
+
+
+def test_feed_for_selects_and_casts_inputs():
+    f = inputs.grid_feed(2, 4, 100)
+    out = inputs.feed_for([("input_ids", np.int32), ("attention_mask", np.int64)], f)
+    assert set(out) == {"input_ids", "attention_mask"} and out["input_ids"].dtype == np.int32
+    with pytest.raises(CahpError, match="position_ids"):
+        inputs.feed_for([("position_ids", np.int64)], f)
+
+
+def test_traffic_batches_are_random_and_padded_per_batch(tiny_data):
+    from transformers import AutoTokenizer
+
+    from cahp_deploy.data import load_labelled
+    from conftest import tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    data = load_labelled(tiny_data, "validation")
+    feeds = inputs.traffic_feeds(tok, data, 4, 64, num_sequences=20, seed=0)
+    assert [f.num_sequences for f in feeds] == [4] * 5
+    for f in feeds:
+        mask = f.arrays["attention_mask"]
+        assert f.padded_length == mask.shape[1] == mask.sum(axis=1).max()  # padded to its own longest
+        assert f.real_tokens == mask.sum()
+    again = inputs.traffic_feeds(tok, data, 4, 64, num_sequences=20, seed=0)
+    assert all(np.array_equal(a.arrays["input_ids"], b.arrays["input_ids"]) for a, b in zip(feeds, again))
+    other = inputs.traffic_feeds(tok, data, 4, 64, num_sequences=20, seed=1)
+    assert not all(np.array_equal(a.arrays["input_ids"], b.arrays["input_ids"]) for a, b in zip(feeds, other))
+    # not length-bucketed: lengths in data order are not sorted
+    lengths = [int(x) for f in feeds for x in f.arrays["attention_mask"].sum(axis=1)]
+    assert lengths != sorted(lengths)
+
+
+# ----------------------------------------------------------------------------- CLI parsing
+
+
+def test_int_list_parsing():
+    from cahp_deploy.commands.bench import _int_list
+
+    assert _int_list("--batch", "1, 8,32") == (1, 8, 32)
+    assert _int_list("--batch", "") == ()
+    with pytest.raises(CahpError, match="comma-separated"):
+        _int_list("--seq", "128,long")
+
+
+@pytest.mark.parametrize("values, match", [((), "empty --seq grid"), ((0, 8), ">= 1"), (("a",), "positive integers")])
+def test_grid_checks(values, match):
+    from cahp_deploy.bench.stage import _check_grid
+
+    with pytest.raises(CahpError, match=match):
+        _check_grid("seq", values)
