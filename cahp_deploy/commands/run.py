@@ -1,0 +1,93 @@
+"""`cahp-deploy run`: select -> prune -> export (dense and pruned) -> bench, resumable, in one OUT dir."""
+
+from __future__ import annotations
+
+import click
+
+from cahp_deploy.commands._options import force_option
+
+
+def passive_omp_threads() -> None:
+    """Idle OpenMP threads sleep instead of spinning (unless the user set OMP_WAIT_POLICY).
+
+    Measured on a shared 2-core machine (load ~11): a MiniLM training step took 8.1 s with torch's
+    default spinning threads and 0.74 s with passive ones; one thread took 0.71 s. Spinning threads
+    fight every other process for the cores. Must be set before torch is imported.
+    """
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    """Parse "1,8,32" into (1, 8, 32); a one-line usage error otherwise."""
+    if value is None:
+        return None
+    try:
+        items = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,8,32") from None
+    if not items or min(items) < 1:
+        raise click.BadParameter(f"{value!r}: give positive integers, e.g. 1,8,32")
+    return items
+
+
+def run_options(f):
+    """The options of `run` (also used by `demo` for the ones a user may want to change)."""
+    for opt in reversed([
+        click.option("--method", default="cahp", show_default=True, help="Selection method (see `cahp-deploy select --help`)."),
+        click.option("--select-split", default="train", show_default=True, help="Split the heads are selected on."),
+        click.option("--eval-split", default="validation", show_default=True, help="Split accuracy is measured on (never the selection split)."),
+        click.option("--text-column", default=None, help="Text column [default: text, or premise/hypothesis when present]."),
+        click.option("--text-pair-column", default=None, help="Second text column for pair tasks."),
+        click.option("--label-column", default="label", show_default=True, help="Integer label column."),
+        click.option("--seed", default=42, show_default=True, type=int, help="Seed of every random step."),
+        click.option("--degree", default=None, type=int, help="CAHP: degree of the polynomial the knee is found on [select's default]."),
+        click.option("--pool-size", default=None, type=int, help="CAHP: attention maps are resized to B x B [select's default]."),
+        click.option("--space", default=None, type=click.Choice(["tsne", "full"]), help="CAHP: cluster t-SNE embeddings or the full profiles."),
+        click.option("--heads", default=None, type=int, help="Heads to keep (baselines; CAHP picks its own at the knee)."),
+        click.option("--keep-ratio", default=None, type=float, help="Fraction of heads to keep (baselines)."),
+        click.option("--max-examples", default=None, type=int, help="Use at most N selection examples."),
+        click.option("--quantize", default="int8", show_default=True, type=click.Choice(["int8", "none"]), help="Also export an INT8 variant."),
+        click.option("--per-channel", is_flag=True, help="Per-channel INT8 weight scales (more accurate INT8)."),
+        click.option("--int8-min-agreement", default=None, type=float, help="Export's INT8 gate: argmax agreement with fp32 on --eval-split [export's default, 0.99]."),
+        click.option("--fp16", is_flag=True, help="Also export an FP16 variant (for CUDA; checked on --provider)."),
+        click.option("--opset", default=None, type=int, help="ONNX opset [export's default]."),
+        click.option("--no-timing", "timing", flag_value=False, default=True, help="Export: skip timing the optimization candidates."),
+        click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]), help="Where bench runs."),
+        click.option("--batch", default=None, callback=int_list, help="Bench batch sizes, e.g. 1,32 [bench's default]."),
+        click.option("--seq", default=None, callback=int_list, help="Bench sequence lengths, e.g. 128 [bench's default]."),
+        click.option("--variant", "variants", multiple=True, type=click.Choice(["fp32", "optimized", "int8", "fp16"]), help="Bench these variants (repeatable) [optimized and int8]."),
+        click.option("--min-seconds", default=None, type=float, help="Bench: minimum timed seconds per cell [bench's default]."),
+        click.option("--min-reps", default=None, type=int, help="Bench: minimum timed repetitions per cell [bench's default]."),
+        click.option("--warmup", default=None, type=int, help="Bench: untimed runs per cell [bench's default]."),
+        click.option("--no-traffic", "traffic", flag_value=False, default=True, help="Bench: skip real-traffic mode."),
+        click.option("--threads", default=None, type=int, help="Bench: ONNX Runtime intra-op threads [one per core]."),
+        click.option("--eval-max-examples", default=None, type=int, help="Bench: measure accuracy on at most N examples."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@click.command("run")
+@click.argument("model")
+@click.option("--data", required=True, help="Labelled data: a dir of <split>.jsonl/.csv/.parquet files, a save_to_disk dir, or a hub id.")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Run directory (rerun with the same --out to resume).")
+@run_options
+@force_option
+def command(model, data, out, quantize, **options):
+    """Select heads of MODEL, prune them, export dense and pruned to ONNX, benchmark both: OUT/report/report.md.
+
+    \b
+    OUT/selection.json        which heads were kept, and why
+    OUT/pruned/               the pruned Hugging Face model
+    OUT/artifacts/{dense,pruned}/   ONNX artifacts (fp32, optimized, int8) + manifest.json
+    OUT/report/               report.md, report.json, plots
+    OUT/run.json              what each stage saw and made; a rerun skips stages still up to date
+    """
+    passive_omp_threads()
+    from cahp_deploy.pipeline import print_summary, run, summary_console
+
+    result = run(model, data, out, quantize=None if quantize == "none" else quantize, **options)
+    print_summary(result["summary"], summary_console())
+    click.echo(f"report: {result['report']}")

@@ -1,0 +1,427 @@
+"""``run``: every stage in one command, resumable, with a dense-vs-pruned summary at the end.
+
+::
+
+    MODEL ──select──▶ OUT/selection.json ──prune──▶ OUT/pruned/ ──export──▶ OUT/artifacts/pruned/ ─┐
+      └──────────────────────────────────────────────export──▶ OUT/artifacts/dense/ ──────────────┴─bench─▶ OUT/report/
+
+``OUT/run.json`` records, per stage, the hashes of the inputs it saw (model files, data files, the
+upstream output, its options), its output's hash and its time. A rerun skips a stage whose output still
+has the recorded hash and whose inputs hash as recorded; anything changed upstream makes every stage
+after it run again. ``force`` redoes all. Each stage writes atomically, and run.json is rewritten after
+each stage, so a Ctrl-C loses at most the stage in flight and a rerun resumes after the last one done.
+
+Stages are run through :class:`RunRecord.stage`, so a further stage (recovery, a candidate loop over
+budgets) slots in between prune and export as one more call with its own inputs and output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cahp_deploy import schema
+from cahp_deploy.atomic import atomic_file
+from cahp_deploy.errors import CahpError
+from cahp_deploy.hashing import sha256_dir, sha256_file, sha256_json
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+SELECTION_FILE = "selection.json"
+PRUNED_DIR = "pruned"
+DENSE_ARTIFACT = "artifacts/dense"
+PRUNED_ARTIFACT = "artifacts/pruned"
+REPORT_DIR = "report"
+
+#: Variants exported for both models: what a CPU deployment would choose between.
+DEFAULT_QUANTIZE = "int8"
+#: The bench grid of `run`: one latency-bound and one throughput-bound shape at a typical length.
+DEFAULT_BATCHES = (1, 32)
+DEFAULT_SEQS = (128,)
+
+
+def _default_variants(quantize: str | None) -> list[str]:
+    """Time what a CPU deployment chooses between: the optimized graph and its INT8 version."""
+    return ["optimized", "int8"] if quantize == "int8" else ["optimized"]
+
+
+def output_sha256(path: Path) -> str | None:
+    """Hash of everything a stage wrote (every file, not only model files), or None if absent."""
+    if path.is_dir():
+        return sha256_dir(path, model_files_only=False)
+    if path.is_file():
+        return sha256_file(path)
+    return None
+
+
+def model_sha256(model: str | os.PathLike) -> str:
+    """Content hash of a local model dir; a hub id is identified by its name (nothing downloaded)."""
+    p = Path(model)
+    return sha256_dir(p) if p.is_dir() else sha256_json({"hub_id": str(model)})
+
+
+class RunRecord:
+    """``OUT/run.json``: what every stage saw and made; decides which stages a rerun may skip."""
+
+    def __init__(self, out: Path, force: bool, say: Callable[[str], None] = lambda s: None):
+        self.out = out
+        self.force = force
+        self.say = say
+        self.path = out / RUN_FILE
+        self.data: dict[str, Any] = {"schema": schema.RUN, "stages": {}}
+        if self.path.is_file():
+            # Kept even with force (which only stops skipping), so stages a caller ran before `run`
+            # (the demo's fine-tune) stay on record.
+            try:
+                with open(self.path) as f:
+                    loaded = json.load(f)
+                schema.check_schema(loaded, schema.RUN, str(self.path))
+            except (json.JSONDecodeError, CahpError) as e:
+                if not force:
+                    raise CahpError(f"{self.path} is not a readable run record ({e}); pass --force to start over") from None
+            else:
+                self.data = loaded
+                self.data.setdefault("stages", {})
+
+    @property
+    def stages(self) -> dict[str, dict]:
+        return self.data["stages"]
+
+    def save(self) -> None:
+        with atomic_file(self.path, force=True) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(self.data, f, indent=2)
+                f.write("\n")
+
+    def output_hash(self, name: str) -> str:
+        return self.stages[name]["output_sha256"]
+
+    def stage(self, name: str, inputs: dict[str, Any], output: Path, work: Callable[[bool], Any]) -> bool:
+        """Run ``work(overwrite)`` unless ``output`` is still what this stage made from these inputs.
+
+        Returns True when the stage ran. ``work`` must write ``output`` atomically; ``overwrite`` is
+        True when a stale output of an earlier run is there to be replaced.
+        """
+        inputs_sha = sha256_json(inputs)
+        prev = self.stages.get(name)
+        if (
+            not self.force
+            and prev is not None
+            and prev.get("inputs_sha256") == inputs_sha
+            and prev.get("output_sha256") is not None
+            and output_sha256(output) == prev["output_sha256"]
+        ):
+            prev["status"] = "skipped"
+            self.save()
+            self.say(f"[dim]{name}: up to date ({output.relative_to(self.out)}), skipped[/dim]")
+            return False
+        self.say(f"[bold]{name}[/bold] -> {output.relative_to(self.out)}")
+        start = time.perf_counter()
+        work(self.force or output.exists())
+        seconds = time.perf_counter() - start
+        self.stages[name] = {
+            "status": "done",
+            "inputs": inputs,
+            "inputs_sha256": inputs_sha,
+            "output": str(output.relative_to(self.out)),
+            "output_sha256": output_sha256(output),
+            "seconds": round(seconds, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self.save()
+        return True
+
+
+def check_run_dir(out: Path, force: bool) -> None:
+    """``out`` must be new, empty, or a run dir of ours (then a rerun resumes there)."""
+    if out.exists() and not out.is_dir():
+        raise CahpError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / RUN_FILE).is_file() and not force:
+        raise CahpError(
+            f"output {out} already exists and is not a cahp-deploy run dir (no {RUN_FILE}); "
+            "pass --force to write into it or choose another --out"
+        )
+
+
+def _prune_none(d: dict[str, Any]) -> dict[str, Any]:
+    """Options left at None are the stage's own defaults: pass them on only when set."""
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def run(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str = "cahp",
+    select_split: str = "train",
+    eval_split: str = "validation",
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    seed: int = 42,
+    degree: int | None = None,
+    pool_size: int | None = None,
+    space: str | None = None,
+    heads: int | None = None,
+    keep_ratio: float | None = None,
+    max_examples: int | None = None,
+    quantize: str | None = DEFAULT_QUANTIZE,
+    per_channel: bool = False,
+    int8_min_agreement: float | None = None,
+    fp16: bool = False,
+    opset: int | None = None,
+    timing: bool = True,
+    provider: str = "cpu",
+    batch: tuple[int, ...] | None = None,
+    seq: tuple[int, ...] | None = None,
+    min_seconds: float | None = None,
+    min_reps: int | None = None,
+    warmup: int | None = None,
+    traffic: bool = True,
+    threads: int | None = None,
+    variants: tuple[str, ...] | None = None,
+    eval_max_examples: int | None = None,
+    select_options: dict[str, Any] | None = None,
+    export_options: dict[str, Any] | None = None,
+    bench_options: dict[str, Any] | None = None,
+    force: bool = False,
+    console=None,
+) -> dict[str, Any]:
+    """Select, prune, export (dense and pruned: optimized fp32 + INT8) and bench, into ``out``.
+
+    Returns ``{"out", "report", "run", "summary"}``: the run record (run.json's contents) and the
+    dense-vs-pruned summary that is also printed. ``select_options`` / ``export_options`` /
+    ``bench_options`` pass further keyword arguments to those stages verbatim.
+
+    Everything the user can get wrong (paths, splits, columns, labels, provider, an ``out`` that is
+    not a run dir) is checked before any stage starts; nothing is written then.
+    """
+    from cahp_deploy.bench.providers import check_provider
+    from cahp_deploy.data import check_labels, load_labelled
+    from cahp_deploy.modeling import load_config
+
+    model, data, out = str(model), str(data), Path(out)
+    if select_split == eval_split:
+        raise CahpError(
+            f"the evaluation split ({eval_split!r}) must differ from the selection split "
+            f"({select_split!r}); pass --eval-split (e.g. validation or test)"
+        )
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    check_run_dir(out, force)
+    config = load_config(model)
+    num_labels = int(config.num_labels)
+    columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
+    select_data = load_labelled(data, select_split, **columns)
+    check_labels(select_data, num_labels, min_classes=2)
+    eval_data = load_labelled(data, eval_split, **columns)
+    check_labels(eval_data, num_labels, min_classes=1)
+    check_provider(provider)
+
+    method_options = _prune_none(dict(degree=degree, pool_size=pool_size, space=space)) | (select_options or {})
+    select_kwargs = _prune_none(dict(
+        method=method, split=select_split, seed=seed, heads=heads, keep_ratio=keep_ratio,
+        max_examples=max_examples, **columns,
+    )) | ({"options": method_options} if method_options else {})
+    export_kwargs = _prune_none(dict(
+        optimize=True, quantize=quantize, per_channel=per_channel, int8_min_agreement=int8_min_agreement,
+        fp16=fp16, opset=opset,
+        provider="cpu" if provider == "cpu" else "cuda", measure=timing,
+    )) | (export_options or {})
+    bench_kwargs = _prune_none(dict(
+        provider=provider, batches=batch or DEFAULT_BATCHES, seqs=seq or DEFAULT_SEQS,
+        variants=list(variants) if variants else _default_variants(quantize),
+        min_seconds=min_seconds, min_reps=min_reps, warmup=warmup, traffic=traffic, threads=threads,
+        max_examples=eval_max_examples, seed=seed,
+    )) | (bench_options or {})
+
+    existed = out.exists()
+    try:
+        record = RunRecord(out, force, say=console.print)
+        result = _run_stages(
+            record, model, data, out,
+            select_data=select_data, eval_data=eval_data, columns=columns,
+            select_kwargs=select_kwargs, export_kwargs=export_kwargs, bench_kwargs=bench_kwargs,
+        )
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # failed before the first stage finished: leave no empty dir behind
+        raise
+    return result
+
+
+def _run_stages(
+    record: RunRecord, model: str, data: str, out: Path, *, select_data, eval_data, columns,
+    select_kwargs: dict, export_kwargs: dict, bench_kwargs: dict,
+) -> dict[str, Any]:
+    from cahp_deploy import bench as bench_stage
+    from cahp_deploy import exporters, pruning
+    from cahp_deploy.methods import runner
+
+    model_hash = model_sha256(model)
+    record.data.update(
+        model=model, model_sha256=model_hash, data=data,
+        select_split=select_data.split, eval_split=eval_data.split,
+    )
+    select_in = {"model_sha256": model_hash, "data": select_data.file_hashes, "options": select_kwargs}
+    eval_in = {"data": eval_data.file_hashes, "split": eval_data.split, **columns}
+
+    selection = out / SELECTION_FILE
+    record.stage(
+        "select", select_in, selection,
+        lambda overwrite: runner.select(model, data, selection, force=overwrite, **select_kwargs),
+    )
+
+    pruned = out / PRUNED_DIR
+    record.stage(
+        "prune",
+        {"model_sha256": model_hash, "selection_sha256": record.output_hash("select")},
+        pruned,
+        lambda overwrite: pruning.prune(model, selection, pruned, force=overwrite),
+    )
+    # Issue 10 slots in here: a "recover" stage (pruned -> OUT/recovered) and, for an accuracy budget,
+    # a loop of select/prune/recover candidates; export then takes the chosen model dir.
+    final_model, final_stage = pruned, "prune"
+
+    export_common = dict(data=data, split=eval_data.split, **columns, **export_kwargs)
+    dense_art, pruned_art = out / DENSE_ARTIFACT, out / PRUNED_ARTIFACT
+    record.stage(
+        "export-dense",
+        {"model_sha256": model_hash, "options": export_kwargs, "eval": eval_in},
+        dense_art,
+        lambda overwrite: exporters.export(model, dense_art, force=overwrite, **export_common),
+    )
+    record.stage(
+        "export-pruned",
+        {"model_sha256": record.output_hash(final_stage), "options": export_kwargs, "eval": eval_in},
+        pruned_art,
+        lambda overwrite: exporters.export(final_model, pruned_art, force=overwrite, **export_common),
+    )
+
+    report_dir = out / REPORT_DIR
+    record.stage(
+        "bench",
+        {
+            "dense_sha256": record.output_hash("export-dense"),
+            "pruned_sha256": record.output_hash("export-pruned"),
+            "options": bench_kwargs,
+            "eval": eval_in,
+        },
+        report_dir,
+        lambda overwrite: bench_stage.bench(
+            [pruned_art], dense_art, report_dir, data=data, split=eval_data.split,
+            force=overwrite, **columns, **bench_kwargs,
+        ),
+    )
+
+    summary = summarize(out)
+    record.data["summary"] = summary
+    record.save()
+    return {"out": str(out), "report": str(report_dir / "report.md"), "run": record.data, "summary": summary}
+
+
+# --------------------------------------------------------------------------------------------------
+# The summary: dense vs pruned, read back from the files the stages wrote.
+
+
+def _read(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def summarize(out: str | os.PathLike) -> dict[str, Any]:
+    """Dense vs pruned per variant, from report.json: heads, params, size, p50 per grid cell, accuracy."""
+    out = Path(out)
+    report = _read(out / REPORT_DIR / "report.json")
+    grid = [c for c in report.get("cells", []) if c.get("mode") == "grid"]
+    shapes = sorted({(c["batch"], c["seq"]) for c in grid})
+    rows = []
+    for a in report.get("artifacts", []):
+        for variant, info in a.get("variants", {}).items():
+            cells = {
+                f"{c['batch']}x{c['seq']}": c for c in grid if c["artifact"] == a["name"] and c["variant"] == variant
+            }
+            rows.append({
+                "artifact": a["name"],
+                "baseline": bool(a.get("baseline")),
+                "variant": variant,
+                "heads_kept": a.get("num_heads_kept"),
+                "heads_total": a.get("num_heads_total"),
+                "params": a.get("params"),
+                "bytes": info.get("size_bytes"),
+                "p50_ms": {k: c.get("p50_ms") for k, c in cells.items()},
+                "speedup_same_variant": {k: c.get("speedup_vs_baseline_same_variant") for k, c in cells.items()},
+                "speedup_vs_dense_fp32": {k: c.get("speedup_vs_baseline_fp32") for k, c in cells.items()},
+                "flop_ceiling_speedup": a.get("flop_ceiling_speedup"),
+                "accuracy": info.get("accuracy"),
+                "accuracy_change": info.get("accuracy_change_vs_baseline_fp32"),
+            })
+    data = (report.get("settings") or {}).get("data") or {}
+    return {
+        "shapes": [f"{b}x{q}" for b, q in shapes],
+        "eval_split": data.get("split"),
+        "eval_examples": data.get("num_examples"),
+        "rows": rows,
+    }
+
+
+def summary_console():
+    """stdout; when it is not a terminal (a log, a pipe) wide enough that no column is cut."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
+def print_summary(summary: dict[str, Any], console) -> None:
+    """The dense-vs-pruned table a user reads first (report.md has every number).
+
+    Kept narrow enough for an 80-column terminal: short headers, the definitions in the caption.
+    """
+    from rich import box
+    from rich.table import Table
+
+    def num(x, fmt, suffix=""):
+        return "-" if x is None else format(x, fmt) + suffix
+
+    shapes = summary["shapes"]
+    speed_shape = shapes[-1] if shapes else None
+    split = summary.get("eval_split")
+    caption = ["ms BxS: median ms per batch at batch x seq",
+               f"speedup: vs dense, same variant, at {speed_shape}"]
+    if split:
+        caption.append(f"acc: on {split} ({summary.get('eval_examples')} examples)")
+        caption.append("Δ acc: points vs dense fp32")
+    table = Table(title="dense vs pruned", caption="\n".join(caption), box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, show_edge=False)
+    for col in ("model", "variant"):
+        table.add_column(col, no_wrap=True)
+    for col in ("heads", "params", "MB", *(f"ms {s}" for s in shapes), "speedup", "acc", "Δ acc"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in summary["rows"]:
+        total = r["heads_total"]
+        kept = r["heads_kept"] if r["heads_kept"] is not None else total
+        speed = r["speedup_same_variant"].get(speed_shape) if speed_shape else None
+        table.add_row(
+            r["artifact"], r["variant"],
+            "-" if total is None else f"{kept}/{total}",
+            num(None if r["params"] is None else r["params"] / 1e6, ".1f", "M"),
+            num(None if r["bytes"] is None else r["bytes"] / 2**20, ".1f"),
+            *(num(r["p50_ms"].get(s), ".1f") for s in shapes),
+            num(speed, ".2f", "x"),
+            num(None if r["accuracy"] is None else 100 * r["accuracy"], ".1f", "%"),
+            num(None if r["accuracy_change"] is None else 100 * r["accuracy_change"], "+.1f"),
+        )
+    console.print(table)
+
+
+__all__ = ["RUN_FILE", "RunRecord", "check_run_dir", "print_summary", "run", "summarize", "summary_console"]

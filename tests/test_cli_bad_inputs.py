@@ -1,0 +1,327 @@
+"""The bad-input matrix: every row through the real CLI entry point.
+
+Each row must give exactly one line on stderr (``error: ...``), exit code 2, and leave nothing
+half-written where the output would have gone (no output, no temp sibling).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cahp_deploy.cli import main
+
+SELECTION_SCHEMA = "cahp-deploy/selection/1"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine they contend badly."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """Run ``cahp-deploy ARGS`` in-process; return (exit code, stdout, stderr)."""
+    import io
+    import sys
+
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.stdout, sys.stderr = old
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"exit code {code}, stderr: {err!r}"
+    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
+    assert lines[0].startswith("error: "), lines[0]
+    for frag in fragments:
+        assert frag in lines[0], f"{frag!r} not in {lines[0]!r}"
+
+
+def assert_nothing_written(path: Path) -> None:
+    assert not path.exists(), f"{path} was written"
+    if path.parent.exists():
+        leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
+        assert not leftovers, f"temp files left beside {path}: {leftovers}"
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures: broken models and broken data, each built once
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_models) -> Path:
+    return tiny_models["bert"]
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, bert) -> dict[str, Path]:
+    """Models and data that are wrong in exactly one way each."""
+    import transformers as tf
+
+    from conftest import tokenizer_dir, write_tiny_data
+
+    root = tmp_path_factory.mktemp("broken")
+    tok = tf.AutoTokenizer.from_pretrained(tokenizer_dir())
+
+    no_weights = root / "no_weights"
+    shutil.copytree(bert, no_weights)
+    (no_weights / "model.safetensors").unlink()
+
+    encoder = root / "encoder"  # a BertModel: no classification head
+    tf.BertModel(tf.BertConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
+                               intermediate_size=32, max_position_embeddings=64)).save_pretrained(encoder)
+    tok.save_pretrained(encoder)
+
+    albert = root / "albert"  # shared layers: not in the architecture table
+    cfg = tf.AlbertConfig(embedding_size=16, hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
+                          intermediate_size=32, max_position_embeddings=64, num_labels=3)
+    cfg.architectures = ["AlbertForSequenceClassification"]
+    tf.AlbertForSequenceClassification(cfg).save_pretrained(albert)
+    tok.save_pretrained(albert)
+
+    def data(name: str, rows_by_split: dict[str, list[dict]]) -> Path:
+        d = root / name
+        d.mkdir()
+        for split, rows in rows_by_split.items():
+            (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d
+
+    good = write_tiny_data(root / "good")
+    val = [json.loads(line) for line in (good / "validation.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (good / "train.jsonl").read_text().splitlines()]
+    return {
+        "no_weights": no_weights,
+        "encoder": encoder,
+        "albert": albert,
+        "good": good,
+        "wrong_columns": data("wrong_columns", {
+            "train": [{"sentence": r["text"], "y": r["label"]} for r in train],
+            "validation": [{"sentence": r["text"], "y": r["label"]} for r in val],
+        }),
+        "one_class": data("one_class", {"train": [{**r, "label": 0} for r in train], "validation": val}),
+        "bad_labels": data("bad_labels", {"train": [{**r, "label": 7 if i == 3 else r["label"]} for i, r in enumerate(train)],
+                                          "validation": val}),
+        "empty_split": data("empty_split", {"train": [], "validation": val}),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# rows that fail before any model work: run (and select) validate everything first
+
+
+@pytest.mark.parametrize(
+    "model_key, data_key, fragments",
+    [
+        ("missing", "good", ["does not exist"]),
+        ("no_weights", "good", ["no weights"]),
+        ("encoder", "good", ["not a sequence classifier"]),
+        ("albert", "good", ["unsupported architecture", "albert"]),
+        ("bert", "missing", ["does not exist"]),
+        ("bert", "wrong_columns", ["column", "text", "--text-column"]),
+        ("bert", "one_class", ["1 class"]),
+        ("bert", "bad_labels", ["labels outside", "7"]),
+        ("bert", "empty_split", ["empty"]),
+    ],
+    ids=["missing-model", "no-weights", "not-a-classifier", "unsupported-arch", "missing-data",
+         "missing-column", "one-class", "labels-out-of-range", "empty-split"],
+)
+@pytest.mark.parametrize("command", ["run", "select"])
+def test_bad_model_or_data(command, model_key, data_key, fragments, bert, broken, tmp_path):
+    model = {"bert": bert, "missing": tmp_path / "no-such-model"}.get(model_key) or broken[model_key]
+    data = tmp_path / "no-such-data" if data_key == "missing" else broken[data_key]
+    out = tmp_path / ("out" if command == "run" else "selection.json")
+    code, _, err = cli(command, model, "--data", data, "--out", out)
+    assert_one_line_error(code, err, *fragments)
+    assert_nothing_written(out)
+
+
+def test_eval_split_equal_to_selection_split(bert, broken, tmp_path):
+    code, _, err = cli("run", bert, "--data", broken["good"], "--out", tmp_path / "out",
+                       "--select-split", "train", "--eval-split", "train")
+    assert_one_line_error(code, err, "must differ")
+    assert_nothing_written(tmp_path / "out")
+
+
+def _cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(_cuda_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("command", ["run", "bench", "export", "predict"])
+def test_cuda_asked_where_absent(command, bert, broken, tmp_path, request):
+    out = tmp_path / "out"
+    if command == "run":
+        args = ["run", bert, "--data", broken["good"], "--out", out]
+    elif command == "export":
+        args = ["export", bert, "--out", out, "--fp16"]
+    else:
+        art = request.getfixturevalue("artifact")
+        args = ["bench", art, "--baseline", art, "--out", out] if command == "bench" else ["predict", art, "a text"]
+    code, _, err = cli(*args, "--provider", "cuda")
+    assert_one_line_error(code, err, "CUDAExecutionProvider", "onnxruntime-gpu")
+    assert_nothing_written(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# selections that do not fit the model (prune)
+
+
+def _selection(kept: list[list[int]], heads: int = 4) -> dict:
+    return {
+        "schema": SELECTION_SCHEMA, "method": "random", "kept_heads": kept,
+        "num_heads_total": heads * len(kept), "heads_per_layer": heads, "num_layers": len(kept),
+    }
+
+
+@pytest.mark.parametrize(
+    "kept, fragments",
+    [
+        ([[0, 1], [2, 3]], ["2 layers", "another model"]),  # the tiny BERT has 3 layers
+        ([[], [], []], ["no head"]),
+    ],
+    ids=["selection-for-another-model", "selection-keeps-nothing"],
+)
+def test_bad_selection(kept, fragments, bert, tmp_path):
+    sel = tmp_path / "selection.json"
+    sel.write_text(json.dumps(_selection(kept)))
+    out = tmp_path / "pruned"
+    code, _, err = cli("prune", bert, "--selection", sel, "--out", out)
+    assert_one_line_error(code, err, *fragments)
+    assert_nothing_written(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs that exist without --force, for every stage that writes one
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, bert) -> Path:
+    from cahp_deploy.exporters import export
+
+    return export(bert, tmp_path_factory.mktemp("art") / "dense", optimize=False)
+
+
+@pytest.mark.parametrize("command", ["run", "select", "prune", "export", "bench", "demo"])
+def test_existing_output_without_force(command, bert, broken, tmp_path, request):
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "mine.txt").write_text("do not touch")
+    sel = tmp_path / "selection.json"
+    sel.write_text(json.dumps(_selection([[0], [1], [2]])))
+    if command == "select":
+        out = tmp_path / "existing.json"
+        out.write_text("{}")
+    args = {
+        "run": ["run", bert, "--data", broken["good"], "--out", out],
+        "select": ["select", bert, "--data", broken["good"], "--out", out],
+        "prune": ["prune", bert, "--selection", sel, "--out", out],
+        "export": ["export", bert, "--out", out],
+        "demo": ["demo", "--out", out],
+    }.get(command)
+    if command == "bench":
+        art = request.getfixturevalue("artifact")
+        args = ["bench", art, "--baseline", art, "--out", out]
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if out.is_dir() else out.read_bytes()
+    code, _, err = cli(*args)
+    assert_one_line_error(code, err, "exists", "--force")
+    after = {p.name: p.read_bytes() for p in out.iterdir()} if out.is_dir() else out.read_bytes()
+    assert after == before
+
+
+# ------------------------------------------------------------------------------------------------
+# a tampered artifact
+
+
+def test_tampered_artifact(artifact, tmp_path):
+    bad = tmp_path / "tampered"
+    shutil.copytree(artifact, bad)
+    onnx_file = bad / "model.onnx"
+    blob = bytearray(onnx_file.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    onnx_file.write_bytes(bytes(blob))
+    code, _, err = cli("verify", bad)
+    assert_one_line_error(code, err, "model.onnx")
+    out = tmp_path / "report"
+    code, _, err = cli("bench", bad, "--baseline", artifact, "--out", out)
+    assert_one_line_error(code, err, "model.onnx")
+    assert_nothing_written(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C in the middle of an export: no partial artifact, and a rerun resumes
+
+
+TINY_RUN = ["--method", "random", "--heads", "6", "--batch", "1", "--seq", "16", "--min-seconds", "0.01",
+            "--min-reps", "2", "--warmup", "1", "--no-traffic", "--no-timing", "--variant", "optimized"]
+
+
+def test_interrupted_run_leaves_no_partial_artifact_and_resumes(bert, broken, tmp_path, monkeypatch):
+    from cahp_deploy import exporters
+
+    real_export = exporters.export
+    calls = []
+
+    def export_then_interrupt(model_dir, out, **kwargs):
+        """Do the real export into the temp dir, then Ctrl-C before it is renamed into place."""
+        import cahp_deploy.atomic as atomic
+
+        real_atomic_dir = atomic.atomic_dir
+
+        def interrupted_atomic_dir(target, force=False):
+            import contextlib
+
+            @contextlib.contextmanager
+            def cm():
+                with real_atomic_dir(target, force) as tmp:
+                    yield tmp
+                    calls.append(sorted(p.name for p in tmp.iterdir()))
+                    raise KeyboardInterrupt
+
+            return cm()
+
+        monkeypatch.setattr(atomic, "atomic_dir", interrupted_atomic_dir)
+        for mod in list(__import__("sys").modules.values()):
+            if getattr(mod, "__name__", "").startswith("cahp_deploy.exporters") and hasattr(mod, "atomic_dir"):
+                monkeypatch.setattr(mod, "atomic_dir", interrupted_atomic_dir)
+        return real_export(model_dir, out, **kwargs)
+
+    monkeypatch.setattr(exporters, "export", export_then_interrupt)
+    out = tmp_path / "run"
+    code, _, err = cli("run", bert, "--data", broken["good"], "--out", out, *TINY_RUN)
+    assert code == 130, err
+    assert "interrupted" in err
+    assert calls and any(name.endswith(".onnx") for name in calls[0]), "the export had written files"
+    artifacts = out / "artifacts"
+    assert not (artifacts / "dense").exists()
+    assert not [p for p in artifacts.iterdir() if p.name.startswith(".")] if artifacts.exists() else True
+    record = json.loads((out / "run.json").read_text())
+    assert set(record["stages"]) == {"select", "prune"}
+
+    monkeypatch.undo()
+    code, stdout, err = cli("run", bert, "--data", broken["good"], "--out", out, *TINY_RUN)
+    assert code == 0, err
+    record = json.loads((out / "run.json").read_text())
+    status = {name: s["status"] for name, s in record["stages"].items()}
+    assert status == {"select": "skipped", "prune": "skipped", "export-dense": "done",
+                      "export-pruned": "done", "bench": "done"}
+    assert (out / "report" / "report.md").is_file()
