@@ -56,12 +56,13 @@ MODELS = {
 }
 METHODS = ("cahp", "gradient", "random")
 SEED = 42
-# Dynamic INT8 of MiniLM-sst5 changes many predictions: argmax agreement with fp32 on sst5 validation
-# was 83.7% per-tensor and 93.5% per-channel (measured 2026-11, dense model), below the export's
-# default 99% gate. The reference therefore exports per-channel INT8 with the gate lowered to 90%
-# (recorded in each manifest as min_agreement) and lets bench report the accuracy cost next to the
-# speed, which is the question the reference answers.
-INT8 = ["--quantize", "int8", "--per-channel", "--int8-min-agreement", "0.90"]
+# INT8 with the export's defaults: it keeps the MatMuls quantization hurts most in fp32 until argmax
+# agreement with fp32 meets the 99% gate, and measures per-channel and per-tensor scales and keeps
+# the better. (Plain dynamic INT8 of MiniLM-sst5 agreed only 83.7% per-tensor / 93.5% per-channel,
+# which is why earlier references forced per-channel and lowered the gate to 90%.) Each manifest
+# records the gate, the scales chosen and the nodes left in fp32; bench reports the accuracy cost
+# next to the speed.
+INT8 = ["--quantize", "int8"]
 
 FULL = {
     "export": [],  # the export times its fusion candidates on this machine and keeps the fastest

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from cahp_deploy.errors import CahpError
+
+if TYPE_CHECKING:  # annotations only: bench and verify use the position helpers without torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,31 @@ def dense_head_grid(config) -> tuple[int, int]:
     return num_layers(config), num_heads(config)
 
 
+#: model types whose position ids start after the padding index (RoBERTa: 514 embeddings, 512 tokens)
+POSITION_OFFSET_TYPES: tuple[str, ...] = ("roberta", "xlm-roberta", "camembert")
+
+
+def max_sequence_length(config) -> int:
+    """Longest input (tokens, special ones included) the position table allows.
+
+    Feeding more crashes the embedding lookup, so every internally chosen length is clamped to this.
+    RoBERTa-family position ids start at ``pad_token_id + 1``, so that many fewer are usable.
+    ``config`` is a HF config or a ``config.json`` dict.
+    """
+    def get(key: str):
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    n = int(get("max_position_embeddings") or 512)
+    if get("model_type") in POSITION_OFFSET_TYPES:
+        pad = get("pad_token_id")
+        n -= (1 if pad is None else int(pad)) + 1  # HF's RoBERTa pad id is 1
+    return n
+
+
+def clamp_shapes(shapes, max_seq: int) -> tuple[tuple[int, int], ...]:
+    """(batch, seq) shapes with every seq capped at ``max_seq`` (default shapes assume 128+ positions)."""
+    return tuple((int(b), min(int(s), int(max_seq))) for b, s in shapes)
+
 __all__ = [
     "ARCHITECTURES",
     "ArchSpec",
@@ -198,6 +225,9 @@ __all__ = [
     "heads_per_layer",
     "hidden_size",
     "layers",
+    "max_sequence_length",
+    "clamp_shapes",
+    "POSITION_OFFSET_TYPES",
     "num_heads",
     "num_layers",
     "output_projection",

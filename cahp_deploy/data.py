@@ -12,6 +12,7 @@ Every problem the user can fix is raised here as a :class:`CahpError`, before an
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,12 +87,54 @@ def _looks_like_path(data: str) -> bool:
     return os.sep in data or data.startswith(".") or Path(data).suffix in _FILE_BUILDERS
 
 
-def _check_not_blank(path: Path, split: str) -> None:
-    """An empty file makes the ``datasets`` JSON builder crash (StopIteration), not return 0 rows."""
+def _csv_has_rows(path: Path) -> bool:
+    """Whether a CSV has a data row after its header (blank lines skipped, as the CSV builder does)."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = (r for r in csv.reader(f) if r)
+        next(rows, None)  # the header
+        return next(rows, None) is not None
+
+
+def _parquet_has_rows(path: Path) -> bool:
+    """Whether the parquet footer counts any rows; an unreadable file is left to the loader to report."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows > 0
+    except Exception:  # noqa: BLE001 - not ours to diagnose here
+        return True
+
+
+def _has_rows(path: Path) -> bool:
+    """False for a blank file, a header-only CSV or a zero-row parquet (JSON ``[]`` is caught on load)."""
     with open(path, "rb") as f:
-        blank = not f.read(1 << 16).strip()
-    if blank:
-        raise CahpError(f"split {split!r} ({path}) is empty")
+        if not f.read(1 << 16).strip():
+            return False
+    by_format = {".csv": _csv_has_rows, ".parquet": _parquet_has_rows}
+    return by_format[path.suffix](path) if path.suffix in by_format else True
+
+
+def _no_rows(path: Path, split: str) -> CahpError:
+    return CahpError(f"split {split!r} ({path}) is empty: it has no rows")
+
+
+def _load_file(path: Path, split: str):
+    """One split file as a ``datasets.Dataset``.
+
+    Zero-row files make ``datasets`` fail deep inside with raw errors (blank JSON: StopIteration,
+    header-only CSV or ``[]``: "Instruction 'train' corresponds to no data", empty parquet:
+    ArrowInvalid), so they are caught first and named.
+    """
+    import datasets
+
+    if not _has_rows(path):
+        raise _no_rows(path, split)
+    try:
+        return datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    except ValueError as e:  # zero rows the checks above cannot see (a JSON ``[]``)
+        if "corresponds to no data" in str(e):
+            raise _no_rows(path, split) from e
+        raise
 
 
 def _load_table(data: str, split: str):
@@ -104,9 +147,7 @@ def _load_table(data: str, split: str):
         builder = _FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise CahpError(f"data file {path} has an unknown format; use .jsonl, .csv or .parquet")
-        _check_not_blank(path, path.stem)
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        return ds, path.stem, {path.name: sha256_file(path)}
+        return _load_file(path, path.stem), path.stem, {path.name: sha256_file(path)}
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             loaded = datasets.load_from_disk(str(path))
@@ -124,9 +165,7 @@ def _load_table(data: str, split: str):
         if split not in files:
             raise CahpError(f"split {split!r} not in {path}; available: {', '.join(files)}")
         f = files[split]
-        _check_not_blank(f, split)
-        ds = datasets.load_dataset(_FILE_BUILDERS[f.suffix], data_files=str(f), split="train")
-        return ds, split, {f.name: sha256_file(f)}
+        return _load_file(f, split), split, {f.name: sha256_file(f)}
     if _looks_like_path(data):
         raise CahpError(f"data path {data} does not exist")
     try:  # a hub dataset id

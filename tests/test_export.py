@@ -312,6 +312,28 @@ def test_a_rejected_fusion_is_not_shipped(full_artifact, tmp_path, monkeypatch):
     assert (tmp_path / "opt.onnx").read_bytes() == (full_artifact / "model.onnx").read_bytes()
 
 
+@pytest.mark.parametrize("arch,usable", [("bert", 64), ("roberta", 63)])
+def test_short_position_table_export_times_and_tunes_within_it(root, arch, usable):
+    """max_position_embeddings=64: timing, INT8 tuning and parity feeds must stay inside the table
+    (RoBERTa's positions start after its pad id 0, so 63 tokens), never the 128 the defaults use."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = tiny_config(arch, layers=2, heads=2)
+    cfg.max_position_embeddings = 64
+    torch.manual_seed(0)
+    model_dir = root / f"short-{arch}"
+    AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager").eval().save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(model_dir)
+
+    art = export(model_dir, root / f"art-short-{arch}", optimize=True, measure=True, quantize="int8", per_channel=False)
+    m = load_manifest(art)
+    opt = m["variants"]["optimized"]
+    assert opt["measured"] and opt["timing_shapes"] == [f"b1x{usable}", f"b32x{usable}"]
+    assert all(set(t) == {f"b1x{usable}", f"b32x{usable}"} for t in opt["timings_ms"].values())
+    assert set(m["variants"]["int8"]["timings_ms"]["int8"]) == {f"b1x{usable}", f"b32x{usable}"}
+    assert max(s for _, s in m["variants"]["int8"]["tuning"]["data"]["shapes"]) == usable
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

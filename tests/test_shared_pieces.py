@@ -67,6 +67,18 @@ def test_arch_paths_resolve(name):
     assert arch.heads_per_layer(model) == [4, 4, 4]
 
 
+def test_max_sequence_length_and_clamped_shapes():
+    """RoBERTa-family positions start after the pad id, so fewer than max_position_embeddings are usable."""
+    from conftest import tiny_config
+
+    assert arch.max_sequence_length(tiny_config("bert")) == 128
+    assert arch.max_sequence_length(tiny_config("roberta")) == 127  # the tiny RoBERTa's pad id is 0
+    assert arch.max_sequence_length({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}) == 512
+    assert arch.max_sequence_length({"model_type": "xlm-roberta", "max_position_embeddings": 514}) == 512
+    assert arch.max_sequence_length({}) == 512
+    assert arch.clamp_shapes(((1, 128), (32, 16)), 64) == ((1, 64), (32, 16))
+
+
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -90,6 +102,37 @@ def test_load_labelled_errors(tmp_path, rows, kwargs, message):
     _write(tmp_path / "train.jsonl", rows)
     with pytest.raises(CahpError, match=message):
         load_labelled(tmp_path, **kwargs)
+
+
+def _write_empty_parquet(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), path)
+
+
+_EMPTY_FILES = {
+    "header_only.csv": lambda p: p.write_text("text,label\n"),
+    "header_blank_lines.csv": lambda p: p.write_text("text,label\n\n\n"),
+    "empty.csv": lambda p: p.write_text(""),
+    "empty.jsonl": lambda p: p.write_text(""),
+    "blank.jsonl": lambda p: p.write_text("\n  \n"),
+    "empty_array.json": lambda p: p.write_text("[]\n"),
+    "empty.parquet": _write_empty_parquet,
+}
+
+
+@pytest.mark.parametrize("name", list(_EMPTY_FILES))
+@pytest.mark.parametrize("as_split", [False, True], ids=["file", "split-in-dir"])
+def test_a_split_file_without_rows_is_a_one_line_error_naming_it(tmp_path, name, as_split):
+    """Zero-row files make `datasets` raise raw errors from deep inside; the user gets which file, and why."""
+    suffix = name.rsplit(".", 1)[1]
+    path = tmp_path / (f"validation.{suffix}" if as_split else name)
+    _EMPTY_FILES[name](path)
+    with pytest.raises(CahpError) as e:
+        load_labelled(tmp_path if as_split else path, "validation")
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and "no rows" in message
 
 
 def test_missing_data_path():

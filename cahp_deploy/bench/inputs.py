@@ -12,14 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cahp_deploy import arch
 from cahp_deploy.data import LabelledData, iter_batches
 from cahp_deploy.errors import CahpError
 
 _ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-# Position ids of these encoders start after the padding index, so fewer positions are usable than
-# max_position_embeddings says (RoBERTa: 514 embeddings, 512 tokens).
-_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
 
 
 @dataclass
@@ -34,10 +31,7 @@ class Feed:
 
 def max_sequence_length(config: dict) -> int:
     """Longest input (in tokens, special tokens included) the model's position table allows."""
-    mpe = int(config.get("max_position_embeddings") or 512)
-    if config.get("model_type") in _OFFSET_POSITIONS:
-        mpe -= int(config.get("pad_token_id") or 0) + 1
-    return mpe
+    return arch.max_sequence_length(config)
 
 
 def grid_feed(batch: int, seq: int, vocab_size: int, seed: int = 0) -> Feed:

@@ -58,6 +58,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from cahp_deploy.arch import clamp_shapes
+
 log = logging.getLogger(__name__)
 
 UNFUSED = "unfused"
@@ -69,7 +71,7 @@ CANDIDATES: dict[str, tuple[dict[str, bool], bool]] = {
 }
 #: the choice when timing is skipped, per provider (from the measurements in the module docstring)
 DEFAULT_CHOICE = {"cpu": "no_skip_layernorm", "cuda": "ort_default"}
-#: (batch, sequence) shapes timed to choose a candidate
+#: (batch, sequence) shapes timed to choose a candidate (sequences capped by the model's positions)
 TIMING_SHAPES: tuple[tuple[int, int], ...] = ((1, 128), (32, 128))
 
 _ATTENTION_OPS = ("Attention", "MultiHeadAttention")
@@ -244,6 +246,11 @@ def check_attention_heads(
 # ----------------------------------------------------------------------------- timing and choice
 
 
+def timing_shapes(max_seq: int | None = None) -> tuple[tuple[int, int], ...]:
+    """:data:`TIMING_SHAPES` with sequences capped at ``max_seq``: a 64-position model cannot run 128 tokens."""
+    return TIMING_SHAPES if max_seq is None else clamp_shapes(TIMING_SHAPES, max_seq)
+
+
 def _feed(input_names: Sequence[str], batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     feed = {
@@ -325,12 +332,14 @@ def optimize(
     measure: bool = True,
     provider: str = "cpu",
     budget_s: float = 6.0,
+    max_seq: int | None = None,
 ) -> OptimizeResult:
     """Build the candidates from ``plain``, check their fused heads, pick one, write it to ``out``.
 
     ``scratch`` holds the candidate graphs (the caller deletes it). The returned ``record`` is what
     the manifest stores under ``variants.optimized``: the choice, why, every candidate's fused-node
-    check and, when measured, the timings.
+    check and, when measured, the timings. ``max_seq`` (the model's usable positions) caps the
+    timed sequence length.
     """
     scratch.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {UNFUSED: plain}
@@ -356,11 +365,12 @@ def optimize(
         }
     record: dict = {"candidates": checks, "rejected": rejected, "provider": provider}
     if measure and provider == "cpu" and len(paths) > 1:
-        timings = time_graphs(paths, vocab=vocab_size, budget_s=budget_s)
+        shapes = timing_shapes(max_seq)
+        timings = time_graphs(paths, shapes=shapes, vocab=vocab_size, budget_s=budget_s)
         choice, scores = choose(timings)
         record.update(measured=True, timings_ms=timings, score_vs_unfused=scores,
                       reason="fastest candidate not slower than the unfused graph at any timed shape",
-                      timing_shapes=[f"b{b}x{s}" for b, s in TIMING_SHAPES])
+                      timing_shapes=[f"b{b}x{s}" for b, s in shapes])
     else:
         choice = DEFAULT_CHOICE.get(provider, "ort_default")
         if len(paths) == 1:

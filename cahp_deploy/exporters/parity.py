@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cahp_deploy.arch import max_sequence_length
+
 if TYPE_CHECKING:  # torch is only needed for the reference logits; verify() runs without it
     from torch import nn
 
@@ -37,11 +39,8 @@ Feed = dict[str, np.ndarray]
 
 
 def max_sequence(config) -> int:
-    """Longest sequence the position table allows (RoBERTa offsets positions by pad id + 1)."""
-    n = int(getattr(config, "max_position_embeddings", 512) or 512)
-    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
-        n -= int(getattr(config, "pad_token_id", 1) or 0) + 1
-    return n
+    """Longest sequence the position table allows (see :func:`cahp_deploy.arch.max_sequence_length`)."""
+    return max_sequence_length(config)
 
 
 def random_feeds(input_names: Sequence[str], config, seed: int = 0,

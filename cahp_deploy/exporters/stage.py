@@ -161,15 +161,22 @@ class _Parity:
         }
 
 
-def _int8_rows(data, split: str, columns: dict, labelled, num_labels: int, examples: int):
+def _int8_random_shapes(config) -> tuple[tuple[int, int], ...]:
+    """:data:`INT8_RANDOM_TUNING_SHAPES` capped at the model's usable positions."""
+    return arch.clamp_shapes(INT8_RANDOM_TUNING_SHAPES, arch.max_sequence_length(config))
+
+
+def _int8_rows(data, split: str, columns: dict, labelled, num_labels: int, examples: int, config):
     """(tuning rows, report rows, record): INT8 tunes on rows the agreement is never reported on.
 
     With a train split (other than ``split``) in ``data``: ``examples`` random rows of it (seed 0),
     reported on ``split``. Otherwise (one file, no train split, or ``split`` is train): the first half
-    of ``split`` (at most ``examples`` rows), reported on the second half. Without data: None.
+    of ``split`` (at most ``examples`` rows), reported on the second half. Without data: None (random
+    tokens at :func:`_int8_random_shapes` of ``config``).
     """
     if labelled is None:
-        return None, None, {"on": "random tokens (no --data given)", "shapes": [list(s) for s in INT8_RANDOM_TUNING_SHAPES], "seed": 1}
+        shapes = [list(s) for s in _int8_random_shapes(config)]
+        return None, None, {"on": "random tokens (no --data given)", "shapes": shapes, "seed": 1}
     from cahp_deploy.data import check_labels, load_labelled
 
     why = None
@@ -206,17 +213,18 @@ def _int8_rows(data, split: str, columns: dict, labelled, num_labels: int, examp
 
 def _int8_tuning_feeds(tune_rows, tokenizer, input_names, config) -> list:
     if tune_rows is None:
-        return parity.random_feeds(input_names, config, seed=1, shapes=INT8_RANDOM_TUNING_SHAPES)
+        return parity.random_feeds(input_names, config, seed=1, shapes=_int8_random_shapes(config))
     return parity.data_feeds(tokenizer, tune_rows, input_names, config, limit=None)[0]
 
 
-def _time_int8(source: Path, int8: Path, vocab: int) -> dict:
+def _time_int8(source: Path, int8: Path, vocab: int, max_seq: int) -> dict:
     """INT8 vs the graph it was quantized from, interleaved (as the optimization choice is timed).
 
     Recorded, not gated: with many nodes kept fp32 INT8 can lose to fp32 (each quantized MatMul adds
     a dynamic quantization of its input), and the manifest should say so rather than imply a speedup.
     """
-    timings = ortopt.time_graphs({"source": source, "int8": int8}, vocab=vocab, budget_s=4.0)
+    timings = ortopt.time_graphs({"source": source, "int8": int8}, shapes=ortopt.timing_shapes(max_seq),
+                                 vocab=vocab, budget_s=4.0)
     speedup = {shape: round(timings["source"][shape] / timings["int8"][shape], 3) for shape in timings["int8"]}
     if max(speedup.values()) < 1.0:
         log.warning("INT8 is slower than its fp32 source at every timed shape (%s); model_optimized.onnx is the faster choice", speedup)
@@ -306,7 +314,7 @@ def export(
     tune_rows, tune_record, parity_rows = None, None, labelled
     if quantize == "int8":
         columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
-        tune_rows, parity_rows, tune_record = _int8_rows(data, split, columns, labelled, int(config.num_labels), int8_tuning_examples)
+        tune_rows, parity_rows, tune_record = _int8_rows(data, split, columns, labelled, int(config.num_labels), int8_tuning_examples, config)
 
     attn = onnx_export.attn_implementation_for(config)
     model, tokenizer = load_classifier(model_dir, attn_implementation=attn)
@@ -336,7 +344,7 @@ def export(
                 plain, tmp / VARIANT_FILES["optimized"], scratch / "candidates",
                 onnx_model_type=spec.onnx_model_type, heads_per_layer=heads,
                 head_dim=arch.head_dim(config), vocab_size=int(getattr(config, "vocab_size", 1000)),
-                measure=measure, provider=provider,
+                measure=measure, provider=provider, max_seq=arch.max_sequence_length(config),
             )
             variants["optimized"] = {"file": result.path.name, **result.record,
                                      "parity": check.check("optimized", _session(result.path))}
@@ -367,7 +375,8 @@ def export(
                 "parity": result,
             }
             if measure and provider == "cpu":
-                variants["int8"].update(_time_int8(fused_source, dst, int(getattr(config, "vocab_size", 1000))))
+                variants["int8"].update(_time_int8(fused_source, dst, int(getattr(config, "vocab_size", 1000)),
+                                                   arch.max_sequence_length(config)))
             bar.advance(task)
         if fp16:
             bar.update(task, description="export: fp16")
