@@ -2,8 +2,13 @@
 
 ::
 
-    MODEL ──select──▶ OUT/selection.json ──prune──▶ OUT/pruned/ ──export──▶ OUT/artifacts/pruned/ ─┐
-      └──────────────────────────────────────────────export──▶ OUT/artifacts/dense/ ──────────────┴─bench─▶ OUT/report/
+    MODEL ─select─▶ OUT/selection.json ─prune─▶ OUT/pruned/ ─recover─▶ OUT/recovered/ ─export─▶ OUT/artifacts/pruned/ ─┐
+      └───────────────────────────────────────────────────────────────────export─▶ OUT/artifacts/dense/ ──────────┴─bench─▶ OUT/report/
+
+With ``max_accuracy_drop`` (``--max-accuracy-drop P``), select/prune/recover become one ``search``
+stage (:mod:`cahp_deploy.accuracy_budget`, into ``OUT/search/``) that tries CAHP cuts from the knee
+towards more heads until the recovered model is within P points of dense; export takes its chosen
+model. Either way ``OUT/summary.md`` answers the user's question first, in words.
 
 ``OUT/run.json`` records, per stage, the hashes of the inputs it saw (model files, data files, the
 upstream output, its options), its output's hash and its time. A rerun skips a stage whose output still
@@ -11,8 +16,7 @@ has the recorded hash and whose inputs hash as recorded; anything changed upstre
 after it run again. ``force`` redoes all. Each stage writes atomically, and run.json is rewritten after
 each stage, so a Ctrl-C loses at most the stage in flight and a rerun resumes after the last one done.
 
-Stages are run through :class:`RunRecord.stage`, so a further stage (recovery, a candidate loop over
-budgets) slots in between prune and export as one more call with its own inputs and output.
+Stages are run through :class:`RunRecord.stage`, each one call with its own inputs and output.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cahp_deploy import schema
+from cahp_deploy import run_summary, schema
 from cahp_deploy.atomic import atomic_file
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_dir, sha256_file, sha256_json
@@ -35,6 +40,9 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 SELECTION_FILE = "selection.json"
 PRUNED_DIR = "pruned"
+RECOVERED_DIR = "recovered"
+SEARCH_DIR = "search"
+SUMMARY_FILE = "summary.md"
 DENSE_ARTIFACT = "artifacts/dense"
 PRUNED_ARTIFACT = "artifacts/pruned"
 REPORT_DIR = "report"
@@ -44,6 +52,8 @@ DEFAULT_QUANTIZE = "int8"
 #: The bench grid of `run`: one latency-bound and one throughput-bound shape at a typical length.
 DEFAULT_BATCHES = (1, 32)
 DEFAULT_SEQS = (128,)
+#: The reference pipeline's recovery: 3 epochs of fine-tuning after pruning.
+DEFAULT_RECOVER_EPOCHS = 3
 
 
 def _default_variants(quantize: str | None) -> list[str]:
@@ -172,8 +182,15 @@ def run(
     heads: int | None = None,
     keep_ratio: float | None = None,
     max_examples: int | None = None,
+    recover: bool = True,
+    recover_epochs: int = DEFAULT_RECOVER_EPOCHS,
+    recover_lr: float | None = None,
+    recover_max_examples: int | None = None,
+    recover_split: str | None = None,
+    distill: bool = False,
+    max_accuracy_drop: float | None = None,
     quantize: str | None = DEFAULT_QUANTIZE,
-    per_channel: bool = False,
+    per_channel: bool | None = None,
     int8_min_agreement: float | None = None,
     fp16: bool = False,
     opset: int | None = None,
@@ -189,16 +206,22 @@ def run(
     variants: tuple[str, ...] | None = None,
     eval_max_examples: int | None = None,
     select_options: dict[str, Any] | None = None,
+    recover_options: dict[str, Any] | None = None,
     export_options: dict[str, Any] | None = None,
     bench_options: dict[str, Any] | None = None,
     force: bool = False,
     console=None,
 ) -> dict[str, Any]:
-    """Select, prune, export (dense and pruned: optimized fp32 + INT8) and bench, into ``out``.
+    """Select, prune, recover, export (dense and pruned: optimized fp32 + INT8) and bench, into ``out``.
 
-    Returns ``{"out", "report", "run", "summary"}``: the run record (run.json's contents) and the
-    dense-vs-pruned summary that is also printed. ``select_options`` / ``export_options`` /
-    ``bench_options`` pass further keyword arguments to those stages verbatim.
+    ``recover`` fine-tunes the pruned model on ``recover_split`` (default: the selection split) for
+    ``recover_epochs``; ``distill`` adds distillation from ``model``. ``max_accuracy_drop`` (points on
+    the evaluation split) replaces select/prune/recover by the CAHP budget search.
+
+    Returns ``{"out", "report", "summary_md", "run", "summary"}``: the run record (run.json's
+    contents) and the dense-vs-pruned summary that is also printed. ``select_options`` /
+    ``recover_options`` / ``export_options`` / ``bench_options`` pass further keyword arguments to
+    those stages verbatim.
 
     Everything the user can get wrong (paths, splits, columns, labels, provider, an ``out`` that is
     not a run dir) is checked before any stage starts; nothing is written then.
@@ -208,11 +231,17 @@ def run(
     from cahp_deploy.modeling import load_config
 
     model, data, out = str(model), str(data), Path(out)
+    recover_split = recover_split or select_split
     if select_split == eval_split:
         raise CahpError(
             f"the evaluation split ({eval_split!r}) must differ from the selection split "
             f"({select_split!r}); pass --eval-split (e.g. validation or test)"
         )
+    if recover and recover_split == eval_split:
+        raise CahpError(
+            f"the evaluation split ({eval_split!r}) must differ from the recovery split ({recover_split!r})"
+        )
+    _check_budget_options(max_accuracy_drop, method, heads, keep_ratio)
     if console is None:
         from rich.console import Console
 
@@ -225,6 +254,8 @@ def run(
     check_labels(select_data, num_labels, min_classes=2)
     eval_data = load_labelled(data, eval_split, **columns)
     check_labels(eval_data, num_labels, min_classes=1)
+    if recover and recover_split != select_split:
+        check_labels(load_labelled(data, recover_split, **columns), num_labels, min_classes=2)
     check_provider(provider)
 
     method_options = _prune_none(dict(degree=degree, pool_size=pool_size, space=space)) | (select_options or {})
@@ -232,6 +263,10 @@ def run(
         method=method, split=select_split, seed=seed, heads=heads, keep_ratio=keep_ratio,
         max_examples=max_examples, **columns,
     )) | ({"options": method_options} if method_options else {})
+    recover_kwargs = None if not recover else _prune_none(dict(
+        epochs=recover_epochs, lr=recover_lr, max_examples=recover_max_examples,
+        distill_from=model if distill else None,
+    )) | (recover_options or {})
     export_kwargs = _prune_none(dict(
         optimize=True, quantize=quantize, per_channel=per_channel, int8_min_agreement=int8_min_agreement,
         fp16=fp16, opset=opset,
@@ -247,11 +282,12 @@ def run(
     existed = out.exists()
     try:
         record = RunRecord(out, force, say=console.print)
-        result = _run_stages(
-            record, model, data, out,
-            select_data=select_data, eval_data=eval_data, columns=columns,
-            select_kwargs=select_kwargs, export_kwargs=export_kwargs, bench_kwargs=bench_kwargs,
+        plan = _Plan(
+            select_data=select_data, eval_data=eval_data, columns=columns, select_kwargs=select_kwargs,
+            recover_split=recover_split, recover_kwargs=recover_kwargs, max_accuracy_drop=max_accuracy_drop,
+            eval_max_examples=eval_max_examples, export_kwargs=export_kwargs, bench_kwargs=bench_kwargs,
         )
+        result = _run_stages(record, model, data, out, plan)
     except BaseException:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # failed before the first stage finished: leave no empty dir behind
@@ -259,28 +295,44 @@ def run(
     return result
 
 
-def _run_stages(
-    record: RunRecord, model: str, data: str, out: Path, *, select_data, eval_data, columns,
-    select_kwargs: dict, export_kwargs: dict, bench_kwargs: dict,
-) -> dict[str, Any]:
-    from cahp_deploy import bench as bench_stage
-    from cahp_deploy import exporters, pruning
+def _check_budget_options(max_drop: float | None, method: str, heads: int | None, keep_ratio: float | None) -> None:
+    if max_drop is None:
+        return
+    if method != "cahp":
+        raise CahpError(f"--max-accuracy-drop searches CAHP's cluster sweep; it does not apply to --method {method}")
+    if heads is not None or keep_ratio is not None:
+        raise CahpError("--max-accuracy-drop chooses the number of heads itself; drop --heads / --keep-ratio")
+    if not 0.0 <= float(max_drop) <= 100.0:
+        raise CahpError(f"--max-accuracy-drop is in accuracy points and must be in [0, 100], got {max_drop}")
+
+
+@dataclass
+class _Plan:
+    """What each stage will be asked to do, decided (and checked) before the first one runs."""
+
+    select_data: Any
+    eval_data: Any
+    columns: dict[str, Any]
+    select_kwargs: dict[str, Any]
+    recover_split: str
+    recover_kwargs: dict[str, Any] | None  # None: --no-recover
+    max_accuracy_drop: float | None
+    eval_max_examples: int | None
+    export_kwargs: dict[str, Any]
+    bench_kwargs: dict[str, Any]
+
+
+def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, model_hash: str):
+    """The plain path: one selection, pruned, then recovered unless --no-recover. Returns (model dir, stage)."""
+    from cahp_deploy import pruning, recovery
     from cahp_deploy.methods import runner
 
-    model_hash = model_sha256(model)
-    record.data.update(
-        model=model, model_sha256=model_hash, data=data,
-        select_split=select_data.split, eval_split=eval_data.split,
-    )
-    select_in = {"model_sha256": model_hash, "data": select_data.file_hashes, "options": select_kwargs}
-    eval_in = {"data": eval_data.file_hashes, "split": eval_data.split, **columns}
-
+    select_in = {"model_sha256": model_hash, "data": plan.select_data.file_hashes, "options": plan.select_kwargs}
     selection = out / SELECTION_FILE
     record.stage(
         "select", select_in, selection,
-        lambda overwrite: runner.select(model, data, selection, force=overwrite, **select_kwargs),
+        lambda overwrite: runner.select(model, data, selection, force=overwrite, **plan.select_kwargs),
     )
-
     pruned = out / PRUNED_DIR
     record.stage(
         "prune",
@@ -288,21 +340,102 @@ def _run_stages(
         pruned,
         lambda overwrite: pruning.prune(model, selection, pruned, force=overwrite),
     )
-    # Issue 10 slots in here: a "recover" stage (pruned -> OUT/recovered) and, for an accuracy budget,
-    # a loop of select/prune/recover candidates; export then takes the chosen model dir.
-    final_model, final_stage = pruned, "prune"
+    if plan.recover_kwargs is None:
+        record.stages.pop("recover", None)
+        return pruned, "prune"
+    recovered = out / RECOVERED_DIR
+    recover_data = load_split_hashes(data, plan.recover_split, plan.select_data, plan.columns)
+    record.stage(
+        "recover",
+        {
+            "pruned_sha256": record.output_hash("prune"), "data": recover_data, "split": plan.recover_split,
+            "options": plan.recover_kwargs, "eval": _eval_inputs(plan),
+            "teacher_sha256": model_hash if plan.recover_kwargs.get("distill_from") else None,
+        },
+        recovered,
+        lambda overwrite: recovery.recover(
+            pruned, data, recovered, split=plan.recover_split, eval_split=plan.eval_data.split,
+            eval_max_examples=plan.eval_max_examples, seed=plan.select_kwargs.get("seed", 42),
+            force=overwrite, **plan.columns, **plan.recover_kwargs,
+        ),
+    )
+    return recovered, "recover"
 
-    export_common = dict(data=data, split=eval_data.split, **columns, **export_kwargs)
+
+def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, model_hash: str):
+    """The accuracy-budget path: the search stage; returns its chosen model dir."""
+    from cahp_deploy import accuracy_budget
+
+    options = dict(plan.select_kwargs.get("options") or {})
+    settings = accuracy_budget.SearchSettings(
+        model=model, data=data, model_sha256=model_hash,
+        select_data=plan.select_data.head(plan.select_kwargs.get("max_examples")),
+        eval_data=plan.eval_data.head(plan.eval_max_examples),
+        recover_split=plan.recover_split, columns=plan.columns, seed=int(plan.select_kwargs.get("seed", 42)),
+        cahp_options=options, recover=plan.recover_kwargs, eval_max_examples=plan.eval_max_examples,
+        max_drop=float(plan.max_accuracy_drop), say=record.say,
+    )
+    search_dir = out / SEARCH_DIR
+    record.stage(
+        "search",
+        {
+            "model_sha256": model_hash, "select": {"data": plan.select_data.file_hashes, **plan.select_kwargs},
+            "recover": plan.recover_kwargs, "recover_split": plan.recover_split,
+            "recover_data": load_split_hashes(data, plan.recover_split, plan.select_data, plan.columns)
+            if plan.recover_kwargs is not None else None,
+            "eval": _eval_inputs(plan), "max_accuracy_drop": plan.max_accuracy_drop,
+        },
+        search_dir,
+        lambda overwrite: accuracy_budget.search(settings, search_dir),
+    )
+    return accuracy_budget.chosen_model(search_dir)
+
+
+def load_split_hashes(data: str, split: str, already, columns: dict[str, Any]) -> dict[str, str]:
+    """File hashes of ``data[split]`` (reusing ``already`` when it is that split)."""
+    from cahp_deploy.data import load_labelled
+
+    return already.file_hashes if already.split == split else load_labelled(data, split, **columns).file_hashes
+
+
+def _eval_inputs(plan: _Plan) -> dict[str, Any]:
+    return {"data": plan.eval_data.file_hashes, "split": plan.eval_data.split,
+            "max_examples": plan.eval_max_examples, **plan.columns}
+
+
+def _run_stages(record: RunRecord, model: str, data: str, out: Path, plan: _Plan) -> dict[str, Any]:
+    from cahp_deploy import bench as bench_stage
+    from cahp_deploy import exporters
+
+    model_hash = model_sha256(model)
+    record.data.update(
+        model=model, model_sha256=model_hash, data=data, method=plan.select_kwargs.get("method", "cahp"),
+        select_split=plan.select_data.split, eval_split=plan.eval_data.split,
+        recover_split=None if plan.recover_kwargs is None else plan.recover_split,
+    )
+    eval_in = {"data": plan.eval_data.file_hashes, "split": plan.eval_data.split, **plan.columns}
+
+    if plan.max_accuracy_drop is None:
+        record.stages.pop("search", None)  # a path taken by an earlier run of this OUT, not this one
+        final_model, _ = _select_prune_recover(record, model, data, out, plan, model_hash)
+    else:
+        for name in ("select", "prune", "recover"):
+            record.stages.pop(name, None)
+        final_model = _search(record, model, data, out, plan, model_hash)
+    final_sha = sha256_dir(final_model)
+    record.data["final_model"] = str(final_model.relative_to(out))
+
+    export_common = dict(data=data, split=plan.eval_data.split, **plan.columns, **plan.export_kwargs)
     dense_art, pruned_art = out / DENSE_ARTIFACT, out / PRUNED_ARTIFACT
     record.stage(
         "export-dense",
-        {"model_sha256": model_hash, "options": export_kwargs, "eval": eval_in},
+        {"model_sha256": model_hash, "options": plan.export_kwargs, "eval": eval_in},
         dense_art,
         lambda overwrite: exporters.export(model, dense_art, force=overwrite, **export_common),
     )
     record.stage(
         "export-pruned",
-        {"model_sha256": record.output_hash(final_stage), "options": export_kwargs, "eval": eval_in},
+        {"model_sha256": final_sha, "options": plan.export_kwargs, "eval": eval_in},
         pruned_art,
         lambda overwrite: exporters.export(final_model, pruned_art, force=overwrite, **export_common),
     )
@@ -313,20 +446,26 @@ def _run_stages(
         {
             "dense_sha256": record.output_hash("export-dense"),
             "pruned_sha256": record.output_hash("export-pruned"),
-            "options": bench_kwargs,
+            "options": plan.bench_kwargs,
             "eval": eval_in,
         },
         report_dir,
         lambda overwrite: bench_stage.bench(
-            [pruned_art], dense_art, report_dir, data=data, split=eval_data.split,
-            force=overwrite, **columns, **bench_kwargs,
+            [pruned_art], dense_art, report_dir, data=data, split=plan.eval_data.split,
+            force=overwrite, **plan.columns, **plan.bench_kwargs,
         ),
     )
 
-    summary = summarize(out)
+    summary = summarize(out, record.data)
     record.data["summary"] = summary
+    text = run_summary.markdown(summary)
+    summary_md = out / SUMMARY_FILE
+    if not summary_md.is_file() or summary_md.read_text() != text:  # a rerun that changed nothing touches nothing
+        with atomic_file(summary_md, force=True) as tmp:
+            tmp.write_text(text)
     record.save()
-    return {"out": str(out), "report": str(report_dir / "report.md"), "run": record.data, "summary": summary}
+    return {"out": str(out), "report": str(report_dir / "report.md"), "summary_md": str(out / SUMMARY_FILE),
+            "run": record.data, "summary": summary}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,9 +477,32 @@ def _read(path: Path) -> dict:
         return json.load(f)
 
 
-def summarize(out: str | os.PathLike) -> dict[str, Any]:
-    """Dense vs pruned per variant, from report.json: heads, params, size, p50 per grid cell, accuracy."""
+def _recovery_summary(final_model: Path) -> dict[str, Any] | None:
+    path = final_model / "recovery.json"
+    if not path.is_file():
+        return None
+    r = _read(path)
+    return {
+        "accuracy_before": r.get("accuracy_before"), "accuracy_after": r.get("accuracy_after"),
+        "epochs": (r.get("params") or {}).get("epochs"), "train": r.get("train"), "eval": r.get("eval"),
+        "distilled": r.get("distill_from") is not None, "seconds": r.get("total_seconds"),
+    }
+
+
+def _search_summary(out: Path) -> dict[str, Any] | None:
+    path = out / SEARCH_DIR / "search.json"
+    if not path.is_file():
+        return None
+    r = _read(path)
+    keys = ("dense_accuracy", "max_drop_points", "threshold", "chosen_k", "candidates_k", "tried", "seconds", "knee")
+    return {k: r.get(k) for k in keys} | {"plot": f"{SEARCH_DIR}/tradeoff.png"}
+
+
+def summarize(out: str | os.PathLike, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Dense vs pruned per variant, from report.json: heads, params, size, p50 per grid cell, accuracy;
+    plus, from ``record`` (run.json), the splits, the recovery and the budget search."""
     out = Path(out)
+    record = record if record is not None else (_read(out / RUN_FILE) if (out / RUN_FILE).is_file() else {})
     report = _read(out / REPORT_DIR / "report.json")
     grid = [c for c in report.get("cells", []) if c.get("mode") == "grid"]
     shapes = sorted({(c["batch"], c["seq"]) for c in grid})
@@ -366,12 +528,33 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
                 "accuracy_change": info.get("accuracy_change_vs_baseline_fp32"),
             })
     data = (report.get("settings") or {}).get("data") or {}
+    final = record.get("final_model")
+    searched = "search" in record.get("stages", {})
     return {
+        "model": record.get("model"),
+        "method": record.get("method"),
         "shapes": [f"{b}x{q}" for b, q in shapes],
         "eval_split": data.get("split"),
         "eval_examples": data.get("num_examples"),
+        "select_split": record.get("select_split"),
+        "recover_split": record.get("recover_split"),
+        "final_model": final,
+        "recovery": _recovery_summary(out / final) if final else None,
+        "search": _search_summary(out) if searched else None,
         "rows": rows,
     }
+
+
+def print_result(result: dict[str, Any], console=None) -> None:
+    """What `run` and `demo` print: the answer in words, the table, where the reports are."""
+    from cahp_deploy.run_summary import headline
+
+    console = console or summary_console()
+    for line in headline(result["summary"]):
+        console.print(line, highlight=False)
+    print_summary(result["summary"], console)
+    console.print(f"summary: {result['summary_md']}", highlight=False)
+    console.print(f"report: {result['report']}", highlight=False)
 
 
 def summary_console():
@@ -424,4 +607,5 @@ def print_summary(summary: dict[str, Any], console) -> None:
     console.print(table)
 
 
-__all__ = ["RUN_FILE", "RunRecord", "check_run_dir", "print_summary", "run", "summarize", "summary_console"]
+__all__ = ["RUN_FILE", "RunRecord", "check_run_dir", "print_result", "print_summary", "run", "summarize",
+           "summary_console"]

@@ -11,7 +11,7 @@ import pytest
 from cahp_deploy import schema
 from cahp_deploy.pipeline import run
 
-STAGES = ["select", "prune", "export-dense", "export-pruned", "bench"]
+STAGES = ["select", "prune", "recover", "export-dense", "export-pruned", "bench"]
 #: tiny settings: a seeded baseline method (no t-SNE), one short grid cell, little timing
 TINY = dict(
     method="random", heads=6, batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1, traffic=False,
@@ -93,7 +93,7 @@ def test_changed_option_reruns_only_what_depends_on_it(first_run, tiny_models, t
     out = tmp_path / "run"
     shutil.copytree(first_run[0], out)
     run(tiny_models["bert"], tiny_data, out, **(TINY | {"heads": 8}))
-    assert _status(out) == {"select": "done", "prune": "done", "export-dense": "skipped",
+    assert _status(out) == {"select": "done", "prune": "done", "recover": "done", "export-dense": "skipped",
                             "export-pruned": "done", "bench": "done"}
     assert json.loads((out / "selection.json").read_text())["num_heads_kept"] == 8
 

@@ -23,12 +23,12 @@ def command(out, seed, force):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
     passive_omp_threads()
     from cahp_deploy.demo.quickstart import demo
-    from cahp_deploy.pipeline import print_summary, summary_console
+    from cahp_deploy.pipeline import print_result, summary_console
 
     result = demo(out, seed=seed, force=force)
     console = summary_console()
-    print_summary(result["summary"], console)
+    print_result(result, console)
     console.print(
-        f"[yellow]This was a demonstration on a small in-package sample set.[/yellow] Report: {result['report']}\n"
+        "[yellow]This was a demonstration on a small in-package sample set.[/yellow]\n"
         f"Next: cahp-deploy run YOUR_MODEL --data YOUR_DATA --out OUT  (see README.md)"
     )

@@ -48,8 +48,17 @@ def run_options(f):
         click.option("--heads", default=None, type=int, help="Heads to keep (baselines; CAHP picks its own at the knee)."),
         click.option("--keep-ratio", default=None, type=float, help="Fraction of heads to keep (baselines)."),
         click.option("--max-examples", default=None, type=int, help="Use at most N selection examples."),
+        click.option("--no-recover", "recover", flag_value=False, default=True, help="Skip recovery (fine-tuning after pruning; on by default)."),
+        click.option("--recover-epochs", default=3, show_default=True, type=int, help="Recovery epochs (the CAHP reference uses 3)."),
+        click.option("--recover-lr", default=None, type=float, help="Recovery learning rate [recover's default, 2e-5]."),
+        click.option("--recover-max-examples", default=None, type=int, help="Recover on a seeded random subset of N rows."),
+        click.option("--recover-split", default=None, help="Split recovery trains on [the selection split]."),
+        click.option("--distill", is_flag=True, help="Recovery also distils from the dense MODEL (KL on its logits)."),
+        click.option("--max-accuracy-drop", default=None, type=float,
+                     help="Accuracy budget in points on --eval-split: start at CAHP's knee and add heads (bisection over "
+                          "the cluster sweep) until the recovered model is within P points of dense."),
         click.option("--quantize", default="int8", show_default=True, type=click.Choice(["int8", "none"]), help="Also export an INT8 variant."),
-        click.option("--per-channel", is_flag=True, help="Per-channel INT8 weight scales (more accurate INT8)."),
+        click.option("--per-channel/--per-tensor", "per_channel", default=None, help="INT8 weight scales [measure both, keep the better]."),
         click.option("--int8-min-agreement", default=None, type=float, help="Export's INT8 gate: argmax agreement with fp32 on --eval-split [export's default, 0.99]."),
         click.option("--fp16", is_flag=True, help="Also export an FP16 variant (for CUDA; checked on --provider)."),
         click.option("--opset", default=None, type=int, help="ONNX opset [export's default]."),
@@ -63,7 +72,7 @@ def run_options(f):
         click.option("--warmup", default=None, type=int, help="Bench: untimed runs per cell [bench's default]."),
         click.option("--no-traffic", "traffic", flag_value=False, default=True, help="Bench: skip real-traffic mode."),
         click.option("--threads", default=None, type=int, help="Bench: ONNX Runtime intra-op threads [one per core]."),
-        click.option("--eval-max-examples", default=None, type=int, help="Bench: measure accuracy on at most N examples."),
+        click.option("--eval-max-examples", default=None, type=int, help="Measure accuracy (recovery, budget, bench) on the first N rows of --eval-split."),
     ]):
         f = opt(f)
     return f
@@ -76,18 +85,19 @@ def run_options(f):
 @run_options
 @force_option
 def command(model, data, out, quantize, **options):
-    """Select heads of MODEL, prune them, export dense and pruned to ONNX, benchmark both: OUT/report/report.md.
+    """Select heads of MODEL, prune them, recover, export dense and pruned to ONNX, benchmark both.
 
     \b
+    OUT/summary.md            the answer in words: heads kept, accuracy change, speedup, size
     OUT/selection.json        which heads were kept, and why
     OUT/pruned/               the pruned Hugging Face model
+    OUT/recovered/            the same after recovery (the model that is exported)
+    OUT/search/               with --max-accuracy-drop: every candidate tried, the trade-off plot
     OUT/artifacts/{dense,pruned}/   ONNX artifacts (fp32, optimized, int8) + manifest.json
     OUT/report/               report.md, report.json, plots
     OUT/run.json              what each stage saw and made; a rerun skips stages still up to date
     """
     passive_omp_threads()
-    from cahp_deploy.pipeline import print_summary, run, summary_console
+    from cahp_deploy.pipeline import print_result, run
 
-    result = run(model, data, out, quantize=None if quantize == "none" else quantize, **options)
-    print_summary(result["summary"], summary_console())
-    click.echo(f"report: {result['report']}")
+    print_result(run(model, data, out, quantize=None if quantize == "none" else quantize, **options))

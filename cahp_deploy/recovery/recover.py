@@ -62,6 +62,7 @@ def recover(
     *,
     split: str = "train",
     eval_split: str | None = None,
+    eval_max_examples: int | None = None,
     epochs: int = 3,
     lr: float = 2e-5,
     batch_size: int = 32,
@@ -83,7 +84,8 @@ def recover(
 
     ``pruned_dir`` may also be a dense model dir. ``distill_from`` (the dense model) adds a KL term on
     its logits at ``temperature``, weighted ``alpha`` against cross-entropy. ``eval_split``, when given,
-    is measured before and after (it must differ from ``split``). ``max_examples`` trains on a seeded
+    is measured before and after (it must differ from ``split``; ``eval_max_examples`` keeps its first N
+rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a seeded
     random subset; ``time_budget`` (seconds) stops training early. ``progress`` None: a bar when
     stderr is a terminal.
 
@@ -107,6 +109,10 @@ def recover(
     columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
     train = load_labelled(data, split, **columns)
     held_out = load_labelled(data, eval_split, **columns) if eval_split is not None else None
+    if held_out is not None and eval_max_examples is not None:
+        if eval_max_examples < 1:
+            raise CahpError(f"--eval-max-examples must be at least 1, got {eval_max_examples}")
+        held_out = held_out.head(eval_max_examples)  # the first N rows, as bench scores them
     model, tokenizer = load_classifier(pruned_dir, attn_implementation=None)  # sdpa where supported
     num_labels = int(model.config.num_labels)
     check_labels(train, num_labels, min_classes=2)

@@ -1,0 +1,343 @@
+"""``run --max-accuracy-drop P``: the fewest CAHP heads whose recovered model stays within P points of dense.
+
+CAHP's evidence (signatures, profiles, the cluster sweep, the knee) is collected once. Each candidate
+k is a cut of that sweep (:func:`cahp_deploy.methods.cahp.select_at`, guard included), pruned,
+recovered and measured on the evaluation split; :func:`cahp_deploy.budget_search.search_k` decides
+which k to try (the knee first, then galloping and bisection towards more heads), so a search costs
+a handful of recoveries, not one per k. The last candidate is k = N: every head kept, the dense-sized
+model, recovered like the others.
+
+Layout of ``OUT/search/`` (a candidate done is never redone while its inputs are unchanged, so an
+interrupted search resumes where it stopped)::
+
+    search.json        every candidate tried, in order, the chosen one, dense accuracy, the threshold
+    tradeoff.png       accuracy vs estimated speedup of every candidate, the chosen one marked
+    evidence.pkl       CAHP's evidence (so a resumed search does not run the model again)
+    k015/              one dir per candidate (k = clusters; the guard may keep a few heads more)
+        selection.json  candidate.json  pruning.json  recovery.json
+        model/         the candidate's final model (recovered, or only pruned with --no-recover);
+                       removed for the candidates not chosen once the search is over
+
+Accuracy here is PyTorch's, on the first ``eval_max_examples`` rows of the evaluation split (all
+rows when None): the split must be neither the selection nor the recovery split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cahp_deploy.atomic import atomic_dir, atomic_file
+from cahp_deploy.budget_search import CandidateResult, SearchResult, search_k
+from cahp_deploy.errors import CahpError
+from cahp_deploy.hashing import sha256_json
+
+log = logging.getLogger(__name__)
+
+SEARCH_FILE = "search.json"
+TRADEOFF_PLOT = "tradeoff.png"
+EVIDENCE_FILE = "evidence.pkl"
+CANDIDATE_FILE = "candidate.json"
+MODEL_DIR = "model"
+
+
+@dataclass
+class SearchSettings:
+    """What a search needs; everything in it but ``say`` enters the candidates' cache keys.
+
+    ``recover`` holds keyword arguments of :func:`cahp_deploy.recovery.recover` (epochs, lr,
+    max_examples, distill_from, ...) or is None for ``--no-recover``.
+    """
+
+    model: str
+    data: str
+    model_sha256: str
+    select_data: Any  # LabelledData of the selection split (already cut to max_examples)
+    eval_data: Any  # LabelledData of the evaluation split (already cut to eval_max_examples)
+    recover_split: str
+    columns: dict[str, Any]
+    seed: int
+    cahp_options: dict[str, Any]
+    recover: dict[str, Any] | None
+    eval_max_examples: int | None
+    max_drop: float
+    say: Callable[[str], None] = field(default=lambda s: None, repr=False)
+
+    def evidence_key(self) -> str:
+        return sha256_json({
+            "model_sha256": self.model_sha256, "data": self.select_data.file_hashes,
+            "split": self.select_data.split, "rows": len(self.select_data), "columns": self.columns,
+            "seed": self.seed, "options": self.cahp_options,
+        })
+
+    def candidate_key(self, k: int) -> str:
+        return sha256_json({
+            "evidence": self.evidence_key(), "k": int(k), "recover": self.recover,
+            "recover_split": self.recover_split, "eval": self.eval_data.file_hashes,
+            "eval_split": self.eval_data.split, "eval_rows": len(self.eval_data),
+        })
+
+
+def _load_dense(settings: SearchSettings):
+    from cahp_deploy.modeling import load_classifier
+
+    return load_classifier(settings.model)
+
+
+def collect(settings: SearchSettings, root: Path):
+    """CAHP's evidence, from ``root/evidence.pkl`` when it was made from these inputs."""
+    from cahp_deploy.methods.base import MethodContext
+    from cahp_deploy.methods.cahp import collect_evidence
+    from cahp_deploy.progress import make_progress
+
+    key = settings.evidence_key()
+    path = root / EVIDENCE_FILE
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                cached = pickle.load(f)
+            if cached.get("key") == key:
+                return cached["evidence"]
+        except Exception:  # a truncated or foreign cache is only a cache: recompute
+            log.warning("ignoring unreadable %s", path)
+    settings.say("search: collecting CAHP evidence (signatures, salience, cluster sweep)")
+    net, tokenizer = _load_dense(settings)
+    with make_progress() as progress:
+        ctx = MethodContext(model=net, tokenizer=tokenizer, data=settings.select_data, budget=None,
+                            seed=settings.seed, options=dict(settings.cahp_options), progress=progress)
+        evidence = collect_evidence(ctx)
+    with atomic_file(path, force=True) as tmp:
+        with open(tmp, "wb") as f:
+            pickle.dump({"key": key, "evidence": evidence}, f)
+    return evidence
+
+
+def candidate_ks(knee: int, num_heads: int) -> list[int]:
+    """Every k from the knee up to N (every head its own cluster: the dense-sized candidate)."""
+    return list(range(max(1, int(knee)), int(num_heads) + 1))
+
+
+def _accuracy(model_dir: Path, eval_data) -> float:
+    from cahp_deploy import evaluation
+    from cahp_deploy.modeling import load_classifier
+
+    net, tokenizer = load_classifier(model_dir, attn_implementation=None)
+    return evaluation.accuracy(net, tokenizer, eval_data)
+
+
+def _candidate_dir(root: Path, k: int) -> Path:
+    return root / f"k{int(k):03d}"
+
+
+def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> dict[str, Any]:
+    """Select at k, prune, recover, measure; everything into ``dest`` (atomically)."""
+    from cahp_deploy import pruning, recovery
+    from cahp_deploy.methods.cahp import select_at
+
+    start = time.perf_counter()
+    selection = select_at(evidence, k)
+    selection.details["k_from"] = "accuracy budget"
+    selection.provenance.update({"model": settings.model, "model_sha256": settings.model_sha256,
+                                 **settings.select_data.provenance()})
+    with atomic_dir(dest, force=True) as tmp:
+        selection.to_json(tmp / "selection.json")
+        pruned = pruning.prune(settings.model, tmp / "selection.json", tmp / "pruned")
+        costs = json.loads((pruned / "pruning.json").read_text())
+        record: dict[str, Any] = {
+            "k": int(k),
+            "heads_kept": int(costs["num_heads_kept"]),
+            "kept_heads": costs["kept_heads"],
+            "params_after": costs["params_after"],
+            "params_before": costs["params_before"],
+            "flop_ceiling_speedup": costs["flop_ceiling_speedup"],
+        }
+        if settings.recover is None:
+            record["accuracy_before"] = _accuracy(pruned, settings.eval_data)
+            record["accuracy_after"] = None
+            final = pruned
+        else:
+            # recover() measures before and after on the same rows (the first eval_max_examples).
+            final = tmp / "recovered"
+            rec = recovery.recover(
+                pruned, settings.data, final, split=settings.recover_split,
+                eval_split=settings.eval_data.split, eval_max_examples=len(settings.eval_data),
+                seed=settings.seed, **settings.columns, **settings.recover,
+            )
+            record["accuracy_before"] = rec["accuracy_before"]
+            record["accuracy_after"] = rec["accuracy_after"]
+            record["recovery_seconds"] = rec["total_seconds"]
+            shutil.copy2(final / recovery.RECOVERY_FILE, tmp / recovery.RECOVERY_FILE)
+            shutil.rmtree(pruned)
+        shutil.copy2(final / "pruning.json", tmp / "pruning.json")  # the numbers outlive the model
+        final.rename(tmp / MODEL_DIR)
+        record["seconds"] = time.perf_counter() - start
+        record["key"] = settings.candidate_key(k)
+        with open(tmp / CANDIDATE_FILE, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+    return record
+
+
+def _cached(dest: Path, key: str, need_model: bool) -> dict[str, Any] | None:
+    path = dest / CANDIDATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("key") != key or (need_model and not (dest / MODEL_DIR / "config.json").is_file()):
+        return None
+    return record
+
+
+def _as_result(record: dict[str, Any]) -> CandidateResult:
+    return CandidateResult(
+        k=int(record["k"]), accuracy_before=float(record["accuracy_before"]),
+        accuracy_after=None if record["accuracy_after"] is None else float(record["accuracy_after"]),
+        seconds=float(record["seconds"]),
+        details={key: record[key] for key in ("heads_kept", "flop_ceiling_speedup", "params_after", "params_before")},
+    )
+
+
+def measure_candidate(settings: SearchSettings, evidence, k: int, root: Path) -> CandidateResult:
+    """Candidate k's accuracies, built into ``root/kNNN`` or read back from there when made from these inputs."""
+    dest = _candidate_dir(root, k)
+    record = _cached(dest, settings.candidate_key(k), need_model=False)
+    if record is None:
+        settings.say(f"search: candidate k={k}: select, prune, {'recover, ' if settings.recover else ''}measure")
+        record = _build_candidate(settings, evidence, k, dest)
+    else:
+        settings.say(f"search: candidate k={k}: done before, reused")
+    result = _as_result(record)
+    settings.say(
+        f"search: k={k} ({record['heads_kept']} heads): {100 * result.accuracy_before:.2f}% before recovery"
+        + ("" if result.accuracy_after is None else f", {100 * result.accuracy_after:.2f}% after")
+        + f" ({result.seconds:.0f} s)"
+    )
+    return result
+
+
+def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
+    """Run the search into ``root`` (``OUT/search``) and return search.json's contents.
+
+    Raises :class:`CahpError` when even k = N misses the budget; search.json then records every
+    candidate tried and ``chosen`` is null, and no candidate model is kept.
+    """
+    from cahp_deploy import evaluation
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    net, tokenizer = _load_dense(settings)
+    dense_accuracy = evaluation.accuracy(net, tokenizer, settings.eval_data)
+    del net
+    evidence = collect(settings, root)
+    ks = candidate_ks(evidence.knee.k, evidence.num_heads)
+    settings.say(
+        f"search: dense {100 * dense_accuracy:.2f}% on {settings.eval_data.split} ({len(settings.eval_data)} rows); "
+        f"budget {settings.max_drop:g} points; candidates k = {ks[0]} (knee) .. {ks[-1]} (every head)"
+    )
+
+    def write(found: SearchResult | None, tried: list[CandidateResult], error: str | None) -> dict[str, Any]:
+        record = {
+            "dense_accuracy": dense_accuracy,
+            "max_drop_points": settings.max_drop,
+            "threshold": dense_accuracy - settings.max_drop / 100.0,
+            "eval": settings.eval_data.provenance(),
+            "select": settings.select_data.provenance(),
+            "recover_split": None if settings.recover is None else settings.recover_split,
+            "recover": settings.recover,
+            "knee": evidence.knee.to_dict(),
+            "candidates_k": ks,
+            "tried": [c.to_dict() for c in tried],
+            "chosen_k": None if found is None else found.chosen.k,
+            "chosen_dir": None if found is None else _candidate_dir(root, found.chosen.k).name,
+            "error": error,
+            "seconds": time.perf_counter() - start,
+        }
+        _keep_only_chosen_model(root, None if found is None else found.chosen.k)
+        with atomic_file(root / SEARCH_FILE, force=True) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+        plot_tradeoff(record, root / TRADEOFF_PLOT)
+        return record
+
+    tried: list[CandidateResult] = []
+
+    def tracked(k: int) -> CandidateResult:
+        result = measure_candidate(settings, evidence, k, root)
+        tried.append(result)
+        return result
+
+    try:
+        found = search_k(ks, tracked, dense_accuracy, settings.max_drop)
+    except CahpError as e:
+        write(None, tried, str(e))
+        raise
+    chosen_dir = _candidate_dir(root, found.chosen.k)
+    if _cached(chosen_dir, settings.candidate_key(found.chosen.k), need_model=True) is None:
+        # chosen before by another budget and its model removed since: build it again
+        _build_candidate(settings, evidence, found.chosen.k, chosen_dir)
+    return write(found, found.tried, None)
+
+
+def _keep_only_chosen_model(root: Path, chosen_k: int | None) -> None:
+    """Candidates' models take ~100 MB each: keep the chosen one, drop the rest (their numbers stay)."""
+    keep = None if chosen_k is None else _candidate_dir(root, chosen_k).name
+    for cand in root.glob("k[0-9][0-9][0-9]"):
+        if cand.name != keep and (cand / MODEL_DIR).is_dir():
+            shutil.rmtree(cand / MODEL_DIR)
+
+
+def chosen_model(root: str | Path) -> Path:
+    """The final model dir of a finished search."""
+    record = json.loads((Path(root) / SEARCH_FILE).read_text())
+    if record.get("chosen_dir") is None:
+        raise CahpError(f"{root}/{SEARCH_FILE} records no chosen candidate: {record.get('error')}")
+    return Path(root) / record["chosen_dir"] / MODEL_DIR
+
+
+def plot_tradeoff(record: dict[str, Any], path: Path) -> None:
+    """Accuracy vs the MAC-count speedup ceiling of every candidate; the chosen one and dense marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tried = sorted(record["tried"], key=lambda c: c["k"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = [c["details"]["flop_ceiling_speedup"] for c in tried]
+    ax.scatter(xs, [100 * c["accuracy_before"] for c in tried], marker="o", facecolors="none",
+               edgecolors="tab:gray", label="pruned, before recovery")
+    if any(c["accuracy_after"] is not None for c in tried):
+        ax.scatter(xs, [100 * c["accuracy"] for c in tried], marker="o", color="tab:blue", label="after recovery")
+    for c, x in zip(tried, xs):
+        ax.annotate(f"{c['details']['heads_kept']}h", (x, 100 * c["accuracy"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.scatter([1.0], [100 * record["dense_accuracy"]], marker="s", color="black", label="dense")
+    ax.axhline(100 * record["threshold"], color="tab:red", linestyle="--", linewidth=1,
+               label=f"budget: dense - {record['max_drop_points']:g} points")
+    chosen = [c for c in tried if c["k"] == record["chosen_k"]]
+    if chosen:
+        c = chosen[0]
+        ax.scatter([c["details"]["flop_ceiling_speedup"]], [100 * c["accuracy"]], marker="*", s=220,
+                   color="tab:orange", zorder=5, label=f"chosen: {c['details']['heads_kept']} heads")
+    ax.set_xlabel("speedup ceiling from multiply-accumulates (seq 128)")
+    ax.set_ylabel(f"accuracy on {record['eval']['split']} (%)")
+    ax.set_title("accuracy budget search: every candidate tried")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_file(path, force=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["SearchSettings", "candidate_ks", "chosen_model", "collect", "measure_candidate", "plot_tradeoff", "search"]

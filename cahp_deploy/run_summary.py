@@ -1,0 +1,135 @@
+"""The answer to the user's question, in words: what was kept, what it cost in accuracy, what it gained.
+
+Built from :func:`cahp_deploy.pipeline.summarize`'s dict (itself read back from the files the stages
+wrote), so the words can never disagree with report.json. ``headline`` gives the first lines (printed
+by the CLI, and the top of ``OUT/summary.md``); ``markdown`` the whole ``OUT/summary.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: the variant the headline compares: what a CPU deployment ships without quantization
+HEADLINE_VARIANT = "optimized"
+
+
+def _row(summary: dict[str, Any], artifact_is_dense: bool, variant: str) -> dict[str, Any] | None:
+    rows = [r for r in summary["rows"] if r["baseline"] == artifact_is_dense and r["variant"] == variant]
+    return rows[0] if rows else None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _points(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f} points"
+
+
+def _shape(s: str) -> str:
+    b, q = s.split("x")
+    return f"batch {b} x {q} tokens"
+
+
+def headline(summary: dict[str, Any]) -> list[str]:
+    """Four or five sentences: heads, accuracy (before/after recovery), speed, size, how k was chosen."""
+    variant = HEADLINE_VARIANT
+    dense, pruned = _row(summary, True, variant), _row(summary, False, variant)
+    if dense is None or pruned is None:
+        variant = "fp32"
+        dense, pruned = _row(summary, True, variant), _row(summary, False, variant)
+    if dense is None or pruned is None:
+        return ["No dense/pruned pair was benchmarked; see report/report.md."]
+    lines = []
+    kept, total = pruned["heads_kept"], pruned["heads_total"]
+    search = summary.get("search")
+    how = ""
+    if search is not None:
+        how = (f", the fewest of {len(search['tried'])} CAHP candidates tried that stays within "
+               f"{search['max_drop_points']:g} points of dense")
+    elif summary.get("method") == "cahp":
+        how = ", at the knee of CAHP's silhouette curve"
+    lines.append(f"Kept {kept} of {total} attention heads ({kept / total:.0%}){how}.")
+
+    split, n = summary.get("eval_split"), summary.get("eval_examples")
+    rec = summary.get("recovery")
+    acc = f"Accuracy on {split} ({n} rows): dense {_pct(dense['accuracy'])}"
+    if rec is not None and rec.get("accuracy_before") is not None:
+        acc += (f", pruned {_pct(rec['accuracy_before'])} before recovery, {_pct(pruned['accuracy'])} after "
+                f"{rec.get('epochs')} epoch(s) of recovery")
+    else:
+        acc += f", pruned {_pct(pruned['accuracy'])} (no recovery)"
+    change = None if pruned["accuracy"] is None or dense["accuracy"] is None else pruned["accuracy"] - dense["accuracy"]
+    lines.append(f"{acc}: {_points(change)}.")
+
+    shapes = summary.get("shapes") or []
+    speeds = [f"{pruned['speedup_same_variant'].get(s):.2f}x at {_shape(s)}" for s in reversed(shapes)
+              if pruned["speedup_same_variant"].get(s) is not None]
+    if speeds:
+        lines.append(f"Speed ({variant} ONNX, ONNX Runtime, median latency vs dense): " + ", ".join(speeds) + ".")
+    if dense.get("bytes") and pruned.get("bytes"):
+        mb = 2**20
+        lines.append(
+            f"Size: {dense['bytes'] / mb:.1f} MiB -> {pruned['bytes'] / mb:.1f} MiB "
+            f"({pruned['bytes'] / dense['bytes'] - 1:+.0%}); parameters {dense['params'] / 1e6:.1f}M -> "
+            f"{pruned['params'] / 1e6:.1f}M."
+        )
+    splits = f"Heads were selected on {summary.get('select_split')}"
+    if summary.get("recover_split"):
+        splits += f", recovery trained on {summary['recover_split']}"
+    lines.append(f"{splits}; accuracy is measured on {split}, which neither saw.")
+    return lines
+
+
+def _candidates_table(search: dict[str, Any]) -> list[str]:
+    out = [
+        "| order | k | heads | before recovery | after recovery | speedup ceiling (MACs) | seconds | |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for i, c in enumerate(search["tried"], 1):
+        mark = "**chosen**" if c["k"] == search.get("chosen_k") else (
+            "meets budget" if c["accuracy"] >= search["threshold"] - 1e-9 else "misses budget")
+        out.append(
+            f"| {i} | {c['k']} | {c['details']['heads_kept']} | {_pct(c['accuracy_before'])} | "
+            f"{_pct(c['accuracy_after'])} | {c['details']['flop_ceiling_speedup']:.2f}x | {c['seconds']:.0f} | {mark} |"
+        )
+    return out
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """``OUT/summary.md``: the headline, the budget search (when there was one), where everything is."""
+    lines = ["# cahp-deploy run", ""]
+    if summary.get("model"):
+        lines += [f"Model: `{summary['model']}`", ""]
+    lines += [f"- {line}" for line in headline(summary)] + [""]
+    search = summary.get("search")
+    if search is not None:
+        lines += [
+            "## Accuracy budget search",
+            "",
+            f"Dense (PyTorch) {_pct(search['dense_accuracy'])}; budget {search['max_drop_points']:g} points, so a "
+            f"candidate must reach {_pct(search['threshold'])}. Candidates: k = {search['candidates_k'][0]} "
+            f"(CAHP's knee) to {search['candidates_k'][-1]} (every head); tried in this order "
+            f"({search['seconds']:.0f} s in all):",
+            "",
+            *_candidates_table(search),
+            "",
+            f"![accuracy vs speedup of every candidate]({search['plot']})",
+            "",
+            "The speedup ceiling is the dense/pruned ratio of multiply-accumulates at 128 tokens; the "
+            "measured speedup of the chosen candidate is in the headline and in report/report.md.",
+            "",
+        ]
+    lines += [
+        "## Where things are",
+        "",
+        f"- final pruned model (Hugging Face dir): `{summary.get('final_model')}`",
+        "- ONNX artifacts: `artifacts/dense/`, `artifacts/pruned/` (each with manifest.json)",
+        "- every benchmark number and plot: `report/report.md`, `report/report.json`",
+        "- what each stage saw and made: `run.json`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["headline", "markdown"]

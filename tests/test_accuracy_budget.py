@@ -1,0 +1,179 @@
+"""`run --max-accuracy-drop` on a tiny planted task: the real search (CAHP evidence -> candidates ->
+select_at -> prune -> recover -> measure -> search_k), checked against every candidate measured.
+
+Planted task: a sentence holds one sentiment word of two different classes (plus filler); the label
+is the class of the word that comes FIRST. Reading the order needs attention, so a 2-layer x 8-head
+model (head_dim 2) trained on it loses accuracy as heads are removed, and a short recovery wins back
+part of it: recovered accuracy rises with k, which gives the search something to find.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from cahp_deploy import accuracy_budget
+from cahp_deploy.errors import CahpError
+
+from conftest import _FILLER, _WORDS, build_tiny_model, tokenizer_dir
+
+COLUMNS = dict(text_column=None, text_pair_column=None, label_column="label")
+#: one short epoch: enough to move accuracy, a second or so per candidate
+RECOVER = dict(epochs=1, lr=1e-4, batch_size=16, freeze_embeddings=False, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a loaded machine two spin-waiting
+    threads per process make training ~30x slower; restore the setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write_order_task(directory, n_train=150, n_val=90, seed=0):
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_val)):
+        with open(directory / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                first, second = rng.sample(range(3), 2)
+                words = rng.sample(_FILLER, rng.randint(2, 5))
+                lo, hi = sorted(rng.sample(range(len(words) + 1), 2))
+                words.insert(hi, rng.choice(_WORDS[second]))
+                words.insert(lo, rng.choice(_WORDS[first]))
+                f.write(json.dumps({"text": " ".join(words), "label": first}) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """(root, data dir, dense model dir) of a tiny BERT trained on the order task."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from cahp_deploy.data import load_labelled
+    from cahp_deploy.recovery import RecoveryParams, finetune_in_place
+
+    root = tmp_path_factory.mktemp("budget")
+    data = _write_order_task(root / "data")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    torch.manual_seed(0)
+    model = build_tiny_model("bert", layers=2, heads=8, head_dim=2)
+    finetune_in_place(model, tok, load_labelled(data, "train"),
+                      RecoveryParams(epochs=30, lr=3e-3, batch_size=8, freeze_embeddings=False))
+    dense = root / "dense"
+    model.save_pretrained(dense)
+    tok.save_pretrained(dense)
+    return root, data, dense
+
+
+def settings_for(data, dense, max_drop, recover=RECOVER):
+    from cahp_deploy.data import load_labelled
+    from cahp_deploy.pipeline import model_sha256
+
+    return accuracy_budget.SearchSettings(
+        model=str(dense), data=str(data), model_sha256=model_sha256(dense),
+        select_data=load_labelled(data, "train"), eval_data=load_labelled(data, "validation"),
+        recover_split="train", columns=COLUMNS, seed=0, cahp_options={}, recover=recover,
+        eval_max_examples=None, max_drop=max_drop,
+    )
+
+
+@pytest.fixture(scope="module")
+def exhaustive(planted):
+    """(search root, evidence, dense accuracy, {k: recovered accuracy}) for every candidate k.
+
+    Measured with the search's own candidate code into the search's own directory, so the search
+    below reads these numbers back from its cache instead of recomputing them.
+    """
+    from cahp_deploy import evaluation
+    from cahp_deploy.modeling import load_classifier
+
+    root, data, dense = planted
+    settings = settings_for(data, dense, max_drop=0.0)
+    search_root = root / "search"
+    search_root.mkdir()
+    evidence = accuracy_budget.collect(settings, search_root)
+    ks = accuracy_budget.candidate_ks(evidence.knee.k, evidence.num_heads)
+    assert ks[0] == evidence.knee.k and ks[-1] == 16  # from the knee to every head
+    table = {k: accuracy_budget.measure_candidate(settings, evidence, k, search_root).accuracy for k in ks}
+    net, tok = load_classifier(dense)
+    dense_acc = evaluation.accuracy(net, tok, settings.eval_data)
+    return search_root, ks, dense_acc, table
+
+
+def test_search_picks_the_smallest_k_whose_recovered_accuracy_meets_the_budget(planted, exhaustive):
+    _, data, dense = planted
+    search_root, ks, dense_acc, table = exhaustive
+    acc = [table[k] for k in ks]
+    # Budgets whose passing candidates form a suffix (every k before fails, every k after passes),
+    # so "the smallest k that meets it" is well defined whatever the search order.
+    splits = [j for j in range(1, len(ks)) if max(acc[:j]) < min(acc[j:]) <= dense_acc]
+    assert splits, f"the planted task should make recovered accuracy rise with k: {table}, dense {dense_acc}"
+    j = splits[0]
+    max_drop = 100 * (dense_acc - min(acc[j:])) + 1e-6
+    record = accuracy_budget.search(settings_for(data, dense, max_drop), search_root)
+
+    assert record["chosen_k"] == ks[j] and record["error"] is None
+    assert record["dense_accuracy"] == pytest.approx(dense_acc)
+    tried = [c["k"] for c in record["tried"]]
+    assert tried[0] == ks[0] and len(tried) < len(ks)  # the knee first, and not every k
+    for c in record["tried"]:  # each candidate tried reports both accuracies, its time and its size
+        assert c["accuracy_after"] == pytest.approx(table[c["k"]]) and 0 <= c["accuracy_before"] <= 1
+        assert c["seconds"] > 0 and c["details"]["heads_kept"] >= c["k"] and c["details"]["flop_ceiling_speedup"] >= 1
+    model = accuracy_budget.chosen_model(search_root)
+    assert json.loads((model / "config.json").read_text())["cahp_kept_heads"] is not None
+    assert (model / "recovery.json").is_file()
+    # only the chosen candidate keeps its model; every candidate keeps its numbers
+    assert sorted(p.parent.name for p in search_root.glob("k*/model")) == [f"k{ks[j]:03d}"]
+    assert len(list(search_root.glob("k*/candidate.json"))) == len(ks)
+    assert (search_root / "tradeoff.png").stat().st_size > 0
+
+
+def test_run_cli_with_impossible_budget_stops_in_one_line_without_artifact(planted, tmp_path):
+    """Recovery at a learning rate that wrecks every candidate: not even k = N (every head) can
+    stay within 0 points of dense. `run` must say so in one line, exit non-zero, export nothing."""
+    from test_cli_bad_inputs import cli
+
+    _, data, dense = planted
+    out = tmp_path / "run"
+    code, stdout, err = cli(
+        "run", dense, "--data", data, "--out", out, "--max-accuracy-drop", "0", "--recover-epochs", "2",
+        "--recover-lr", "0.5", "--no-timing", "--batch", "1", "--seq", "16", "--no-traffic",
+    )
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "no head count meets --max-accuracy-drop 0" in lines[0], err
+    assert "Traceback" not in err
+    assert not (out / "artifacts").exists() and not (out / "report").exists()
+    record = json.loads((out / "search" / "search.json").read_text())
+    assert record["chosen_k"] is None and record["tried"][-1]["k"] == 16  # it did try the dense-sized one
+    assert not list((out / "search").glob("k*/model"))  # no candidate model left behind
+
+
+def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhaustive, tmp_path):
+    from cahp_deploy.pipeline import run
+
+    _, data, dense = planted
+    _, ks, dense_acc, table = exhaustive
+    out = tmp_path / "run"
+    result = run(dense, data, out, max_accuracy_drop=100.0, recover_epochs=1, recover_lr=1e-4,
+                 recover_options={"batch_size": 16, "freeze_embeddings": False}, seed=0, timing=False,
+                 batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1, traffic=False,
+                 variants=("optimized",))
+    record = json.loads((out / "run.json").read_text())
+    assert list(record["stages"]) == ["search", "export-dense", "export-pruned", "bench"]
+    search = json.loads((out / "search" / "search.json").read_text())
+    assert search["chosen_k"] == ks[0] and len(search["tried"]) == 1  # any accuracy will do: the knee
+    manifest = json.loads((out / "artifacts" / "pruned" / "manifest.json").read_text())
+    assert sum(len(h) for h in manifest["kept_heads"]) == search["tried"][0]["details"]["heads_kept"]
+    text = (out / "summary.md").read_text()
+    assert "Kept " in text.splitlines()[4] and "within 100 points of dense" in text
+    assert "before recovery" in text and "Accuracy budget search" in text and "tradeoff.png" in text
+    assert result["summary"]["search"]["chosen_k"] == ks[0]
