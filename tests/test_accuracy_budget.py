@@ -15,25 +15,12 @@ import random
 import pytest
 
 from cahp_deploy import accuracy_budget
-from cahp_deploy.errors import CahpError
 
 from conftest import _FILLER, _WORDS, build_tiny_model, tokenizer_dir
 
 COLUMNS = dict(text_column=None, text_pair_column=None, label_column="label")
 #: one short epoch: enough to move accuracy, a second or so per candidate
 RECOVER = dict(epochs=1, lr=1e-4, batch_size=16, freeze_embeddings=False, progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a loaded machine two spin-waiting
-    threads per process make training ~30x slower; restore the setting afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _write_order_task(directory, n_train=150, n_val=90, seed=0):

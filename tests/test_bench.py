@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cahp_deploy.errors import CahpError
 
 TINY = dict(batches=(1, 4), seqs=(8, 16), min_seconds=0.0, min_reps=3, warmup=1, traffic_sequences=8)
 

@@ -17,17 +17,6 @@ from cahp_deploy.cli import main
 SELECTION_SCHEMA = "cahp-deploy/selection/1"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine they contend badly."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cli(*args: str) -> tuple[int, str, str]:
     """Run ``cahp-deploy ARGS`` in-process; return (exit code, stdout, stderr)."""
     import io

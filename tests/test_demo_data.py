@@ -12,17 +12,6 @@ from cahp_deploy.data import load_labelled
 from cahp_deploy.demo import data_dir, make_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine they contend badly."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _rows(split: str) -> list[dict]:
     with open(data_dir() / f"{split}.jsonl") as f:
         return [json.loads(line) for line in f]

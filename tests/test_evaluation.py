@@ -17,18 +17,6 @@ from cahp_deploy.pruning import prune_model
 from cahp_deploy.signals import model_inputs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a loaded machine two spin-waiting
-    threads per process make training ~30x slower; restore the setting afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def val(tiny_data):
     return load_labelled(tiny_data, "validation")

@@ -28,14 +28,6 @@ from conftest import tiny_config, tokenizer_dir, write_tiny_data
 LAYERS, HEADS = 3, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _save_strong_model(arch: str, out: Path, seed: int = 1) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -21,17 +21,6 @@ TINY_CLI = ["--method", "random", "--heads", "6", "--batch", "1", "--seq", "16",
             "--min-reps", "2", "--warmup", "1", "--no-traffic", "--no-timing", "--variant", "optimized"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine they contend badly."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _status(out: Path) -> dict[str, str]:
     record = json.loads((out / "run.json").read_text())
     return {name: s["status"] for name, s in record["stages"].items()}

@@ -15,17 +15,6 @@ from cahp_deploy.predict import predict, read_inputs
 TEXTS = ["the movie was great and lovely", "a dull , boring plot", "okay", "x " * 300]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine they contend badly."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def artifacts(tiny_models, tmp_path_factory):
     """bert (fp32 + int8) and distilbert (no token_type_ids input) artifacts of the tiny models."""

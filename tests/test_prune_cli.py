@@ -22,14 +22,6 @@ PRUNING_KEYS = {
 MAC_KEYS = {"attention_before", "attention_after", "ffn_before", "ffn_after", "total_before", "total_after"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _selection(path, kept, heads_per_layer=4, model_sha=None):
     prov = {"model_sha256": model_sha} if model_sha else {}
     Selection(method="cahp", kept_heads=kept, num_heads_total=len(kept) * heads_per_layer,

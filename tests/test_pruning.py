@@ -40,15 +40,6 @@ def _strong_tiny_model(name: str):
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared machine: one thread avoids OpenMP spin-waits (20x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(one_thread):
     torch.manual_seed(0)

@@ -20,17 +20,6 @@ from cahp_deploy.selection.result import Selection
 from conftest import ARCHS, save_tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a loaded machine two spin-waiting
-    threads per process make training ~30x slower; restore the setting afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # Layer 1 keeps no head: the zero-head layer must survive save + reload.
 KEPT = [[0, 2], [], [1]]
 FAST = dict(epochs=5, lr=3e-3, batch_size=8, freeze_embeddings=False, progress=False)

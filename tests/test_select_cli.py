@@ -95,6 +95,23 @@ def test_baselines_at_the_budget_of_a_cahp_selection(tiny_models, tiny_data, tmp
     assert json.loads(out.read_text())["num_heads_kept"] == 6
 
 
+@pytest.mark.parametrize("method, flags, recorded", [
+    ("dsp", ["--steps", "3", "--lr", "0.3", "--batch-size", "8", "--max-length", "24", "--time-budget", "0"],
+     {"steps": 3, "lr": 0.3, "batch_size": 8, "max_length": 24, "time_budget": None}),
+    ("l0", ["--steps", "2", "--lambda", "0.05", "--train-weights", "--weights-lr", "1e-4"],
+     {"steps": 2, "lambda": 0.05, "train_weights": True, "weights_lr": 1e-4}),
+    ("attattr", ["--ig-steps", "2", "--attattr-examples", "4"], {"ig_steps": 2, "attattr_examples": 4}),
+])
+def test_baseline_options_reach_the_method(method, flags, recorded, tiny_models, tiny_data, tmp_path):
+    out = tmp_path / f"{method}.json"
+    code, _, err = cli("select", tiny_models["bert"], "--data", tiny_data, "--out", out, "--method", method,
+                       "--heads", "4", *flags)
+    assert code == 0, err
+    d = json.loads(out.read_text())
+    assert d["num_heads_kept"] == 4
+    assert {k: d["params"][k] for k in recorded} == recorded
+
+
 def test_method_choices_come_from_the_registry():
     code, stdout, _ = cli("select", "--help")
     assert code == 0 and all(name in stdout for name in REGISTRY)

@@ -22,17 +22,6 @@ SMALL = dict(budgets=(0.5,), methods=("cahp", "gradient", "random"), random_seed
              degrees=(2, 6), sensitivity_seeds=(0, 1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread; on a loaded machine it costs ~30x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def done(tiny_models, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "s"

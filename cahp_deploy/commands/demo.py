@@ -30,5 +30,5 @@ def command(out, seed, force):
     print_result(result, console)
     console.print(
         "[yellow]This was a demonstration on a small in-package sample set.[/yellow]\n"
-        f"Next: cahp-deploy run YOUR_MODEL --data YOUR_DATA --out OUT  (see README.md)"
+        "Next: cahp-deploy run YOUR_MODEL --data YOUR_DATA --out OUT  (see README.md)"
     )

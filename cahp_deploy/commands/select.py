@@ -34,12 +34,27 @@ from cahp_deploy.methods import REGISTRY
               help="Budget: as many heads as this selection.json keeps (compare methods at equal budgets).")
 @click.option("--allow-empty-layers", is_flag=True,
               help="Let a layer lose all its heads (by default each layer keeps its most salient one).")
+@click.option("--batch-size", type=int, default=None,
+              help="Examples per forward pass (CAHP signatures; training batch of l0/dsp/pass) [method's default].")
+@click.option("--max-length", type=int, default=None, help="Tokens per example at most [method's default].")
+@click.option("--steps", type=int, default=None, help="l0/dsp/pass: optimizer steps [300].")
+@click.option("--epochs", type=float, default=None, help="l0/dsp/pass: train this many epochs instead of --steps.")
+@click.option("--lr", type=float, default=None, help="l0/dsp/pass: learning rate of the gate logits [the paper's].")
+@click.option("--time-budget", type=float, default=None,
+              help="attattr/l0/dsp/pass: seconds of work at most; the schedule shrinks to fit (0: no limit) [600].")
+@click.option("--train-weights", is_flag=True, default=None,
+              help="l0/dsp/pass: train a copy of the model weights jointly with the gates (arXiv 2110.03252).")
+@click.option("--weights-lr", type=float, default=None, help="l0/dsp/pass with --train-weights: weights' learning rate [2e-5].")
+@click.option("--lambda", "lambda_", type=float, default=None,
+              help="l0: weight of the expected-L0 penalty; with a budget it is searched to hit it [0.01].")
+@click.option("--ig-steps", type=int, default=None, help="attattr: integrated-gradients steps m [20].")
+@click.option("--attattr-examples", type=int, default=None, help="attattr: examples attributed [200].")
 @force_option
 def command(model: str, data: str, split: str, text_column: str | None, text_pair_column: str | None,
             label_column: str, out: str, method: str, degree: int, pool_size: int, space: str,
             representative: str, salience_fraction: float, max_examples: int | None, seed: int,
             heads: int | None, keep_ratio: float | None, budget_from: str | None,
-            allow_empty_layers: bool, force: bool) -> None:
+            allow_empty_layers: bool, force: bool, lambda_: float | None, **method_options) -> None:
     """Select which attention heads of MODEL to keep, from labelled --data; write --out.
 
     With CAHP (the default) the number of heads comes from the knee of the MSS curve; no ratio to
@@ -54,6 +69,7 @@ def command(model: str, data: str, split: str, text_column: str | None, text_pai
         options={
             "degree": degree, "pool_size": pool_size, "space": space, "representative": representative,
             "salience_fraction": salience_fraction, "allow_empty_layers": allow_empty_layers,
+            "lambda": lambda_, **method_options,
         },
         force=force,
     )

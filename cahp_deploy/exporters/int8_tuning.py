@@ -371,7 +371,7 @@ def tune_int8(
         chosen = max(quantized, key=lambda pc: (granularity[_granularity_name(pc)]["agreement"],
                                                 -granularity[_granularity_name(pc)]["logit_mse"]))
         mixer = Mixer(search.fp32, quantized[chosen], names)
-        del quantized
+        quantized.clear()  # the full-INT8 graphs are large; only the mixer needs one
         full = granularity[_granularity_name(chosen)]
         cands = [c for c in cands if c.name in mixer.subgraphs]  # what ORT did quantize
         names = [c.name for c in cands]
