@@ -242,6 +242,8 @@ def run(
             f"the evaluation split ({eval_split!r}) must differ from the recovery split ({recover_split!r})"
         )
     _check_budget_options(max_accuracy_drop, method, heads, keep_ratio)
+    _check_positive(recover_epochs=recover_epochs if recover else None, recover_lr=recover_lr,
+                    recover_max_examples=recover_max_examples, eval_max_examples=eval_max_examples)
     if console is None:
         from rich.console import Console
 
@@ -293,6 +295,13 @@ def run(
             out.rmdir()  # failed before the first stage finished: leave no empty dir behind
         raise
     return result
+
+
+def _check_positive(**values: float | None) -> None:
+    """Numeric options a later stage would reject: rejected now, before hours of earlier stages."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise CahpError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 def _check_budget_options(max_drop: float | None, method: str, heads: int | None, keep_ratio: float | None) -> None:

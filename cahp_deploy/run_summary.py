@@ -26,6 +26,18 @@ def _points(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f} points"
 
 
+def _points_word(p: float) -> str:
+    return f"{p:g} point" + ("" if p == 1 else "s")
+
+
+def _recovery_words(rec: dict[str, Any]) -> str:
+    epochs = rec.get("epochs")
+    rows = (rec.get("train") or {}).get("num_examples")
+    split = (rec.get("train") or {}).get("split")
+    what = f"{epochs:g} epoch{'' if epochs == 1 else 's'}" if isinstance(epochs, (int, float)) else "recovery"
+    return what + (f" on {rows} {split} rows" if rows and split else "")
+
+
 def _shape(s: str) -> str:
     b, q = s.split("x")
     return f"batch {b} x {q} tokens"
@@ -46,7 +58,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
     how = ""
     if search is not None:
         how = (f", the fewest of {len(search['tried'])} CAHP candidates tried that stays within "
-               f"{search['max_drop_points']:g} points of dense")
+               f"{_points_word(search['max_drop_points'])} of dense")
     elif summary.get("method") == "cahp":
         how = ", at the knee of CAHP's silhouette curve"
     lines.append(f"Kept {kept} of {total} attention heads ({kept / total:.0%}){how}.")
@@ -56,7 +68,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
     acc = f"Accuracy on {split} ({n} rows): dense {_pct(dense['accuracy'])}"
     if rec is not None and rec.get("accuracy_before") is not None:
         acc += (f", pruned {_pct(rec['accuracy_before'])} before recovery, {_pct(pruned['accuracy'])} after "
-                f"{rec.get('epochs')} epoch(s) of recovery")
+                f"recovery ({_recovery_words(rec)})")
     else:
         acc += f", pruned {_pct(pruned['accuracy'])} (no recovery)"
     change = None if pruned["accuracy"] is None or dense["accuracy"] is None else pruned["accuracy"] - dense["accuracy"]
@@ -107,7 +119,7 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [
             "## Accuracy budget search",
             "",
-            f"Dense (PyTorch) {_pct(search['dense_accuracy'])}; budget {search['max_drop_points']:g} points, so a "
+            f"Dense (PyTorch) {_pct(search['dense_accuracy'])}; budget {_points_word(search['max_drop_points'])}, so a "
             f"candidate must reach {_pct(search['threshold'])}. Candidates: k = {search['candidates_k'][0]} "
             f"(CAHP's knee) to {search['candidates_k'][-1]} (every head); tried in this order "
             f"({search['seconds']:.0f} s in all):",

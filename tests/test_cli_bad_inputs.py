@@ -149,6 +149,19 @@ def test_eval_split_equal_to_selection_split(bert, broken, tmp_path):
     assert_nothing_written(tmp_path / "out")
 
 
+@pytest.mark.parametrize("flags, fragments", [
+    (["--recover-split", "validation"], ("must differ from the recovery split",)),
+    (["--recover-epochs", "0"], ("--recover-epochs must be positive",)),
+    (["--max-accuracy-drop", "1", "--method", "random", "--heads", "4"], ("searches CAHP", "--method random")),
+    (["--max-accuracy-drop", "1", "--heads", "4"], ("chooses the number of heads itself",)),
+    (["--max-accuracy-drop", "-1"], ("must be in [0, 100]",)),
+])
+def test_bad_recovery_or_budget_options(flags, fragments, bert, broken, tmp_path):
+    code, _, err = cli("run", bert, "--data", broken["good"], "--out", tmp_path / "out", *flags)
+    assert_one_line_error(code, err, *fragments)
+    assert_nothing_written(tmp_path / "out")
+
+
 def _cuda_available() -> bool:
     import onnxruntime as ort
 

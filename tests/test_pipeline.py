@@ -70,6 +70,20 @@ def test_summary_compares_dense_and_pruned(first_run):
     assert result["summary"]["eval_split"] == "validation"
 
 
+def test_summary_md_answers_in_words_first(first_run):
+    import re
+
+    out, result = first_run
+    lines = (out / "summary.md").read_text().splitlines()
+    assert lines[4] == "- Kept 6 of 12 attention heads (50%)."  # a baseline: no knee, no budget
+    text = "\n".join(lines)
+    assert re.search(r"dense \d+\.\d%, pruned \d+\.\d% before recovery, \d+\.\d% after recovery "
+                     r"\(3 epochs on \d+ train rows\): [+-]\d+\.\d points", text), text
+    assert "Heads were selected on train, recovery trained on train; accuracy is measured on validation" in text
+    assert "final pruned model (Hugging Face dir): `recovered`" in text
+    assert result["summary"]["recovery"]["epochs"] == 3
+
+
 def test_rerun_skips_every_stage_and_touches_nothing(first_run, tiny_models, tiny_data):
     out, _ = first_run
     before = _stamps(out)
