@@ -126,7 +126,7 @@ def test_search_picks_the_smallest_k_whose_recovered_accuracy_meets_the_budget(p
 def test_run_cli_with_impossible_budget_stops_in_one_line_without_artifact(planted, tmp_path):
     """Recovery at a learning rate that wrecks every candidate: not even k = N (every head) can
     stay within 0 points of dense. `run` must say so in one line, exit non-zero, export nothing."""
-    from test_cli_bad_inputs import cli
+    from conftest import cli
 
     _, data, dense = planted
     out = tmp_path / "run"

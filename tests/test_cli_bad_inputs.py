@@ -11,28 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from cahp_deploy.cli import main
+from conftest import cli
 
 SELECTION_SCHEMA = "cahp-deploy/selection/1"
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """Run ``cahp-deploy ARGS`` in-process; return (exit code, stdout, stderr)."""
-    import io
-    import sys
-
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = out, err
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.stdout, sys.stderr = old
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:

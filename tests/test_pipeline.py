@@ -109,7 +109,7 @@ def test_changed_option_reruns_only_what_depends_on_it(first_run, tiny_models, t
 
 
 def test_cli_prints_the_summary_table(first_run, tiny_models, tiny_data):
-    from test_cli_bad_inputs import cli
+    from conftest import cli
 
     out, _ = first_run
     code, stdout, err = cli("run", tiny_models["bert"], "--data", tiny_data, "--out", out, *TINY_CLI)

@@ -66,7 +66,7 @@ def test_int8_variant_runs_and_default_variant_is_chosen(artifacts):
 
 
 def test_cli_prints_label_and_scores_and_reads_jsonl(artifacts, tmp_path):
-    from test_cli_bad_inputs import cli
+    from conftest import cli
 
     code, out, err = cli("predict", artifacts["bert"], "a good story", "bad", "--variant", "fp32")
     assert code == 0, err

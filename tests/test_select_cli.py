@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ARCHS, tiny_config
+from conftest import ARCHS, cli, tiny_config
 
-from cahp_deploy.cli import main
 from cahp_deploy.methods import REGISTRY
-
-
-def cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = out, err
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.stdout, sys.stderr = old
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_failed_cleanly(code: int, err: str, out: Path, fragment: str) -> None:

@@ -11,9 +11,8 @@ import time
 
 from cahp_deploy import arch
 from cahp_deploy.errors import CahpError
-from cahp_deploy.methods.base import MethodContext
+from cahp_deploy.methods.base import MethodContext, top_k_selection
 from cahp_deploy.selection.result import Selection
-from cahp_deploy.selection.topk import keep_top_k
 
 
 def select(ctx: MethodContext) -> Selection:
@@ -22,23 +21,10 @@ def select(ctx: MethodContext) -> Selection:
     if ctx.budget is None:
         raise CahpError("--method gradient needs a budget: give --heads, --keep-ratio or --budget-from")
     fraction = float(ctx.options.get("salience_fraction") or DEFAULT_FRACTION)
-    allow_empty = bool(ctx.options.get("allow_empty_layers", False))
     n_layers, n_heads = arch.dense_head_grid(ctx.model.config)
     t = time.perf_counter()
     salience = head_salience(ctx.model, ctx.tokenizer, ctx.data, fraction=fraction,
                              batch_size=int(ctx.options.get("salience_batch_size") or DEFAULT_BATCH_SIZE),
                              max_length=int(ctx.options.get("max_length") or 128), progress=ctx.progress)
-    seconds = time.perf_counter() - t
-    grid = salience.reshape(n_layers, n_heads)
-    kept = keep_top_k(grid, ctx.budget, min_per_layer=0 if allow_empty else 1)
-    return Selection(
-        method="gradient",
-        kept_heads=kept,
-        num_heads_total=n_layers * n_heads,
-        heads_per_layer=n_heads,
-        seed=ctx.seed,
-        scores=grid.tolist(),
-        details={"budget": int(ctx.budget)},
-        params={"salience_fraction": fraction, "allow_empty_layers": allow_empty},
-        timings={"salience": seconds},
-    )
+    return top_k_selection("gradient", ctx, salience.reshape(n_layers, n_heads),
+                           params={"salience_fraction": fraction}, timings={"salience": time.perf_counter() - t})
