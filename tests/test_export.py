@@ -47,7 +47,7 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dense(root, one_thread) -> dict[str, Path]:
+def dense(root) -> dict[str, Path]:
     return {a: _save_strong_model(a, root / f"dense-{a}") for a in ("bert", "roberta", "distilbert", "electra")}
 
 

@@ -106,8 +106,8 @@ def test_sensitivity_uses_every_kth_batch_across_lengths():
     assert int8_tuning._sensitivity_batches(feeds[:2], 128) == [0, 1]
 
 
-def test_tuning_target_adds_one_standard_error():
-    assert int8_tuning.tuning_target(0.99, 512) == pytest.approx(0.99 + (0.99 * 0.01 / 512) ** 0.5)
+def test_tuning_target_adds_two_standard_errors():
+    assert int8_tuning.tuning_target(0.99, 512) == pytest.approx(0.99 + 2 * (0.99 * 0.01 / 512) ** 0.5)
     assert int8_tuning.tuning_target(0.99, 512, margin=0.0) == 0.99
     assert int8_tuning.tuning_target(1.0, 10) == 1.0 and int8_tuning.tuning_target(0.99, 4) == 1.0
 

@@ -41,7 +41,7 @@ def _strong_tiny_model(name: str):
 
 
 @pytest.fixture(scope="module")
-def models(one_thread):
+def models():
     torch.manual_seed(0)
     return {a: _strong_tiny_model(a) for a in ARCHS}
 

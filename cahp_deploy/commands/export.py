@@ -19,11 +19,11 @@ from cahp_deploy.commands._options import data_options, force_option
                    "to it and the export fails below it.")
 @click.option("--per-channel/--per-tensor", "per_channel", default=None,
               help="INT8 weight scales per output channel or per tensor [default: measure both, keep the better].")
-@click.option("--int8-tuning-examples", type=int, default=512, show_default=True,
+@click.option("--int8-tuning-examples", type=int, default=2048, show_default=True,
               help="INT8 tunes on this many random rows of --data's train split (else the first half of --split, "
                    "then the gate is checked on the second half).")
 @click.option("--int8-tuning-margin", type=float, default=None,
-              help="INT8 search target = gate + margin on the tuning set [default: one standard error of that estimate].")
+              help="INT8 search target = gate + margin on the tuning set [default: two standard errors of that estimate].")
 @click.option("--fp16", is_flag=True, help="Also write model_fp16.onnx (for CUDA; fp32 inputs/outputs), checked on --provider.")
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: Optimum's for the architecture].")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
