@@ -271,7 +271,7 @@ def run(
     )) | (recover_options or {})
     export_kwargs = _prune_none(dict(
         optimize=True, quantize=quantize, per_channel=per_channel, int8_min_agreement=int8_min_agreement,
-        fp16=fp16, opset=opset,
+        fp16=fp16, opset=opset, max_examples=eval_max_examples,
         provider="cpu" if provider == "cpu" else "cuda", measure=timing,
     )) | (export_options or {})
     bench_kwargs = _prune_none(dict(

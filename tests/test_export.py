@@ -390,3 +390,11 @@ def test_failed_parity_writes_nothing(dense, tmp_path, monkeypatch):
     with pytest.raises(CahpError, match="parity check failed for fp32 on random inputs"):
         export(dense["roberta"], out, optimize=False, measure=False)
     assert _nothing_written(out)
+
+
+def test_parity_on_the_first_rows_only(dense, tmp_path):
+    """`run --eval-max-examples N` checks parity on the rows bench scores, not the whole split."""
+    data = write_tiny_data(tmp_path / "data")
+    art = export(dense["bert"], tmp_path / "art", data=data, split="validation", max_examples=7, measure=False)
+    m = load_manifest(art)
+    assert m["parity_data"]["num_examples"] == 7 and m["variants"]["fp32"]["parity"]["on"] == "data"

@@ -31,9 +31,11 @@ from cahp_deploy.commands._options import data_options, force_option
 @click.option("--no-timing", "no_timing", is_flag=True,
               help="Skip timing the optimization candidates; use the provider's default choice.")
 @data_options(default_split="validation", required=False)
+@click.option("--max-examples", type=int, default=None, help="Check parity on the first N rows of --split only [all].")
 @force_option
 def command(model_dir, out, optimize, quantize, int8_min_agreement, per_channel, int8_tuning_examples, int8_tuning_margin,
-            fp16, opset, provider, no_timing, data, split, text_column, text_pair_column, label_column, force) -> None:
+            fp16, opset, provider, no_timing, data, split, text_column, text_pair_column, label_column, max_examples,
+            force) -> None:
     """Export MODEL_DIR (a fine-tuned classifier, or a dir from `cahp-deploy prune`) to ONNX in --out.
 
     \b
@@ -58,7 +60,7 @@ def command(model_dir, out, optimize, quantize, int8_min_agreement, per_channel,
         opset=opset, data=data, split=split, text_column=text_column, text_pair_column=text_pair_column,
         label_column=label_column, force=force, provider=provider, measure=not no_timing,
         int8_min_agreement=int8_min_agreement, int8_tuning_examples=int8_tuning_examples,
-        int8_tuning_margin=int8_tuning_margin,
+        int8_tuning_margin=int8_tuning_margin, max_examples=max_examples,
     )
     m = load_manifest(path)
     parts = []

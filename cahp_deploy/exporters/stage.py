@@ -271,6 +271,7 @@ def export(
     int8_min_agreement: float = parity.INT8_MIN_AGREEMENT,
     int8_tuning_examples: int = int8_tuning.TUNING_EXAMPLES,
     int8_tuning_margin: float | None = None,
+    max_examples: int | None = None,
 ) -> Path:
     """Export ``model_dir`` (dense or pruned classifier) to a parity-checked ONNX artifact dir ``out``.
 
@@ -294,7 +295,9 @@ def export(
     int8_tuning_examples : rows INT8 tunes on: random rows of ``data``'s train split, else the first
         half of ``split`` (then the gate is checked on the second half); random tokens without data.
     int8_tuning_margin : the search demands ``int8_min_agreement + margin`` on the tuning set; None
-        is one binomial standard error of the tuning estimate.
+        is two binomial standard errors of the tuning estimate.
+    max_examples : check parity (and the INT8 gate) on the first N rows of ``split`` only (None: all;
+        the rows ``bench --max-examples`` scores).
 
     Returns ``out``. Raises :class:`CahpError` on bad input (before any work) or a failed parity
     gate (then nothing is written).
@@ -311,6 +314,10 @@ def export(
 
         labelled = load_labelled(data, split, text_column, text_pair_column, label_column)
         check_labels(labelled, int(config.num_labels))
+        if max_examples is not None:
+            if max_examples < 1:
+                raise CahpError(f"--max-examples must be at least 1, got {max_examples}")
+            labelled = labelled.head(max_examples)
     tune_rows, tune_record, parity_rows = None, None, labelled
     if quantize == "int8":
         columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
