@@ -270,3 +270,50 @@ def test_bad_int8_options(outlier_bert, tmp_path, capsys):
         err = _cli_error(["export", str(outlier_bert), "--out", out, "--quantize", "int8", flag, value], capsys)
         assert f"{flag} {value}" in err
     assert not Path(out).exists()
+
+
+def test_a_held_out_miss_retunes_once_with_the_gap_added(monkeypatch, tmp_path):
+    """The control flow of the one retry: first attempt misses the held-out gate, the second target is
+    raised by the observed gap; a user-given margin or a second miss is an error."""
+    import numpy as np
+
+    from cahp_deploy.errors import CahpError
+    from cahp_deploy.exporters import stage
+
+    margins = []
+
+    def fake_tune(source, dst, feeds, gate, per_channel=None, margin=None, say=None):
+        margins.append(margin)
+        target = 0.995 if margin is None else gate + margin
+        record = {"target_agreement": target, "tuning_agreement": target + 0.001, "excluded_nodes": [1] * len(margins)}
+        return type("Tuned", (), {"record": record, "per_channel": False})()
+
+    class FakeCheck:
+        data_ref = np.array([[1.0, 0.0]] * 100)
+
+        def __init__(self, misses):
+            self.misses = misses
+
+        def int8_gate(self):
+            return 0.99
+
+        def check(self, variant, session, tuned=None):
+            if self.misses:
+                self.misses -= 1
+                raise CahpError("parity check failed for int8")
+            return {"argmax_agreement": 0.993}
+
+        def run(self, session):
+            dat = np.array([[1.0, 0.0]] * 98 + [[0.0, 1.0]] * 2)  # 98 % held out
+            return None, dat
+
+    monkeypatch.setattr(stage.int8_tuning, "tune_int8", fake_tune)
+    monkeypatch.setattr(stage, "_session", lambda path: None)
+    tuned, rec, result = stage._tune_and_check_int8(FakeCheck(1), tmp_path, tmp_path, [], {"on": "t"}, None, None,
+                                                     say=lambda m: None)
+    assert margins[0] is None and margins[1] == pytest.approx(0.995 - 0.99 + (0.996 - 0.98), abs=1e-6)
+    assert [a["held_out_agreement"] for a in rec["attempts"]] == [0.98, 0.993]
+    with pytest.raises(CahpError):  # a second miss
+        stage._tune_and_check_int8(FakeCheck(2), tmp_path, tmp_path, [], {"on": "t"}, None, None, say=lambda m: None)
+    with pytest.raises(CahpError):  # the user chose the margin: no retry behind their back
+        stage._tune_and_check_int8(FakeCheck(1), tmp_path, tmp_path, [], {"on": "t"}, None, 0.001, say=lambda m: None)

@@ -432,7 +432,7 @@ def tune_int8(
         "granularity": granularity,
         "gate": gate,
         "target_agreement": round(target, 6),
-        "target_note": "gate + one binomial standard error of the tuning estimate" if margin is None else f"gate + margin {margin}",
+        "target_note": f"gate + {MARGIN_STANDARD_ERRORS:g} binomial standard errors of the tuning estimate" if margin is None else f"gate + margin {margin}",
         "tuning_agreement": shipped["agreement"],
         "tuning_logit_mse": shipped["logit_mse"],
         "tuning_examples": num_examples,

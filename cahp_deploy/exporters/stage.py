@@ -93,6 +93,41 @@ def _gate_agreement(variant: str, result: dict, minimum: float, where: str, tune
         )
 
 
+def _tune_and_check_int8(check, source: Path, dst: Path, feeds, tune_record: dict | None, per_channel, margin,
+                         say) -> tuple:
+    """Tune INT8 on the tuning rows, then check the gate on the held-out rows; once, retry.
+
+    The search stops at the first node set that clears its target on the tuning rows, so the held-out
+    agreement comes out lower (measured: MiniLM-MNLI pruned, 99.51 % tuned vs 98.90 % held out). When
+    the held-out check misses and the user left the margin at its default, the search runs again with
+    its target raised by the observed gap; the manifest records both attempts. A second miss fails.
+    """
+    gate = check.int8_gate()
+    attempts: list[dict] = []
+    while True:
+        tuned = int8_tuning.tune_int8(source, dst, feeds, gate, per_channel=per_channel, margin=margin, say=say)
+        rec = {**tuned.record, "data": tune_record}
+        try:
+            result = check.check("int8", _session(dst), tuned={"tuning_agreement": rec["tuning_agreement"],
+                                                                "on": (tune_record or {}).get("on")})
+        except CahpError:
+            if attempts or margin is not None:  # retried once already, or the user chose the margin
+                raise
+            rnd, dat = check.run(_session(dst))
+            held_out = parity.compare(check.data_ref, dat) if dat is not None else parity.compare(check.random_ref, rnd)
+            gap = rec["tuning_agreement"] - held_out["argmax_agreement"]
+            attempts.append({"target_agreement": rec["target_agreement"], "tuning_agreement": rec["tuning_agreement"],
+                             "held_out_agreement": held_out["argmax_agreement"], "num_fp32": len(rec["excluded_nodes"])})
+            margin = rec["target_agreement"] - gate + max(gap, 0.0) + 1e-9
+            say(f"int8: held-out agreement {held_out['argmax_agreement']:.2%} missed the gate; retuning to {gate + margin:.2%}")
+            continue
+        rec["attempts"] = attempts + [{"target_agreement": rec["target_agreement"],
+                                       "tuning_agreement": rec["tuning_agreement"],
+                                       "held_out_agreement": result["argmax_agreement"],
+                                       "num_fp32": len(rec["excluded_nodes"])}]
+        return tuned, rec, result
+
+
 class _Parity:
     """Reference logits computed once, then every variant's session checked against them."""
 
@@ -361,13 +396,10 @@ def export(
         if quantize == "int8":
             bar.update(task, description="export: int8")
             dst = tmp / VARIANT_FILES["int8"]
-            tuned = int8_tuning.tune_int8(
-                fused_source, dst, _int8_tuning_feeds(tune_rows, tokenizer, input_names, config), check.int8_gate(),
-                per_channel=per_channel, margin=int8_tuning_margin,
-                say=lambda msg: bar.update(task, description=f"export: {msg}"),
+            tuned, rec, result = _tune_and_check_int8(
+                check, fused_source, dst, _int8_tuning_feeds(tune_rows, tokenizer, input_names, config), tune_record,
+                per_channel, int8_tuning_margin, say=lambda msg: bar.update(task, description=f"export: {msg}"),
             )
-            rec = {**tuned.record, "data": tune_record}
-            result = check.check("int8", _session(dst), tuned={"tuning_agreement": rec["tuning_agreement"], "on": tune_record["on"]})
             report = result["data"] or result["random"]
             variants["int8"] = {
                 "file": dst.name, "source": "optimized" if fused_source != plain else "fp32",
