@@ -20,12 +20,15 @@ cell and the whole knee sensitivity are cut from it; ranking methods (gradient, 
 run once per seed and re-cut at every budget from their scores (top-k with the same one-head-per-layer
 guard the methods apply, which the tests check against the methods themselves); and each finished
 piece (dense accuracy, evidence, selection, cell, sensitivity) is cached under ``OUT/cells/`` keyed
-by a hash of its inputs, so an interrupted study resumes where it stopped.
+by a hash of its inputs (CAHP's cells also by the evidence's content), so an interrupted study resumes
+where it stopped. The keys do not cover this package's code: after changing a method, delete its
+``cells/select-*`` and ``cells/cell-*`` files.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import logging
@@ -283,6 +286,17 @@ def _evidence(inputs: _Inputs, cfg: StudyConfig, cache: CellCache):
     return evidence
 
 
+def _evidence_fingerprint(evidence) -> str | None:
+    """What CAHP's cells and the sensitivity scan depend on, by content: the evidence pickle is not
+    committed, so a rerun recomputes it, and a change in how it is computed must redo those cells."""
+    if evidence is None:
+        return None
+    parts = [np.ascontiguousarray(evidence.profiles, dtype=np.float64).tobytes()]
+    if evidence.salience is not None:
+        parts.append(np.ascontiguousarray(evidence.salience, dtype=np.float64).tobytes())
+    return hashlib.sha256(b"".join(parts) + str(int(evidence.knee.k)).encode()).hexdigest()
+
+
 def _selection_record(sel, seconds: float) -> dict[str, Any]:
     return {
         "kept_heads": sel.kept_heads,
@@ -352,7 +366,8 @@ def _cell(method: str, seed: int, fraction: float | None, heads: int, inputs: _I
                           "max_examples": cfg.recover_max_examples, "rows": inputs.recover.provenance()}
     key = sha256_json({**inputs.base_key, "what": "cell", "method": method, "seed": seed, "heads": heads,
                        "label": label, "options": cfg.method_options.get(method, {}),
-                       "cahp_options": cfg.method_options.get("cahp", {}), "recover": recover_params})
+                       "cahp_options": cfg.method_options.get("cahp", {}), "recover": recover_params,
+                       **({"evidence": _evidence_fingerprint(evidence)} if method == "cahp" else {})})
     cached = cache.get(name, key)
     if cached is not None:
         return cached
@@ -475,7 +490,8 @@ def study(
             task = bar.add_task("knee sensitivity", total=None)
             t = time.perf_counter()
             sens_key = sha256_json({**inputs.base_key, "what": "sensitivity", "cahp": cfg.method_options.get("cahp", {}),
-                                    "seed": cfg.seed, "degrees": cfg.degrees, "seeds": cfg.sensitivity_seeds})
+                                    "seed": cfg.seed, "degrees": cfg.degrees, "seeds": cfg.sensitivity_seeds,
+                                    "evidence": _evidence_fingerprint(evidence)})
             sensitivity = cache.get("sensitivity", sens_key)
             if sensitivity is None:
                 sensitivity = cache.put("sensitivity", sens_key, knee_sensitivity(

@@ -209,3 +209,33 @@ def test_cli_with_a_test_split(tiny_models, tiny_data, tmp_path):
     assert all(c["accuracy_before"]["test"] == c["accuracy_before"]["eval"] for c in data["cells"])
     md = (out / "study.md").read_text()
     assert "> **REDUCED: a test run**" in md and "## Final table (`test`): before recovery" in md
+
+
+def test_new_cahp_evidence_redoes_cahp_cells_only(done, tiny_models, tiny_data, monkeypatch, tmp_path):
+    """The evidence pickle is a local cache: when it is recomputed and comes out different (e.g. after a
+    change in how salience is computed), CAHP's cells and the sensitivity scan must not be reused."""
+    import dataclasses
+    import shutil
+
+    from cahp_deploy import study_sensitivity
+    from cahp_deploy.methods import cahp as cahp_mod
+
+    out, _ = done
+    copy_dir = tmp_path / "s"
+    shutil.copytree(out, copy_dir)
+    (copy_dir / "cells" / "cahp_evidence.pkl").unlink()
+    real = cahp_mod.collect_evidence
+
+    def shifted(ctx):
+        ev = real(ctx)
+        return dataclasses.replace(ev, salience=ev.salience[::-1].copy())
+
+    monkeypatch.setattr(cahp_mod, "collect_evidence", shifted)
+    monkeypatch.setattr(study_mod, "_recover_and_measure", lambda *a, **k: ({"eval": -1.0}, {"epochs": []}))
+    scans = []
+    real_scan = study_sensitivity.knee_sensitivity
+    monkeypatch.setattr(study_sensitivity, "knee_sensitivity", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
+    again = study(tiny_models["bert"], tiny_data, copy_dir, StudyConfig(**SMALL), force=True, show_progress=False)
+    redone = {c["method"]: c["accuracy_after"] == {"eval": -1.0} for c in again["cells"] if c["budget"] == "50%"}
+    assert redone == {"cahp": True, "gradient": False, "random": False}
+    assert scans == [1]
