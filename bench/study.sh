@@ -6,8 +6,8 @@
 #                             minilm-sst5 (select on train, measure on validation, final table on test) and
 #                             minilm-mnli (select on train, measure on validation_matched, final table on
 #                             validation_mismatched). Many CPU-hours: see bench/results/study/README.md.
-#   bench/study.sh reduced    the reduced minilm-sst5 run committed in bench/results/study/reduced-minilm-sst5
-#                             (~20 min on 1 loaded core).
+#   bench/study.sh reduced    the reduced runs committed in bench/results/study/reduced-minilm-{sst5,mnli}
+#                             (about an hour on one core; see bench/results/study/README.md).
 #
 # Both resume: finished cells are cached under <out>/cells and reused (--force only rewrites the report).
 # SHARED (default ../shared) locates the reference models and data; THREADS (default 1) sets torch's threads.
@@ -20,9 +20,14 @@ export OMP_NUM_THREADS=${THREADS:-1}
 case "${1:-}" in
   reduced)
     cahp-deploy study "$SHARED/models/minilm-sst5" --data "$SHARED/data/sst5" --out "$OUT/reduced-minilm-sst5" \
-      --select-split train --eval-split validation --budgets 0.25,0.5 --methods cahp,gradient,random \
-      --random-seeds 0 --max-examples 2000 --recover-epochs 1 --recover-max-examples 1000 \
-      --note "REDUCED run: budgets 25%/50% + knee; cahp, gradient, random (1 seed); selection on the first 2,000 train examples; recovery 1 epoch on 1,000 train examples (the reference: 3 epochs on all 8,544); no test-split table." \
+      --select-split train --eval-split validation --budgets 0.25,0.5 --random-seeds 0,1,2 \
+      --max-examples 2000 --recover-epochs 1 --recover-max-examples 1000 \
+      --note "REDUCED run: budgets 25%/50% + knee; all 7 methods (random: 3 seeds); selection on the first 2,000 train examples; recovery 1 epoch on 1,000 train examples (the reference: 3 epochs on all 8,544); no test-split table." \
+      --force
+    cahp-deploy study "$SHARED/models/minilm-mnli" --data "$SHARED/data/mnli" --out "$OUT/reduced-minilm-mnli" \
+      --select-split train --eval-split validation_matched --eval-max-examples 2000 --budgets 0.25,0.5 \
+      --random-seeds 0,1,2 --max-examples 2000 --recover-epochs 1 --recover-max-examples 1000 \
+      --note "REDUCED run: budgets 25%/50% + knee; all 7 methods (random: 3 seeds); selection on the first 2,000 train pairs; recovery 1 epoch on 1,000 train pairs (the reference: 3 epochs on all 9,999); measured on the first 2,000 validation_matched pairs; no validation_mismatched table." \
       --force
     ;;
   full)
