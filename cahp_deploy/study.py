@@ -286,11 +286,9 @@ def _evidence(inputs: _Inputs, cfg: StudyConfig, cache: CellCache):
     return evidence
 
 
-def _evidence_fingerprint(evidence) -> str | None:
+def _evidence_fingerprint(evidence) -> str:
     """What CAHP's cells and the sensitivity scan depend on, by content: the evidence pickle is not
     committed, so a rerun recomputes it, and a change in how it is computed must redo those cells."""
-    if evidence is None:
-        return None
     parts = [np.ascontiguousarray(evidence.profiles, dtype=np.float64).tobytes()]
     if evidence.salience is not None:
         parts.append(np.ascontiguousarray(evidence.salience, dtype=np.float64).tobytes())
@@ -356,7 +354,7 @@ def _run_method(method: str, seed: int, heads: int, inputs: _Inputs, options: di
 
 
 def _cell(method: str, seed: int, fraction: float | None, heads: int, inputs: _Inputs, cfg: StudyConfig,
-          cache: CellCache, evidence) -> dict[str, Any]:
+          cache: CellCache, evidence, evidence_fp: str | None) -> dict[str, Any]:
     """One (method, seed, budget): selection, accuracy before and after recovery (cached)."""
     label = _budget_label(fraction)
     name = f"cell-{method}-s{seed}-{_file_label(label)}"
@@ -367,7 +365,7 @@ def _cell(method: str, seed: int, fraction: float | None, heads: int, inputs: _I
     key = sha256_json({**inputs.base_key, "what": "cell", "method": method, "seed": seed, "heads": heads,
                        "label": label, "options": cfg.method_options.get(method, {}),
                        "cahp_options": cfg.method_options.get("cahp", {}), "recover": recover_params,
-                       **({"evidence": _evidence_fingerprint(evidence)} if method == "cahp" else {})})
+                       **({"evidence": evidence_fp} if method == "cahp" else {})})
     cached = cache.get(name, key)
     if cached is not None:
         return cached
@@ -474,11 +472,12 @@ def study(
             dense = cache.put("dense", dense_key, _accuracies(inputs.model, inputs.tokenizer, inputs, cfg))
         timings["dense_eval"] = time.perf_counter() - t
 
-        evidence, knee_record, sensitivity = None, None, None
+        evidence, evidence_fp, knee_record, sensitivity = None, None, None, None
         if "cahp" in cfg.methods and "cahp" not in skipped:
             task = bar.add_task("CAHP evidence (signatures, salience, sweep)", total=None)
             t = time.perf_counter()
             evidence = _evidence(inputs, cfg, cache)
+            evidence_fp = _evidence_fingerprint(evidence)
             from cahp_deploy.methods.cahp import select_at
 
             knee_sel = select_at(evidence, evidence.knee.k)
@@ -491,7 +490,7 @@ def study(
             t = time.perf_counter()
             sens_key = sha256_json({**inputs.base_key, "what": "sensitivity", "cahp": cfg.method_options.get("cahp", {}),
                                     "seed": cfg.seed, "degrees": cfg.degrees, "seeds": cfg.sensitivity_seeds,
-                                    "evidence": _evidence_fingerprint(evidence)})
+                                    "evidence": evidence_fp})
             sensitivity = cache.get("sensitivity", sens_key)
             if sensitivity is None:
                 sensitivity = cache.put("sensitivity", sens_key, knee_sensitivity(
@@ -508,7 +507,7 @@ def study(
         t = time.perf_counter()
         for method, seed, fraction, heads in plan:
             bar.update(task, description=f"{method} (seed {seed}) @ {_budget_label(fraction)} = {heads} heads")
-            cells.append(_cell(method, seed, fraction, heads, inputs, cfg, cache, evidence))
+            cells.append(_cell(method, seed, fraction, heads, inputs, cfg, cache, evidence, evidence_fp))
             bar.advance(task)
         timings["cells"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
