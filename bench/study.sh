@@ -7,7 +7,7 @@
 #                             minilm-mnli (select on train, measure on validation_matched, final table on
 #                             validation_mismatched). Many CPU-hours: see bench/results/study/README.md.
 #   bench/study.sh reduced    the reduced runs committed in bench/results/study/reduced-minilm-{sst5,mnli}
-#                             (about an hour on one core; see bench/results/study/README.md).
+#                             (~50 min + ~95 min on one core each; see bench/results/study/README.md).
 #
 # Both resume: finished cells are cached under <out>/cells and reused (--force only rewrites the report).
 # SHARED (default ../shared) locates the reference models and data; THREADS (default 1) sets torch's threads.
