@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from cahp_deploy import accuracy_budget
+from cahp_deploy.run import accuracy_budget
 
 from conftest import _FILLER, _WORDS, build_tiny_model, tokenizer_dir
 
@@ -62,7 +62,7 @@ def planted(tmp_path_factory):
 
 def settings_for(data, dense, max_drop, recover=RECOVER):
     from cahp_deploy.data import load_labelled
-    from cahp_deploy.pipeline import model_sha256
+    from cahp_deploy.run.pipeline import model_sha256
 
     return accuracy_budget.SearchSettings(
         model=str(dense), data=str(data), model_sha256=model_sha256(dense),
@@ -145,7 +145,7 @@ def test_run_cli_with_impossible_budget_stops_in_one_line_without_artifact(plant
 
 
 def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhaustive, tmp_path):
-    from cahp_deploy.pipeline import run
+    from cahp_deploy.run.pipeline import run
 
     _, data, dense = planted
     _, ks, dense_acc, table = exhaustive

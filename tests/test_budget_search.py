@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cahp_deploy.budget_search import CandidateResult, search_k
+from cahp_deploy.run.budget_search import CandidateResult, search_k
 from cahp_deploy.errors import CahpError
 
 

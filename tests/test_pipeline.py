@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cahp_deploy import schema
-from cahp_deploy.pipeline import run
+from cahp_deploy.run.pipeline import run
 
 STAGES = ["select", "prune", "recover", "export-dense", "export-pruned", "bench"]
 #: tiny settings: a seeded baseline method (no t-SNE), one short grid cell, little timing

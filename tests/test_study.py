@@ -9,14 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from cahp_deploy import evaluation, schema
-from cahp_deploy import study as study_mod
+from cahp_deploy.study import experiment as study_mod
 from cahp_deploy.cli import cli
 from cahp_deploy.data import load_labelled
 from cahp_deploy.errors import CahpError
 from cahp_deploy.methods import REGISTRY, MethodContext
 from cahp_deploy.modeling import load_classifier
-from cahp_deploy.study import StudyConfig, parse_budgets, parse_method_option, study
-from cahp_deploy.study_sensitivity import jaccard, knee_sensitivity, with_degree
+from cahp_deploy.study.experiment import StudyConfig, parse_budgets, parse_method_option, study
+from cahp_deploy.study.sensitivity import jaccard, knee_sensitivity, with_degree
 
 SMALL = dict(budgets=(0.5,), methods=("cahp", "gradient", "random"), random_seeds=(0, 1), recover_epochs=1,
              degrees=(2, 6), sensitivity_seeds=(0, 1))
@@ -217,7 +217,7 @@ def test_new_cahp_evidence_redoes_cahp_cells_only(done, tiny_models, tiny_data, 
     import dataclasses
     import shutil
 
-    from cahp_deploy import study_sensitivity
+    from cahp_deploy.study import sensitivity as study_sensitivity
     from cahp_deploy.methods import cahp as cahp_mod
 
     out, _ = done

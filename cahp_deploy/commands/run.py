@@ -98,6 +98,6 @@ def command(model, data, out, quantize, **options):
     OUT/run.json              what each stage saw and made; a rerun skips stages still up to date
     """
     passive_omp_threads()
-    from cahp_deploy.pipeline import print_result, run
+    from cahp_deploy.run.pipeline import print_result, run
 
     print_result(run(model, data, out, quantize=None if quantize == "none" else quantize, **options))

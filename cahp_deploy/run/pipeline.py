@@ -6,7 +6,7 @@
       └───────────────────────────────────────────────────────────────────export─▶ OUT/artifacts/dense/ ──────────┴─bench─▶ OUT/report/
 
 With ``max_accuracy_drop`` (``--max-accuracy-drop P``), select/prune/recover become one ``search``
-stage (:mod:`cahp_deploy.accuracy_budget`, into ``OUT/search/``) that tries CAHP cuts from the knee
+stage (:mod:`cahp_deploy.run.accuracy_budget`, into ``OUT/search/``) that tries CAHP cuts from the knee
 towards more heads until the recovered model is within P points of dense; export takes its chosen
 model. Either way ``OUT/summary.md`` answers the user's question first, in words.
 
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cahp_deploy import run_summary, schema
+from cahp_deploy import schema
+from cahp_deploy.run import summary as run_summary
 from cahp_deploy.atomic import atomic_file
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_dir, sha256_file, sha256_json
@@ -373,7 +374,7 @@ def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, p
 
 def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, model_hash: str):
     """The accuracy-budget path: the search stage; returns its chosen model dir."""
-    from cahp_deploy import accuracy_budget
+    from cahp_deploy.run import accuracy_budget
 
     options = dict(plan.select_kwargs.get("options") or {})
     settings = accuracy_budget.SearchSettings(
@@ -556,7 +557,7 @@ def summarize(out: str | os.PathLike, record: dict[str, Any] | None = None) -> d
 
 def print_result(result: dict[str, Any], console=None) -> None:
     """What `run` and `demo` print: the answer in words, the table, where the reports are."""
-    from cahp_deploy.run_summary import headline
+    from cahp_deploy.run.summary import headline
 
     console = console or summary_console()
     for line in headline(result["summary"]):

@@ -2,7 +2,7 @@
 
 CAHP's evidence (signatures, profiles, the cluster sweep, the knee) is collected once. Each candidate
 k is a cut of that sweep (:func:`cahp_deploy.methods.cahp.select_at`, guard included), pruned,
-recovered and measured on the evaluation split; :func:`cahp_deploy.budget_search.search_k` decides
+recovered and measured on the evaluation split; :func:`cahp_deploy.run.budget_search.search_k` decides
 which k to try (the knee first, then galloping and bisection towards more heads), so a search costs
 a handful of recoveries, not one per k. The last candidate is k = N: every head kept, the dense-sized
 model, recovered like the others.
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cahp_deploy.atomic import atomic_dir, atomic_file
-from cahp_deploy.budget_search import CandidateResult, SearchResult, search_k
+from cahp_deploy.run.budget_search import CandidateResult, SearchResult, search_k
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_json
 

@@ -4,9 +4,9 @@ The evidence behind "the heads that matter, chosen automatically": for each meth
 knee and at fixed budgets, gradient salience, random with several seeds, the literature baselines)
 and each budget (fractions of all heads, plus the number CAHP keeps at its knee), the accuracy on a
 held-out split with the other heads removed, before and after a recovery fine-tune; CAHP's knee
-sensitivity (:mod:`cahp_deploy.study_sensitivity`); the kept heads per layer. Results go to
+sensitivity (:mod:`cahp_deploy.study.sensitivity`); the kept heads per layer. Results go to
 ``study.json`` (schema :data:`cahp_deploy.schema.STUDY`), ``study.md`` and plots
-(:mod:`cahp_deploy.study_report`).
+(:mod:`cahp_deploy.study.report`).
 
 How heads are removed, and why it is fair:
 
@@ -442,8 +442,8 @@ def study(
     An ``out`` holding a finished study (study.json) is an error without ``force``; an ``out`` holding
     only ``cells/`` is resumed: cells whose inputs are unchanged are reused. Returns study.json's contents.
     """
-    from cahp_deploy import study_report
-    from cahp_deploy.study_sensitivity import knee_sensitivity
+    from cahp_deploy.study import report as study_report
+    from cahp_deploy.study.sensitivity import knee_sensitivity
 
     cfg = config or StudyConfig()
     cfg.validate()
