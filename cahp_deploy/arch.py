@@ -44,6 +44,10 @@ class ArchSpec:
         It decides what a zero-head layer's replacement returns: LN(x + b) or b.
     config_heads, config_layers, config_hidden : attribute names in the HF config.
     onnx_model_type : ``model_type`` for ONNX Runtime's transformer optimizer.
+    ffn_in, ffn_out : paths from a block to the feed-forward projections: ``ffn_in`` (H -> I, the
+        intermediate "neurons", followed by the activation) and ``ffn_out`` (I -> H). Neuron n is row
+        n of ``ffn_in`` (and its bias) and column n of ``ffn_out``; the *input* of ``ffn_out``,
+        (B, S, I), holds the activations, where neuron gates and FFN signatures are taken.
     attention_probs : path from a block to the module whose *output* is the attention probabilities,
         (B, heads, S, S), right before they multiply V (the eager path's attention dropout, an
         identity in eval mode). A forward hook there can read or replace the maps (attention
@@ -60,6 +64,8 @@ class ArchSpec:
     attention_block: str
     heads_attr: str
     width_attr: str
+    ffn_in: str = "intermediate.dense"
+    ffn_out: str = "output.dense"
     config_heads: str = "num_attention_heads"
     config_layers: str = "num_hidden_layers"
     config_hidden: str = "hidden_size"
@@ -103,6 +109,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         config_hidden="dim",
         config_intermediate="hidden_dim",
         attention_probs="attention.dropout",
+        ffn_in="ffn.lin1",
+        ffn_out="ffn.lin2",
     ),
 )
 
@@ -164,6 +172,29 @@ def output_projection(model: nn.Module, layer: int) -> nn.Linear:
     return get_path(layers(model)[layer], spec_for(model).output)
 
 
+def intermediate_size(config) -> int:
+    """FFN width (neurons per layer) of the *dense* architecture."""
+    return int(getattr(config, spec_for(config).config_intermediate))
+
+
+#: config.json field in which the pruner records kept FFN neurons per layer (original indices).
+KEPT_NEURONS_FIELD = "cahp_kept_neurons"
+
+
+def neurons_per_layer(model: nn.Module) -> list[int]:
+    """Current FFN width of every layer (after neuron pruning, these differ from the config)."""
+    config = model.config
+    kept = getattr(config, KEPT_NEURONS_FIELD, None)
+    if kept is not None:
+        return [len(k) for k in kept]
+    return [intermediate_size(config)] * num_layers(config)
+
+
+def ffn_output_projection(model: nn.Module, layer: int) -> nn.Linear:
+    """Layer ``layer``'s FFN output projection; its input is the (B, S, neurons) activations."""
+    return get_path(layers(model)[layer], spec_for(model).ffn_out)
+
+
 def attention_probs_module(model: nn.Module, layer: int) -> nn.Module:
     """The module whose output is layer ``layer``'s attention probabilities (see ``ArchSpec.attention_probs``).
 
@@ -223,6 +254,10 @@ __all__ = [
     "get_path",
     "head_dim",
     "heads_per_layer",
+    "intermediate_size",
+    "neurons_per_layer",
+    "ffn_output_projection",
+    "KEPT_NEURONS_FIELD",
     "hidden_size",
     "layers",
     "max_sequence_length",

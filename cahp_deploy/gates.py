@@ -91,6 +91,72 @@ def head_mask(model: nn.Module, keep: Sequence[Sequence[int]]) -> Iterator[HeadG
         yield gates
 
 
+class NeuronGates:
+    """Hooks that scale each FFN neuron's activation by a gate: the FFN twin of :class:`HeadGates`.
+
+    The gate multiplies the *input* of each layer's FFN output projection, (B, S, neurons), so gating
+    neuron n to 0 is exactly removing row n of the intermediate projection and column n of the output
+    projection. ``values``: one tensor per layer, (neurons,) or per example (B, neurons).
+    ``on_activation(layer, activations)``, if given, sees each layer's gated activations (the FFN
+    signatures are taken there, in the same forward pass).
+    """
+
+    def __init__(self, model: nn.Module, values: Sequence[torch.Tensor] | None = None, on_activation=None):
+        self.model = model
+        counts = arch.neurons_per_layer(model)
+        device = next(model.parameters()).device
+        if values is None:
+            values = [torch.ones(n, device=device) for n in counts]
+        if len(values) != len(counts):
+            raise ValueError(f"expected {len(counts)} gate tensors, got {len(values)}")
+        self.values: list[torch.Tensor] = list(values)
+        self.on_activation = on_activation
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, layer: int):
+        def pre_hook(module: nn.Module, args: tuple):
+            (act, *rest) = args
+            gate = self.values[layer].to(act.dtype)
+            if gate.shape[-1] == 0:  # a layer pruned to no neuron keeps one inert unit (pruning.rewrite)
+                return None
+            act = act * (gate.view(1, 1, -1) if gate.dim() == 1 else gate.unsqueeze(1))
+            if self.on_activation is not None:
+                self.on_activation(layer, act)
+            return (act, *rest)
+
+        return pre_hook
+
+    def attach(self) -> NeuronGates:
+        for i in range(len(self.values)):
+            proj = arch.ffn_output_projection(self.model, i)
+            self._handles.append(proj.register_forward_pre_hook(self._hook(i)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> NeuronGates:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+@contextlib.contextmanager
+def neuron_mask(model: nn.Module, keep: Sequence[Sequence[int]]) -> Iterator[NeuronGates]:
+    """Gate off every FFN neuron not listed in ``keep`` (per layer, original neuron indices)."""
+    device = next(model.parameters()).device
+    values = []
+    for n, kept in zip(arch.neurons_per_layer(model), keep, strict=True):
+        g = torch.zeros(n, device=device)
+        g[list(kept)] = 1.0
+        values.append(g)
+    with NeuronGates(model, values) as gates:
+        yield gates
+
+
 def mask_to_keep(mask) -> list[list[int]]:
     """A (layers, heads) 0/1 array to the per-layer list of kept head indices."""
     return [[h for h, v in enumerate(row) if v] for row in mask]

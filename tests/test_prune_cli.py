@@ -17,7 +17,8 @@ from conftest import ARCHS
 PRUNING_KEYS = {
     "schema", "kept_heads", "heads_per_layer_kept", "num_heads_kept", "num_heads_total", "params_before",
     "params_after", "macs_seq128", "flop_ceiling_speedup", "selection_sha256", "source_model",
-    "source_model_sha256",
+    "source_model_sha256", "kept_neurons", "neurons_per_layer_kept", "num_neurons_kept", "num_neurons_total",
+    "per_layer",
 }
 MAC_KEYS = {"attention_before", "attention_after", "ffn_before", "ffn_after", "total_before", "total_after"}
 

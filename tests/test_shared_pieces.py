@@ -217,9 +217,21 @@ def test_selection_json_round_trip(tmp_path):
                     knee=3, mss_curve={2: 0.5, 3: 0.7}, seed=7)
     sel.to_json(tmp_path / "s.json")
     d = json.loads((tmp_path / "s.json").read_text())
-    assert d["schema"] == "cahp-deploy/selection/1" and d["num_heads_kept"] == 3 and d["kept_heads"][0] == [0, 2]
+    assert d["schema"] == "cahp-deploy/selection/2" and d["num_heads_kept"] == 3 and d["kept_heads"][0] == [0, 2]
+    assert d["kept_neurons"] is None and d["num_neurons_kept"] is None
     back = Selection.from_json(tmp_path / "s.json")
     assert back.to_dict() == sel.to_dict()
+    # a version-1 file (no neuron fields) is still read
+    old = {k: v for k, v in d.items() if k not in ("kept_neurons", "num_neurons_kept", "num_neurons_total",
+                                                   "neurons_per_layer", "ffn")}
+    (tmp_path / "v1.json").write_text(json.dumps({**old, "schema": "cahp-deploy/selection/1"}))
+    assert Selection.from_json(tmp_path / "v1.json").to_dict() == sel.to_dict()
+    # neurons round-trip
+    sel2 = Selection(method="cahp", kept_heads=[[0], [1], [2]], num_heads_total=9, heads_per_layer=3,
+                     kept_neurons=[[3, 1], [], [0]], neurons_per_layer=4, ffn={"method": "gradient"})
+    d2 = sel2.to_dict()
+    assert d2["kept_neurons"] == [[1, 3], [], [0]] and d2["num_neurons_kept"] == 3 and d2["num_neurons_total"] == 12
+    assert Selection.from_dict(json.loads(json.dumps(d2))).to_dict() == d2
     d["schema"] = "cahp-deploy/selection/9"
     (tmp_path / "s.json").write_text(json.dumps(d))
     with pytest.raises(CahpError, match="expected schema"):

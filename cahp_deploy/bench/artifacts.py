@@ -79,6 +79,8 @@ class Artifact:
             "num_heads_kept": m.get("num_heads_kept"),
             "num_heads_total": m.get("num_heads_total"),
             "kept_heads": m.get("kept_heads"),
+            "num_neurons_kept": m.get("num_neurons_kept"),
+            "num_neurons_total": m.get("num_neurons_total"),
             "flop_ceiling_speedup": self.flop_ceiling,
             "source_model": m.get("source_model"),
             "source_model_sha256": m.get("source_model_sha256"),

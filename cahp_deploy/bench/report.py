@@ -88,7 +88,11 @@ def _params(x) -> str:
 
 def _heads(a: dict) -> str:
     kept, total = a.get("num_heads_kept"), a.get("num_heads_total")
-    return "—" if kept is None else f"{kept}/{total}"
+    if kept is None:
+        return "—"
+    n_kept, n_total = a.get("num_neurons_kept"), a.get("num_neurons_total")
+    ffn = f", FFN {n_kept}/{n_total}" if n_kept is not None and n_kept != n_total else ""
+    return f"{kept}/{total}{ffn}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

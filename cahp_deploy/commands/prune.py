@@ -28,8 +28,10 @@ def command(model: str, selection: str, out: str, force: bool) -> None:
     path = prune(model, selection, out, force=force)
     rec = json.loads((path / "pruning.json").read_text())
     macs = rec["macs_seq128"]
+    neurons = "" if rec.get("num_neurons_kept") is None else \
+        f", {rec['num_neurons_kept']}/{rec['num_neurons_total']} FFN neurons"
     click.echo(
-        f"kept {rec['num_heads_kept']}/{rec['num_heads_total']} heads; "
+        f"kept {rec['num_heads_kept']}/{rec['num_heads_total']} heads{neurons}; "
         f"parameters {rec['params_before']:,} -> {rec['params_after']:,} "
         f"(-{1 - rec['params_after'] / rec['params_before']:.1%}); "
         f"MACs/sequence@128 {macs['total_before'] / 1e9:.3f}G -> {macs['total_after'] / 1e9:.3f}G "

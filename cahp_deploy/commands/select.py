@@ -33,7 +33,13 @@ from cahp_deploy.methods import REGISTRY
 @click.option("--budget-from", type=click.Path(dir_okay=False), default=None,
               help="Budget: as many heads as this selection.json keeps (compare methods at equal budgets).")
 @click.option("--allow-empty-layers", is_flag=True,
-              help="Let a layer lose all its heads (by default each layer keeps its most salient one).")
+              help="Let a layer lose all its heads (and FFN neurons) (by default each layer keeps its most salient one).")
+@click.option("--ffn-method", type=click.Choice(["cahp", "gradient", "random"]), default=None,
+              help="Also select FFN neurons with this method [cahp with --method cahp, else gradient].")
+@click.option("--ffn-keep-ratio", type=float, default=None, help="FFN budget: keep this fraction of the neurons.")
+@click.option("--ffn-neurons", type=int, default=None,
+              help="FFN budget: keep this many neurons in all (layers may end up ragged). "
+                   "CAHP without a budget keeps each layer's knee.")
 @click.option("--batch-size", type=int, default=None,
               help="Examples per forward pass (CAHP signatures; training batch of l0/dsp/pass) [method's default].")
 @click.option("--max-length", type=int, default=None, help="Tokens per example at most [method's default].")
@@ -54,7 +60,8 @@ def command(model: str, data: str, split: str, text_column: str | None, text_pai
             label_column: str, out: str, method: str, degree: int, pool_size: int, space: str,
             representative: str, salience_fraction: float, max_examples: int | None, seed: int,
             heads: int | None, keep_ratio: float | None, budget_from: str | None,
-            allow_empty_layers: bool, force: bool, lambda_: float | None, **method_options) -> None:
+            allow_empty_layers: bool, force: bool, lambda_: float | None, ffn_method: str | None,
+            ffn_keep_ratio: float | None, ffn_neurons: int | None, **method_options) -> None:
     """Select which attention heads of MODEL to keep, from labelled --data; write --out.
 
     With CAHP (the default) the number of heads comes from the knee of the MSS curve; no ratio to
@@ -71,10 +78,14 @@ def command(model: str, data: str, split: str, text_column: str | None, text_pai
             "salience_fraction": salience_fraction, "allow_empty_layers": allow_empty_layers,
             "lambda": lambda_, **method_options,
         },
-        force=force,
+        force=force, ffn_method=ffn_method, ffn_keep_ratio=ffn_keep_ratio, ffn_neurons=ffn_neurons,
     )
     knee = f" (k*={sel.knee})" if sel.knee is not None else ""
     per_layer = " ".join(str(len(k)) for k in sel.kept_heads)
     wrote = f"{out} and {curve_path(out)}" if sel.mss_curve else out
+    neurons = ""
+    if sel.kept_neurons is not None:
+        neurons = (f"; {sel.ffn.get('method')}: kept {sel.num_neurons_kept}/{sel.num_neurons_total} FFN neurons, "
+                   f"per layer [{' '.join(str(len(k)) for k in sel.kept_neurons)}]")
     click.echo(f"{sel.method}: kept {sel.num_heads_kept}/{sel.num_heads_total} heads{knee}; "
-               f"per layer [{per_layer}]; wrote {wrote}")
+               f"per layer [{per_layer}]{neurons}; wrote {wrote}")

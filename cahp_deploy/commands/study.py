@@ -48,12 +48,16 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 @click.option("--text-column", default=None, help="Text column [default: text, or premise/hypothesis].")
 @click.option("--text-pair-column", default=None, help="Second text column for pair tasks.")
 @click.option("--label-column", default="label", show_default=True)
+@click.option("--axis", type=click.Choice(["heads", "ffn"]), default="heads", show_default=True,
+              help="heads: the head-selection methods; ffn: FFN neuron methods (every head kept) at --ffn-ratios.")
+@click.option("--ffn-ratios", default="0.25,0.5,0.75", show_default=True, help="--axis ffn: fractions of FFN neurons to keep.")
+@click.option("--ffn-methods", default="cahp,gradient,random", show_default=True, help="--axis ffn: neuron methods to compare.")
 @click.option("--note", default=None, help="A line shown at the top of study.md (e.g. 'REDUCED run: ...').")
 @force_option
 def command(model, data, out, select_split, eval_split, test_split, budgets, methods, random_seeds, recover,
             recover_epochs, recover_max_examples, recover_lr, recover_batch_size, max_examples, eval_max_examples,
             max_length, degrees, sensitivity_seeds, method_options, seed, text_column, text_pair_column,
-            label_column, note, force):
+            label_column, axis, ffn_ratios, ffn_methods, note, force):
     """Compare every selection method on MODEL at several budgets, before and after recovery."""
     from cahp_deploy.study.experiment import StudyConfig, parse_budgets, parse_method_option, study
 
@@ -67,6 +71,16 @@ def command(model, data, out, select_split, eval_split, test_split, budgets, met
         sensitivity_seeds=_ints(sensitivity_seeds, "--sensitivity-seeds"),
         method_options=parse_method_option(method_options), note=note,
     )
+    if axis == "ffn":
+        from cahp_deploy.study.ffn_axis import ffn_study
+
+        res = ffn_study(model, data, out, cfg, ratios=parse_budgets(ffn_ratios),
+                        methods=tuple(m.strip() for m in ffn_methods.split(",") if m.strip()),
+                        columns=dict(text_column=text_column, text_pair_column=text_pair_column,
+                                     label_column=label_column))
+        click.echo(f"FFN study written to {out}: {len(res['cells'])} cells in {res['seconds'] / 60:.1f} min "
+                   f"(see {out}/ffn_study.md)")
+        return
     result = study(model, data, out, cfg, text_column=text_column, text_pair_column=text_pair_column,
                    label_column=label_column, force=force,
                    command="cahp-deploy " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

@@ -286,6 +286,18 @@ def _read_pruning(model_dir: Path) -> dict | None:
     return record
 
 
+def _neuron_fields(config, n_layers: int) -> dict:
+    """FFN neurons in the manifest: kept per layer (null when the FFN is dense), counts."""
+    kept = getattr(config, arch.KEPT_NEURONS_FIELD, None)
+    total = n_layers * arch.intermediate_size(config)
+    return {
+        "kept_neurons": kept,
+        "neurons_per_layer": None if kept is None else [len(k) for k in kept],
+        "num_neurons_kept": total if kept is None else int(sum(len(k) for k in kept)),
+        "num_neurons_total": total,
+    }
+
+
 def export(
     model_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -445,6 +457,7 @@ def export(
             "heads_per_layer": heads,
             "num_heads_kept": int(sum(heads)),
             "num_heads_total": int(n_layers * dense_heads),
+            **_neuron_fields(config, n_layers),
             "pruning": pruning,
             "source_model": str(model_dir),
             "source_model_sha256": sha256_dir(model_dir),

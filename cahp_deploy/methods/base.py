@@ -21,6 +21,9 @@ class MethodContext:
     ``budget`` is the number of heads to keep (None: the method decides, as CAHP and L0 can).
     ``options`` holds method-specific CLI options (``degree``, ``pool_size``, ``steps``...), with the
     method supplying defaults for anything absent. ``progress`` is a ``rich.progress.Progress`` or None.
+    ``ffn`` is an entered :class:`~cahp_deploy.signals.ffn.FfnCollector` or None: a method whose module
+    sets ``FEEDS_FFN = True`` (CAHP) feeds it from its own passes over the data, so FFN neurons cost no
+    extra pass.
     """
 
     model: nn.Module
@@ -30,6 +33,7 @@ class MethodContext:
     seed: int = 42
     options: dict[str, Any] = field(default_factory=dict)
     progress: Any = None
+    ffn: Any = None
 
 
 class Method(Protocol):

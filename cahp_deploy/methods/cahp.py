@@ -43,6 +43,9 @@ from cahp_deploy.selection.representatives import (
 from cahp_deploy.selection.result import Selection
 from cahp_deploy.selection.separability import class_pairs, jm_profiles
 
+#: CAHP's passes over the data also feed ``ctx.ffn`` (FFN neuron evidence), see MethodContext.
+FEEDS_FFN = True
+
 DEFAULTS: dict[str, Any] = {
     "degree": DEFAULT_DEGREE,
     "pool_size": 32,
@@ -141,14 +144,14 @@ def collect_evidence(ctx: MethodContext) -> CahpEvidence:
         n_sal = salience_examples(len(ctx.data), opts["salience_fraction"])
         salience = head_salience(ctx.model, ctx.tokenizer, ctx.data.head(n_sal), fraction=1.0,
                                  batch_size=opts["salience_batch_size"], max_length=opts["max_length"],
-                                 progress=ctx.progress, attention_sink=collector.add)
+                                 progress=ctx.progress, attention_sink=collector.add, ffn=ctx.ffn)
         rest = ctx.data.subset(np.arange(n_sal, len(ctx.data)))
     pooled_during_salience = collector.seconds
     timings["salience"] = time.perf_counter() - t - pooled_during_salience
 
     t = time.perf_counter()
     stats = collect_signatures(ctx.model, ctx.tokenizer, rest, batch_size=opts["batch_size"],
-                               max_length=opts["max_length"], progress=ctx.progress, collector=collector)
+                               max_length=opts["max_length"], progress=ctx.progress, collector=collector, ffn=ctx.ffn)
     timings["signatures"] = time.perf_counter() - t + pooled_during_salience
 
     t = time.perf_counter()

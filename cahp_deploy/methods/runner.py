@@ -7,6 +7,7 @@ sibling renamed into place, so an error or Ctrl-C leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -91,6 +92,64 @@ def plot_mss_curve(selection: Selection, path: str | os.PathLike) -> None:
     fig.savefig(path, format="png")
 
 
+def _ffn_request(config, method: str, ffn_method: str | None, keep_ratio: float | None, neurons: int | None,
+                 options: dict[str, Any]) -> dict[str, Any] | None:
+    """The FFN part of a select call, validated before the model runs (None: heads only)."""
+    from cahp_deploy.methods.ffn import check_method, needs_evidence
+    from cahp_deploy.selection.neurons import resolve_neuron_budget
+
+    if ffn_method is None and keep_ratio is None and neurons is None:
+        return None
+    ffn_method = ffn_method or ("cahp" if method == "cahp" else "gradient")
+    n_layers, inter = arch.num_layers(config), arch.intermediate_size(config)
+    allow_empty = bool(options.get("allow_empty_layers"))
+    budget = resolve_neuron_budget(n_layers * inter, n_layers, neurons, keep_ratio, allow_empty)
+    check_method(ffn_method, budget)
+    feeds = needs_evidence(ffn_method) and getattr(importlib.import_module(REGISTRY[method][0]), "FEEDS_FFN", False)
+    return {"method": ffn_method, "budget": budget, "layers": n_layers, "intermediate": inter,
+            "allow_empty": allow_empty, "feeds": feeds, "keep_ratio": keep_ratio, "neurons": neurons}
+
+
+def _ffn_collector(net, labelled):
+    import numpy as np
+
+    from cahp_deploy.signals.ffn import FfnCollector
+
+    return FfnCollector(net, np.unique(labelled.labels))
+
+
+def _select_ffn(selection: Selection, ffn: dict[str, Any], net, tokenizer, labelled, collector, seed: int,
+                options: dict[str, Any], progress) -> None:
+    """Choose the FFN neurons (evidence from the heads' pass when the method fed it) into ``selection``."""
+    from cahp_deploy.methods.ffn import needs_evidence, select_neurons
+    from cahp_deploy.signals.ffn import collect_ffn_stats
+
+    t = time.perf_counter()
+    stats = None
+    if collector is not None:
+        stats = collector.result()
+        evidence_seconds = collector.seconds
+        pass_shared = True
+    elif needs_evidence(ffn["method"]):
+        stats = collect_ffn_stats(net, tokenizer, labelled, fraction=float(options.get("salience_fraction") or 0.25),
+                                  batch_size=int(options.get("batch_size") or 64),
+                                  salience_batch_size=int(options.get("salience_batch_size") or 32),
+                                  max_length=int(options.get("max_length") or 128), progress=progress)
+        evidence_seconds = time.perf_counter() - t
+        pass_shared = False
+    else:
+        evidence_seconds, pass_shared = 0.0, False
+    kept, details = select_neurons(stats, ffn["method"], ffn["budget"], ffn["layers"], ffn["intermediate"], seed,
+                                   allow_empty_layers=ffn["allow_empty"], degree=int(options.get("degree") or 6))
+    details["timings"]["evidence"] = evidence_seconds
+    details["evidence_pass"] = "shared with the heads" if pass_shared else ("own pass" if stats is not None else "none")
+    details.update({"keep_ratio": ffn["keep_ratio"], "neurons": ffn["neurons"]})
+    selection.kept_neurons = kept
+    selection.neurons_per_layer = ffn["intermediate"]
+    selection.ffn = details
+    selection.timings["ffn"] = time.perf_counter() - t
+
+
 def select(
     model: str | os.PathLike,
     data: str | os.PathLike,
@@ -108,11 +167,16 @@ def select(
     options: dict[str, Any] | None = None,
     force: bool = False,
     show_progress: bool | None = None,
+    ffn_method: str | None = None,
+    ffn_keep_ratio: float | None = None,
+    ffn_neurons: int | None = None,
 ) -> Selection:
     """Select heads of ``model`` on ``data[split]`` with ``method``; write ``out`` and its MSS plot.
 
     ``options`` are method-specific (see each method module, e.g. :data:`cahp_deploy.methods.cahp.DEFAULTS`).
-    Returns the :class:`Selection` that was written.
+    FFN neurons are selected too when any of ``ffn_method`` / ``ffn_keep_ratio`` / ``ffn_neurons`` is
+    given (``ffn_method`` defaults to ``cahp`` with ``method="cahp"``, else ``gradient``; CAHP without
+    an amount finds one per layer from its knee). Returns the :class:`Selection` that was written.
     """
     from cahp_deploy.modeling import is_pruned, load_classifier
     from cahp_deploy.progress import make_progress
@@ -134,12 +198,18 @@ def select(
     budget = resolve_budget(total, heads=heads, keep_ratio=keep_ratio, budget_from=from_file)
     if budget is None and needs_budget(method):
         raise CahpError(f"--method {method} needs a budget: give --heads, --keep-ratio or --budget-from")
+    options = dict(options or {})
+    ffn = _ffn_request(net.config, method, ffn_method, ffn_keep_ratio, ffn_neurons, options)
 
     start = time.perf_counter()
     with make_progress(disable=None if show_progress is None else not show_progress) as progress:
-        ctx = MethodContext(model=net, tokenizer=tokenizer, data=labelled, budget=budget, seed=int(seed),
-                            options=dict(options or {}), progress=progress)
-        selection = run(ctx)
+        feeds = ffn is not None and ffn["feeds"]
+        with _ffn_collector(net, labelled) if feeds else contextlib.nullcontext() as collector:
+            ctx = MethodContext(model=net, tokenizer=tokenizer, data=labelled, budget=budget, seed=int(seed),
+                                options=options, progress=progress, ffn=collector)
+            selection = run(ctx)
+        if ffn is not None:
+            _select_ffn(selection, ffn, net, tokenizer, labelled, collector, int(seed), options, progress)
     selection.timings["total"] = time.perf_counter() - start
     selection.timings["peak_rss_mb"] = peak_rss_mb()
     selection.params.update({"max_examples": max_examples, "budget": budget})

@@ -20,7 +20,13 @@ from torch import nn
 from cahp_deploy import arch
 from cahp_deploy.errors import CahpError
 from cahp_deploy.modeling import KEPT_HEADS_FIELD, load_config
-from cahp_deploy.pruning.rewrite import DENSE_HEADS_FIELD, prune_model, validate_kept_heads
+from cahp_deploy.pruning.rewrite import (
+    DENSE_HEADS_FIELD,
+    DENSE_INTERMEDIATE_FIELD,
+    KEPT_NEURONS_FIELD,
+    prune_model,
+    validate_kept_heads,
+)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -48,8 +54,15 @@ def load_pruned(path: str | os.PathLike, attn_implementation: str | None = "eage
         raise CahpError(f"{path}/config.json: {DENSE_HEADS_FIELD}={recorded_dense} disagrees with the architecture's {dense} heads per layer")
     kept = validate_kept_heads(kept, n_layers, dense, source=f"{path}/config.json {KEPT_HEADS_FIELD}")
 
+    neurons = getattr(config, KEPT_NEURONS_FIELD, None)
+    if neurons is not None:
+        recorded_inter = getattr(config, DENSE_INTERMEDIATE_FIELD, arch.intermediate_size(config))
+        if recorded_inter != arch.intermediate_size(config):
+            raise CahpError(f"{path}/config.json: {DENSE_INTERMEDIATE_FIELD}={recorded_inter} disagrees with the "
+                            f"architecture's {arch.intermediate_size(config)} neurons per layer")
+
     dense_config = copy.deepcopy(config)
-    for field in (KEPT_HEADS_FIELD, DENSE_HEADS_FIELD):
+    for field in (KEPT_HEADS_FIELD, DENSE_HEADS_FIELD, KEPT_NEURONS_FIELD, DENSE_INTERMEDIATE_FIELD):
         if hasattr(dense_config, field):
             delattr(dense_config, field)
     dense_config.pruned_heads = {}  # 4.x would otherwise prune in __init__ (and crash on 0-head layers)
@@ -58,7 +71,7 @@ def load_pruned(path: str | os.PathLike, attn_implementation: str | None = "eage
         model = AutoModelForSequenceClassification.from_config(dense_config, attn_implementation=attn_implementation)
     except ValueError as e:
         raise CahpError(f"cannot build {path} with attn_implementation={attn_implementation!r}: {str(e).splitlines()[0]}") from e
-    model = prune_model(model.float(), kept)
+    model = prune_model(model.float(), kept, neurons)
 
     state = {k: v.float() if v.is_floating_point() else v for k, v in _read_state_dict(path).items()}
     try:

@@ -1,4 +1,4 @@
-"""Physical head removal: narrow Q/K/V and the output projection, replace zero-head layers.
+"""Physical removal of heads and FFN neurons: narrow the projections, replace emptied layers.
 
 For a layer keeping heads ``kept`` (original indices, ascending) with head size d::
 
@@ -9,7 +9,19 @@ This is exactly the dense model with the other heads' context multiplied by 0 (`
 the removed columns of O only ever saw those zeros. A layer keeping no head has no context at all;
 its attention block is replaced by :mod:`cahp_deploy.pruning.empty_attention` (output = O's bias).
 
-The shape is recorded in the config (``cahp_kept_heads``, ``cahp_dense_heads``) so
+FFN neurons kept ``kept`` (original indices) of a layer::
+
+    FFN in   (H -> I)   keep output rows    kept  (weight and bias)
+    FFN out  (I -> H)   keep input columns  kept  (bias unchanged)
+
+which is exactly the dense model with the other neurons' activations multiplied by 0
+(``gates.neuron_mask``). A layer keeping no neuron computes only FFN-out's bias; it keeps one
+*inert* unit (zero weights in, zero weights out, the original output bias), because zero-width
+tensors break ONNX export and ORT's fusions while one unit costs 2·H MACs per token. Its output is
+exactly the bias, so the residual passes through.
+
+The shape is recorded in the config (``cahp_kept_heads``, ``cahp_dense_heads``, and for neurons
+``cahp_kept_neurons``, ``cahp_dense_intermediate``) so
 :func:`cahp_deploy.pruning.load_pruned` can rebuild it without ``prune_heads``.
 
 transformers v5 upgrade, where it touches this module:
@@ -39,6 +51,9 @@ from cahp_deploy.pruning.empty_attention import EmptyAttention, EmptyAttentionWi
 
 #: config.json field: heads per layer of the dense architecture the kept indices refer to.
 DENSE_HEADS_FIELD = "cahp_dense_heads"
+#: config.json field: FFN neurons per layer of the dense architecture the kept neuron indices refer to.
+DENSE_INTERMEDIATE_FIELD = "cahp_dense_intermediate"
+KEPT_NEURONS_FIELD = arch.KEPT_NEURONS_FIELD
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -77,6 +92,51 @@ def validate_kept_heads(kept_heads, num_layers: int, heads_per_layer: int, sourc
     if sum(len(h) for h in out) == 0:
         raise CahpError(f"{source} keeps no head in any layer; keep at least one head")
     return out
+
+
+def validate_kept_neurons(kept_neurons, num_layers: int, intermediate: int, source: str = "selection") -> list[list[int]]:
+    """Check a per-layer list of kept FFN neuron indices against (layers, intermediate); return it sorted.
+
+    Zero-neuron layers are allowed here (the selection decides whether they may happen); the block
+    still computes (the residual passes through).
+    """
+    if not isinstance(kept_neurons, Sequence) or isinstance(kept_neurons, str):
+        raise CahpError(f"{source}: kept_neurons must be a list of per-layer lists, got {type(kept_neurons).__name__}")
+    if len(kept_neurons) != num_layers:
+        raise CahpError(f"{source} has {len(kept_neurons)} layers of neurons but the model has {num_layers}; "
+                        "it was made for another model: run select on this model")
+    out = []
+    for layer, neurons in enumerate(kept_neurons):
+        if not isinstance(neurons, Sequence) or isinstance(neurons, str) or any(
+                isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in neurons):
+            raise CahpError(f"{source}: kept_neurons[{layer}] must be a list of integer neuron indices")
+        neurons = sorted(int(n) for n in neurons)
+        if neurons and not (0 <= neurons[0] and neurons[-1] < intermediate):
+            raise CahpError(f"{source}: layer {layer} keeps neuron(s) out of range; the model has neurons "
+                            f"0..{intermediate - 1} per layer: was the selection made for another model?")
+        if len(set(neurons)) != len(neurons):
+            raise CahpError(f"{source}: layer {layer} lists a neuron more than once; list each kept neuron once")
+        out.append(neurons)
+    return out
+
+
+def _narrow_ffn(block: nn.Module, spec: arch.ArchSpec, kept: list[int]) -> None:
+    """Keep FFN neurons ``kept`` of one block (original order); none left: one inert unit."""
+    ffn_in, ffn_out = arch.get_path(block, spec.ffn_in), arch.get_path(block, spec.ffn_out)
+    if kept:
+        index = torch.tensor(kept, dtype=torch.long)
+        arch.set_path(block, spec.ffn_in, _narrowed_linear(ffn_in, index, dim=0))
+        arch.set_path(block, spec.ffn_out, _narrowed_linear(ffn_out, index, dim=1))
+        return
+    inert_in = _narrowed_linear(ffn_in, torch.zeros(1, dtype=torch.long), dim=0)
+    inert_out = _narrowed_linear(ffn_out, torch.zeros(1, dtype=torch.long), dim=1)
+    with torch.no_grad():
+        inert_in.weight.zero_()
+        inert_out.weight.zero_()
+        if inert_in.bias is not None:
+            inert_in.bias.zero_()
+    arch.set_path(block, spec.ffn_in, inert_in)
+    arch.set_path(block, spec.ffn_out, inert_out)
 
 
 def _head_columns(kept: list[int], head_dim: int) -> torch.Tensor:
@@ -145,8 +205,10 @@ def _hf_pruned_heads(kept_heads: list[list[int]], dense: int) -> dict[int, list[
     return {i: sorted(set(range(dense)) - set(k)) for i, k in enumerate(kept_heads) if len(k) < dense}
 
 
-def prune_model(model: nn.Module, kept_heads: list[list[int]]) -> nn.Module:
-    """Physically remove every head not in ``kept_heads`` (per layer, original indices); in place.
+def prune_model(model: nn.Module, kept_heads: list[list[int]],
+                kept_neurons: list[list[int]] | None = None) -> nn.Module:
+    """Physically remove every head not in ``kept_heads`` (per layer, original indices) and, when
+    ``kept_neurons`` is given, every FFN neuron not in it; in place.
 
     ``model`` must be a dense classifier of a supported architecture. Layers may keep any number
     of heads (ragged), including zero; at least one head must remain overall. Returns ``model``
@@ -171,4 +233,12 @@ def prune_model(model: nn.Module, kept_heads: list[list[int]]) -> nn.Module:
     setattr(config, KEPT_HEADS_FIELD, kept_heads)
     setattr(config, DENSE_HEADS_FIELD, dense)
     config.pruned_heads = _hf_pruned_heads(kept_heads, dense)
+    if kept_neurons is not None:
+        inter = arch.intermediate_size(config)
+        kept_neurons = validate_kept_neurons(kept_neurons, n_layers, inter, source="kept_neurons")
+        for block, kept in zip(blocks, kept_neurons, strict=True):
+            if len(kept) < inter:
+                _narrow_ffn(block, spec, kept)
+        setattr(config, KEPT_NEURONS_FIELD, kept_neurons)
+        setattr(config, DENSE_INTERMEDIATE_FIELD, inter)
     return model

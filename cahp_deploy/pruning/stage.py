@@ -18,8 +18,8 @@ from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_dir, sha256_file, sha256_json
 from cahp_deploy.modeling import count_parameters, is_pruned, load_classifier, load_config
-from cahp_deploy.pruning.costs import SEQ_LEN, pruning_costs
-from cahp_deploy.pruning.rewrite import prune_model, validate_kept_heads
+from cahp_deploy.pruning.costs import SEQ_LEN, layer_parameters, pruning_costs
+from cahp_deploy.pruning.rewrite import prune_model, validate_kept_heads, validate_kept_neurons
 from cahp_deploy.selection.result import Selection
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,16 @@ def _check_selection_fits(sel: Selection, config, model: str, model_sha: str | N
     return validate_kept_heads(sel.kept_heads, n_layers, dense, source=source)
 
 
+def _check_neurons_fit(sel: Selection, config, model: str, source: str) -> list[list[int]] | None:
+    if sel.kept_neurons is None:
+        return None
+    inter = arch.intermediate_size(config)
+    if sel.neurons_per_layer != inter:
+        raise CahpError(f"{source} is for {sel.neurons_per_layer} FFN neurons per layer but {model} has {inter}; "
+                        f"it was made for another model: run select on {model}")
+    return validate_kept_neurons(sel.kept_neurons, arch.num_layers(config), inter, source=source)
+
+
 def prune(model: str | os.PathLike, selection: str | os.PathLike | Selection, out: str | os.PathLike,
           force: bool = False) -> Path:
     """Prune ``model`` to the heads ``selection`` keeps and write a complete HF model dir to ``out``.
@@ -69,19 +79,28 @@ def prune(model: str | os.PathLike, selection: str | os.PathLike | Selection, ou
         raise CahpError(f"{model} is already pruned (config.json has cahp_kept_heads); prune its dense source model")
     model_sha = sha256_dir(model) if Path(model).is_dir() else None
     kept = _check_selection_fits(sel, config, model, model_sha, source)
+    neurons = _check_neurons_fit(sel, config, model, source)
 
     net, tokenizer = load_classifier(model)
     params_before = count_parameters(net)
-    prune_model(net, kept)
+    layer_params = {"before": layer_parameters(net)}
+    prune_model(net, kept, neurons)
     params_after = count_parameters(net)
+    layer_params["after"] = layer_parameters(net)
     n_layers, dense = arch.dense_head_grid(config)
+    inter = arch.intermediate_size(config)
     record = {
         "schema": schema.PRUNING,
         "kept_heads": kept,
         "heads_per_layer_kept": [len(k) for k in kept],
         "num_heads_kept": sum(len(k) for k in kept),
         "num_heads_total": n_layers * dense,
-        **pruning_costs(net.config, kept, params_before, params_after, SEQ_LEN),
+        "kept_neurons": neurons,
+        "neurons_per_layer_kept": None if neurons is None else [len(k) for k in neurons],
+        "num_neurons_kept": None if neurons is None else sum(len(k) for k in neurons),
+        "num_neurons_total": n_layers * inter,
+        **pruning_costs(net.config, kept, params_before, params_after, SEQ_LEN, kept_neurons=neurons,
+                        layer_params=layer_params),
         "selection_sha256": sel_sha,
         "source_model": model,
         "source_model_sha256": model_sha,

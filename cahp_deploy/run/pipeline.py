@@ -183,6 +183,9 @@ def run(
     heads: int | None = None,
     keep_ratio: float | None = None,
     max_examples: int | None = None,
+    ffn_method: str | None = None,
+    ffn_keep_ratio: float | None = None,
+    ffn_neurons: int | None = None,
     recover: bool = True,
     recover_epochs: int = DEFAULT_RECOVER_EPOCHS,
     recover_lr: float | None = None,
@@ -243,6 +246,8 @@ def run(
             f"the evaluation split ({eval_split!r}) must differ from the recovery split ({recover_split!r})"
         )
     _check_budget_options(max_accuracy_drop, method, heads, keep_ratio)
+    if max_accuracy_drop is not None and (ffn_method or ffn_keep_ratio is not None or ffn_neurons is not None):
+        raise CahpError("--max-accuracy-drop searches heads only for now; drop the --ffn-* options or the budget")
     _check_positive(recover_epochs=recover_epochs if recover else None, recover_lr=recover_lr,
                     recover_max_examples=recover_max_examples, eval_max_examples=eval_max_examples)
     if console is None:
@@ -264,7 +269,8 @@ def run(
     method_options = _prune_none(dict(degree=degree, pool_size=pool_size, space=space)) | (select_options or {})
     select_kwargs = _prune_none(dict(
         method=method, split=select_split, seed=seed, heads=heads, keep_ratio=keep_ratio,
-        max_examples=max_examples, **columns,
+        max_examples=max_examples, ffn_method=ffn_method, ffn_keep_ratio=ffn_keep_ratio, ffn_neurons=ffn_neurons,
+        **columns,
     )) | ({"options": method_options} if method_options else {})
     recover_kwargs = None if not recover else _prune_none(dict(
         epochs=recover_epochs, lr=recover_lr, max_examples=recover_max_examples,

@@ -1,4 +1,4 @@
-"""The ``Selection`` result: which heads to keep, and why. Serialized as selection.json."""
+"""The ``Selection`` result: which heads (and FFN neurons) to keep, and why. Serialized as selection.json."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ class Selection:
     params : the options the method ran with.
     timings : seconds per phase.
     provenance : model path and hash, data file hashes, split, number of examples.
+    kept_neurons : per layer, the kept FFN neuron indices (original numbering, ascending), or None
+        when the FFN is not pruned.
+    neurons_per_layer : FFN neurons per layer in the dense model (None when the FFN is not pruned).
+    ffn : how the neurons were chosen (method, budget, per-layer curves and knees, salience summary).
     """
 
     method: str
@@ -44,9 +48,16 @@ class Selection:
     params: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    kept_neurons: list[list[int]] | None = None
+    neurons_per_layer: int | None = None
+    ffn: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.kept_heads = [sorted(int(h) for h in layer) for layer in self.kept_heads]
+        if self.kept_neurons is not None:
+            self.kept_neurons = [sorted(int(n) for n in layer) for layer in self.kept_neurons]
+            if self.neurons_per_layer is None:
+                raise CahpError("a selection with kept_neurons needs neurons_per_layer (the dense FFN width)")
 
     @property
     def num_layers(self) -> int:
@@ -56,8 +67,23 @@ class Selection:
     def num_heads_kept(self) -> int:
         return sum(len(k) for k in self.kept_heads)
 
+    @property
+    def num_neurons_kept(self) -> int | None:
+        return None if self.kept_neurons is None else sum(len(k) for k in self.kept_neurons)
+
+    @property
+    def num_neurons_total(self) -> int | None:
+        return None if self.neurons_per_layer is None else self.num_layers * int(self.neurons_per_layer)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        neurons = {
+            "kept_neurons": d.pop("kept_neurons"),
+            "num_neurons_kept": self.num_neurons_kept,
+            "num_neurons_total": self.num_neurons_total,
+            "neurons_per_layer": d.pop("neurons_per_layer"),
+            "ffn": d.pop("ffn"),
+        }
         d = {
             "schema": schema.SELECTION,
             "method": d.pop("method"),
@@ -70,6 +96,7 @@ class Selection:
             "seed": d.pop("seed"),
             "mss_curve": {str(k): float(v) for k, v in d.pop("mss_curve").items()},
             **d,
+            **neurons,
         }
         return d
 
@@ -80,7 +107,7 @@ class Selection:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "selection") -> Selection:
-        schema.check_schema(d, schema.SELECTION, source)
+        schema.check_schema(d, schema.SELECTION_READABLE, source)
         try:
             return cls(
                 method=d["method"],
@@ -95,6 +122,9 @@ class Selection:
                 params=d.get("params", {}),
                 timings=d.get("timings", {}),
                 provenance=d.get("provenance", {}),
+                kept_neurons=d.get("kept_neurons"),
+                neurons_per_layer=d.get("neurons_per_layer"),
+                ffn=d.get("ffn") or {},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CahpError(f"{source}: malformed selection file ({e})") from e

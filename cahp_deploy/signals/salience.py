@@ -59,12 +59,15 @@ def head_salience(
     normalise: bool = True,
     progress=None,
     attention_sink: Callable | None = None,
+    ffn=None,
 ) -> np.ndarray:
     """(N,) salience of every head in global order (layer by layer), min-max normalised by default.
 
     ``attention_sink(attentions, attention_mask, labels)``, if given, receives each batch's attention
     probabilities (the forward pass returns them), e.g. a
-    :class:`~cahp_deploy.signals.signatures.SignatureCollector`'s ``add``.
+    :class:`~cahp_deploy.signals.signatures.SignatureCollector`'s ``add``. ``ffn``, an entered
+    :class:`~cahp_deploy.signals.ffn.FfnCollector`, gets the FFN neurons' signatures and gate
+    gradients from the same forward and backward.
     """
     if len(data) == 0:
         raise CahpError("no examples to compute head salience from")
@@ -84,10 +87,14 @@ def head_salience(
                 n = len(labels)
                 rows = [torch.ones(n, h, requires_grad=True) for h in heads]
                 gates.values = rows
+                ffn_gates = ffn.begin(enc["attention_mask"], grad=True) if ffn is not None else []
                 out = model(**model_inputs(model, enc), output_attentions=want_attn)
                 loss = F.cross_entropy(out.logits, torch.as_tensor(labels, dtype=torch.long), reduction="sum")
                 live = [r for r, h in zip(rows, heads) if h > 0]
-                grads = iter(torch.autograd.grad(loss, live))
+                all_grads = torch.autograd.grad(loss, live + ffn_gates)
+                if ffn is not None:
+                    ffn.end(labels, all_grads[len(live):])
+                grads = iter(all_grads[:len(live)])
                 per_layer = [next(grads).abs().sum(dim=0) if h > 0 else torch.zeros(0) for h in heads]
                 total += torch.cat(per_layer).to(torch.float64)
                 if want_attn:

@@ -195,13 +195,15 @@ def collect_signatures(
     progress=None,
     collector: SignatureCollector | None = None,
     classes: np.ndarray | None = None,
+    ffn=None,
 ) -> SignatureStats:
     """Run the classifier over ``data`` (length-bucketed batches, inference mode) and return the
     per-head, per-class signature statistics.
 
     Pass ``collector`` to continue one that already holds other examples (then ``pool_size`` and
     ``classes`` come from it). The model must use eager attention (only it returns attention
-    probabilities); :func:`cahp_deploy.modeling.load_classifier` loads it so by default.
+    probabilities); :func:`cahp_deploy.modeling.load_classifier` loads it so by default. ``ffn``, an
+    entered :class:`~cahp_deploy.signals.ffn.FfnCollector`, gets the FFN signatures of the same passes.
     """
     if not arch.attention_probs_supported(model):
         raise CahpError("attention signatures need eager attention; load the model with attn_implementation='eager'")
@@ -215,8 +217,12 @@ def collect_signatures(
     if len(data):
         with torch.inference_mode():
             for _, enc, labels in iter_batches(tokenizer, data, batch_size=batch_size, max_length=max_length):
+                if ffn is not None:
+                    ffn.begin(enc["attention_mask"], grad=False)
                 out = model(**model_inputs(model, enc), output_attentions=True)
                 collector.add(out.attentions, enc["attention_mask"], labels)
+                if ffn is not None:
+                    ffn.end(labels)
                 if task is not None:
                     progress.advance(task, len(labels))
     return collector.result()
