@@ -276,3 +276,44 @@ def test_study_ffn_axis_runs_resumes_and_rejects_bad_ratios(tiny_models, tiny_da
     assert code == 0, err
     code, _, err = cli(*args[:-8], "--ffn-ratios", "1.5")
     assert code == 2 and "FFN keep ratios must be in (0, 1]" in err
+
+
+def test_export_of_ffn_pruned_model_keeps_the_fusions_and_records_neurons(tiny_models, tmp_path):
+    """ORT still fuses Attention, BiasGelu and the LayerNorms on ragged FFNs; the manifest says what was kept.
+
+    (Measured: a layer left with exactly one neuron gets no BiasGelu, its Add + Gelu stay apart;
+    parity holds either way. Two neurons fuse.)
+    """
+    from cahp_deploy.exporters import export
+    from cahp_deploy.exporters.manifest import load_manifest
+
+    heads = [[0, 1], [2], [0, 1, 2, 3]]
+    neurons = [list(range(0, INTER, 3)), [5, 9], list(range(INTER))]
+    sel = Selection(method="manual", kept_heads=heads, num_heads_total=LAYERS * HEADS, heads_per_layer=HEADS,
+                    kept_neurons=neurons, neurons_per_layer=INTER)
+    model_dir = prune(tiny_models["bert"], sel, tmp_path / "p")
+    art = export(model_dir, tmp_path / "art", measure=False)
+    m = load_manifest(art)
+    assert m["kept_neurons"] == neurons and m["neurons_per_layer"] == [len(n) for n in neurons]
+    assert (m["num_neurons_kept"], m["num_neurons_total"]) == (sum(map(len, neurons)), LAYERS * INTER)
+    ops = m["variants"]["optimized"]["candidates"]["ort_default"]["op_counts"]
+    assert ops.get("BiasGelu") == LAYERS and ops.get("Attention") == LAYERS
+    assert ops.get("SkipLayerNormalization", 0) >= LAYERS
+    for v in ("fp32", "optimized"):
+        assert m["variants"][v]["parity"]["max_abs_diff"] <= 1e-4
+
+
+def test_run_with_ffn_neurons_ships_them_and_says_so(tiny_models, tiny_data, tmp_path):
+    from cahp_deploy.run.pipeline import run
+
+    out = tmp_path / "run"
+    result = run(tiny_models["bert"], tiny_data, out, method="random", heads=6, ffn_method="gradient",
+                 ffn_keep_ratio=0.5, recover=False, batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1,
+                 traffic=False, timing=False, variants=("optimized",), quantize=None)
+    manifest = json.loads((out / "artifacts" / "pruned" / "manifest.json").read_text())
+    assert manifest["num_neurons_kept"] == round(0.5 * LAYERS * INTER)
+    assert f"and {manifest['num_neurons_kept']} of {LAYERS * INTER} FFN neurons" in (out / "summary.md").read_text()
+    rows = {(r["artifact"], r["variant"]): r for r in result["summary"]["rows"]}
+    assert rows[("pruned", "optimized")]["neurons_kept"] == manifest["num_neurons_kept"]
+    with pytest.raises(CahpError, match="searches heads only"):
+        run(tiny_models["bert"], tiny_data, tmp_path / "run2", ffn_keep_ratio=0.5, max_accuracy_drop=1.0)

@@ -534,6 +534,8 @@ def summarize(out: str | os.PathLike, record: dict[str, Any] | None = None) -> d
                 "variant": variant,
                 "heads_kept": a.get("num_heads_kept"),
                 "heads_total": a.get("num_heads_total"),
+                "neurons_kept": a.get("num_neurons_kept"),
+                "neurons_total": a.get("num_neurons_total"),
                 "params": a.get("params"),
                 "bytes": info.get("size_bytes"),
                 "p50_ms": {k: c.get("p50_ms") for k, c in cells.items()},

@@ -61,7 +61,11 @@ def headline(summary: dict[str, Any]) -> list[str]:
                f"{_points_word(search['max_drop_points'])} of dense")
     elif summary.get("method") == "cahp":
         how = ", at the knee of CAHP's silhouette curve"
-    lines.append(f"Kept {kept} of {total} attention heads ({kept / total:.0%}){how}.")
+    neurons = ""
+    n_kept, n_total = pruned.get("neurons_kept"), pruned.get("neurons_total")
+    if n_kept is not None and n_total and n_kept < n_total:
+        neurons = f" and {n_kept} of {n_total} FFN neurons ({n_kept / n_total:.0%})"
+    lines.append(f"Kept {kept} of {total} attention heads ({kept / total:.0%}){how}{neurons}.")
 
     split, n = summary.get("eval_split"), summary.get("eval_examples")
     rec = summary.get("recovery")
