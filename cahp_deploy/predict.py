@@ -51,12 +51,15 @@ def _read_json(path: Path) -> dict:
 
 
 def resolve_variant(artifact_dir: Path, variant: str | None) -> tuple[str, Path]:
-    """(variant name, ONNX file) from the manifest; ``None`` picks the first of DEFAULT_VARIANTS present."""
+    """(variant name, ONNX file) from the manifest; ``None`` picks the manifest's ``recommended`` variant
+    (the one `run` verified against its accuracy budget), else the first of DEFAULT_VARIANTS present."""
     manifest_path = artifact_dir / "manifest.json"
     variants: dict[str, str] = {}
+    recommended = None
     if manifest_path.is_file():
         manifest = _read_json(manifest_path)
         variants = {k: v["file"] for k, v in (manifest.get("variants") or {}).items() if "file" in v}
+        recommended = manifest.get("recommended")
     elif (artifact_dir / _PLAIN_FILE).is_file():
         variants = {"fp32": _PLAIN_FILE}
     if not variants:
@@ -65,7 +68,8 @@ def resolve_variant(artifact_dir: Path, variant: str | None) -> tuple[str, Path]
             "create one with `cahp-deploy export`"
         )
     if variant is None:
-        variant = next((v for v in DEFAULT_VARIANTS if v in variants), next(iter(variants)))
+        variant = recommended if recommended in variants else \
+            next((v for v in DEFAULT_VARIANTS if v in variants), next(iter(variants)))
     if variant not in variants:
         raise CahpError(
             f"variant {variant!r} is not in {artifact_dir}; available: {', '.join(variants)}"

@@ -74,7 +74,8 @@ def settings_for(data, dense, max_drop, recover=RECOVER):
 
 @pytest.fixture(scope="module")
 def exhaustive(planted):
-    """(search root, evidence, dense accuracy, {k: recovered accuracy}) for every candidate k.
+    """(search root, ks, dense accuracy, {k: recovered accuracy}, {k: upper bound of the paired drop}) for
+    every candidate k.
 
     Measured with the search's own candidate code into the search's own directory, so the search
     below reads these numbers back from its cache instead of recomputing them.
@@ -89,30 +90,35 @@ def exhaustive(planted):
     evidence = accuracy_budget.collect(settings, search_root)
     ks = accuracy_budget.candidate_ks(evidence.knee.k, evidence.num_heads)
     assert ks[0] == evidence.knee.k and ks[-1] == 16  # from the knee to every head
-    table = {k: accuracy_budget.measure_candidate(settings, evidence, k, search_root).accuracy for k in ks}
+    from cahp_deploy.paired import correct
+
     net, tok = load_classifier(dense)
-    dense_acc = evaluation.accuracy(net, tok, settings.eval_data)
-    return search_root, ks, dense_acc, table
+    dense_correct = correct(evaluation.logits(net, tok, settings.eval_data), settings.eval_data.labels)
+    results = {k: accuracy_budget.measure_candidate(settings, evidence, k, search_root, dense_correct) for k in ks}
+    table = {k: r.accuracy for k, r in results.items()}
+    upper = {k: r.drop["upper"] for k, r in results.items()}
+    return search_root, ks, float(dense_correct.mean()), table, upper
 
 
-def test_search_picks_the_smallest_k_whose_recovered_accuracy_meets_the_budget(planted, exhaustive):
+def test_search_picks_the_smallest_k_whose_drop_bound_meets_the_budget(planted, exhaustive):
     _, data, dense = planted
-    search_root, ks, dense_acc, table = exhaustive
-    acc = [table[k] for k in ks]
-    # Budgets whose passing candidates form a suffix (every k before fails, every k after passes),
-    # so "the smallest k that meets it" is well defined whatever the search order.
-    splits = [j for j in range(1, len(ks)) if max(acc[:j]) < min(acc[j:]) <= dense_acc]
-    assert splits, f"the planted task should make recovered accuracy rise with k: {table}, dense {dense_acc}"
+    search_root, ks, dense_acc, table, upper = exhaustive
+    bound = [upper[k] for k in ks]
+    # Budgets whose passing candidates (upper bound of the paired drop within the budget) form a
+    # suffix, so "the smallest k that meets it" is well defined whatever the search order.
+    splits = [j for j in range(1, len(ks)) if min(bound[:j]) > max(bound[j:]) >= 0]
+    assert splits, f"the planted task should make the drop bound fall with k: {upper}, dense {dense_acc}"
     j = splits[0]
-    max_drop = 100 * (dense_acc - min(acc[j:])) + 1e-6
+    max_drop = max(bound[j:]) + 1e-6
     record = accuracy_budget.search(settings_for(data, dense, max_drop), search_root)
 
     assert record["chosen_k"] == ks[j] and record["error"] is None
     assert record["dense_accuracy"] == pytest.approx(dense_acc)
     tried = [c["k"] for c in record["tried"]]
     assert tried[0] == ks[0] and len(tried) < len(ks)  # the knee first, and not every k
-    for c in record["tried"]:  # each candidate tried reports both accuracies, its time and its size
+    for c in record["tried"]:  # each candidate tried reports both accuracies, its drop, its time and its size
         assert c["accuracy_after"] == pytest.approx(table[c["k"]]) and 0 <= c["accuracy_before"] <= 1
+        assert c["drop"]["upper"] == pytest.approx(upper[c["k"]]) and c["drop"]["upper"] >= c["drop"]["drop"]
         assert c["seconds"] > 0 and c["details"]["heads_kept"] >= c["k"] and c["details"]["flop_ceiling_speedup"] >= 1
     model = accuracy_budget.chosen_model(search_root)
     assert json.loads((model / "config.json").read_text())["cahp_kept_heads"] is not None
@@ -148,19 +154,25 @@ def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhau
     from cahp_deploy.run.pipeline import run
 
     _, data, dense = planted
-    _, ks, dense_acc, table = exhaustive
+    _, ks, dense_acc, table, _ = exhaustive
     out = tmp_path / "run"
     result = run(dense, data, out, max_accuracy_drop=100.0, recover_epochs=1, recover_lr=1e-4,
                  recover_options={"batch_size": 16, "freeze_embeddings": False}, seed=0, timing=False,
                  batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1, traffic=False,
                  variants=("optimized",))
     record = json.loads((out / "run.json").read_text())
-    assert list(record["stages"]) == ["search", "export-dense", "export-pruned", "bench"]
+    assert list(record["stages"]) == ["search", "export-dense", "export-pruned", "bench", "confirm"]
     search = json.loads((out / "search" / "search.json").read_text())
     assert search["chosen_k"] == ks[0] and len(search["tried"]) == 1  # any accuracy will do: the knee
     manifest = json.loads((out / "artifacts" / "pruned" / "manifest.json").read_text())
     assert sum(len(h) for h in manifest["kept_heads"]) == search["tried"][0]["details"]["heads_kept"]
     text = (out / "summary.md").read_text()
-    assert "Kept " in text.splitlines()[4] and "within 100 points of dense" in text
+    assert text.splitlines()[4].startswith("- Shipped: the pruned model's `optimized` variant (fastest measured of ")
+    assert "the budget of 100 points HOLDS" in text and "within 100 points of dense" in text
+    confirm = json.loads((out / "confirm.json").read_text())
+    assert manifest["recommended"] == confirm["recommended"] == "optimized"
+    # decision and confirmation rows are disjoint parts of the 90 validation rows: 54 decide, 36 confirm
+    assert (confirm["decision_rows"]["num_examples"], confirm["confirmation_rows"]["num_examples"]) == (54, 36)
+    assert search["tried"][0]["drop"]["n"] == 54 and search["eval"]["num_examples"] == 54
     assert "before recovery" in text and "Accuracy budget search" in text and "tradeoff.png" in text
     assert result["summary"]["search"]["chosen_k"] == ks[0]

@@ -306,5 +306,5 @@ def test_interrupted_run_leaves_no_partial_artifact_and_resumes(bert, broken, tm
     record = json.loads((out / "run.json").read_text())
     status = {name: s["status"] for name, s in record["stages"].items()}
     assert status == {"select": "skipped", "prune": "skipped", "recover": "skipped", "export-dense": "done",
-                      "export-pruned": "done", "bench": "done"}
+                      "export-pruned": "done", "bench": "done", "confirm": "done"}
     assert (out / "report" / "report.md").is_file()

@@ -315,5 +315,21 @@ def test_run_with_ffn_neurons_ships_them_and_says_so(tiny_models, tiny_data, tmp
     assert f"and {manifest['num_neurons_kept']} of {LAYERS * INTER} FFN neurons" in (out / "summary.md").read_text()
     rows = {(r["artifact"], r["variant"]): r for r in result["summary"]["rows"]}
     assert rows[("pruned", "optimized")]["neurons_kept"] == manifest["num_neurons_kept"]
-    with pytest.raises(CahpError, match="searches heads only"):
-        run(tiny_models["bert"], tiny_data, tmp_path / "run2", ffn_keep_ratio=0.5, max_accuracy_drop=1.0)
+    with pytest.raises(CahpError, match="fixed --ffn-keep-ratio"):
+        run(tiny_models["bert"], tiny_data, tmp_path / "run2", ffn_neurons=40, max_accuracy_drop=1.0)
+    assert not (tmp_path / "run2").exists()
+
+
+def test_budget_search_with_an_ffn_ratio_ships_neurons_too(tiny_models, tiny_data, tmp_path):
+    from cahp_deploy.run.pipeline import run
+
+    out = tmp_path / "run"
+    run(tiny_models["bert"], tiny_data, out, max_accuracy_drop=100.0, ffn_keep_ratio=0.5, ffn_method="gradient",
+        recover_epochs=1, degree=2, pool_size=4, batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1,
+        traffic=False, timing=False, variants=("optimized",), quantize=None)
+    search = json.loads((out / "search" / "search.json").read_text())
+    assert search["ffn_keep_ratio"] == 0.5 and search["tried"][0]["details"]["neurons_kept"] == LAYERS * INTER // 2
+    manifest = json.loads((out / "artifacts" / "pruned" / "manifest.json").read_text())
+    assert manifest["num_neurons_kept"] == LAYERS * INTER // 2 and manifest["recommended"] == "optimized"
+    sel = json.loads(next((out / "search").glob("k*/selection.json")).read_text())
+    assert sel["ffn"]["method"] == "gradient" and sel["ffn"]["budget"] == LAYERS * INTER // 2

@@ -11,7 +11,7 @@ import pytest
 from cahp_deploy import schema
 from cahp_deploy.run.pipeline import run
 
-STAGES = ["select", "prune", "recover", "export-dense", "export-pruned", "bench"]
+STAGES = ["select", "prune", "recover", "export-dense", "export-pruned", "bench", "confirm"]
 #: tiny settings: a seeded baseline method (no t-SNE), one short grid cell, little timing
 TINY = dict(
     method="random", heads=6, batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1, traffic=False,
@@ -75,7 +75,12 @@ def test_summary_md_answers_in_words_first(first_run):
 
     out, result = first_run
     lines = (out / "summary.md").read_text().splitlines()
-    assert lines[4] == "- Kept 6 of 12 attention heads (50%)."  # a baseline: no knee, no budget
+    # first what was shipped and its accuracy change with an interval, then the heads
+    assert lines[4] == ("- Shipped: the pruned model's `optimized` variant (no accuracy budget: the fp32-exact "
+                        "optimized graph).")
+    assert re.match(r"- Accuracy vs dense on the evaluation rows \(no decision used them\) \(never used by any "
+                    r"decision\): [+-]\d+\.\d points \(90% CI [+-]\d+\.\d \.\. [+-]\d+\.\d, 30 rows\)", lines[5]), lines[5]
+    assert "- Kept 6 of 12 attention heads (50%)." in lines  # a baseline: no knee, no budget
     text = "\n".join(lines)
     assert re.search(r"dense \d+\.\d%, pruned \d+\.\d% before recovery, \d+\.\d% after recovery "
                      r"\(3 epochs on \d+ train rows\): [+-]\d+\.\d points", text), text
@@ -97,7 +102,7 @@ def test_changed_option_reruns_only_what_depends_on_it(first_run, tiny_models, t
     shutil.copytree(first_run[0], out)
     run(tiny_models["bert"], tiny_data, out, **(TINY | {"heads": 8}))
     assert _status(out) == {"select": "done", "prune": "done", "recover": "done", "export-dense": "skipped",
-                            "export-pruned": "done", "bench": "done"}
+                            "export-pruned": "done", "bench": "done", "confirm": "done"}
     assert json.loads((out / "selection.json").read_text())["num_heads_kept"] == 8
 
     shutil.rmtree(out / "report")  # a missing (or edited) output is redone, nothing else

@@ -128,3 +128,17 @@ def test_read_inputs_rejects_bad_lines(tmp_path):
         read_inputs(f)
     f.write_text('{"premise": "a", "hypothesis": "b"}\n{"premise": "c", "hypothesis": "d"}\n')
     assert read_inputs(f) == (["a", "c"], ["b", "d"])
+
+
+def test_the_manifests_recommended_variant_is_the_default(artifacts, tmp_path):
+    import shutil
+
+    from cahp_deploy.predict import resolve_variant
+
+    art = tmp_path / "art"
+    shutil.copytree(artifacts["bert"], art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert resolve_variant(art, None)[0] == "fp32"
+    (art / "manifest.json").write_text(json.dumps({**manifest, "recommended": "int8"}))
+    assert resolve_variant(art, None)[0] == "int8"
+    assert predict(art, TEXTS[:1])[0].scores == predict(art, TEXTS[:1], variant="int8")[0].scores

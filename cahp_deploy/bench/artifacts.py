@@ -79,6 +79,7 @@ class Artifact:
             "num_heads_kept": m.get("num_heads_kept"),
             "num_heads_total": m.get("num_heads_total"),
             "kept_heads": m.get("kept_heads"),
+            "recommended": m.get("recommended"),
             "num_neurons_kept": m.get("num_neurons_kept"),
             "num_neurons_total": m.get("num_neurons_total"),
             "flop_ceiling_speedup": self.flop_ceiling,

@@ -157,7 +157,7 @@ def to_markdown(rep: dict) -> str:
             c = next((c for c in grid if c["artifact"] == name and c["variant"] == v and c["batch"] == hb and c["seq"] == hs), None)
             rows.append(
                 [
-                    v, name + (" (baseline)" if a["baseline"] else ""), _heads(a), _params(a["params"]), _mb(info["size_bytes"]),
+                    v, name + (" (baseline)" if a["baseline"] else "") + (" (recommended)" if a.get("recommended") == v else ""), _heads(a), _params(a["params"]), _mb(info["size_bytes"]),
                     _f(c and c["p50_ms"]), _f(c and c["p99_ms"]), _f(c and c["throughput_seq_per_s"], 1),
                     _x(c and c["speedup_vs_baseline_same_variant"]), _x(c and c["speedup_vs_baseline_fp32"]),
                     _x(a["flop_ceiling_speedup"]), _pct(info.get("accuracy")),

@@ -59,8 +59,16 @@ def run_options(f):
         click.option("--recover-split", default=None, help="Split recovery trains on [the selection split]."),
         click.option("--distill", is_flag=True, help="Recovery also distils from the dense MODEL (KL on its logits)."),
         click.option("--max-accuracy-drop", default=None, type=float,
-                     help="Accuracy budget in points on --eval-split: start at CAHP's knee and add heads (bisection over "
-                          "the cluster sweep) until the recovered model is within P points of dense."),
+                     help="Accuracy budget in points: start at CAHP's knee and add heads (bisection over the cluster "
+                          "sweep) until the upper confidence bound of the recovered model's paired drop vs dense, on "
+                          "--eval-split's decision rows, is within P; the shipped variant is then confirmed on rows no "
+                          "decision saw."),
+        click.option("--confirm-split", default=None,
+                     help="Split that confirms the shipped artifact on rows no decision saw [a held-out part of --eval-split]."),
+        click.option("--confirm-fraction", default=None, type=float,
+                     help="With --max-accuracy-drop and no --confirm-split: share of --eval-split held out to confirm on [0.4]."),
+        click.option("--confidence", default=None, type=float,
+                     help="One-sided confidence of the accuracy-drop bound every budget decision uses [0.9]."),
         click.option("--quantize", default="int8", show_default=True, type=click.Choice(["int8", "none"]), help="Also export an INT8 variant."),
         click.option("--per-channel/--per-tensor", "per_channel", default=None, help="INT8 weight scales [measure both, keep the better]."),
         click.option("--int8-min-agreement", default=None, type=float, help="Export's INT8 gate: argmax agreement with fp32 on --eval-split [export's default, 0.99]."),

@@ -103,6 +103,7 @@ class CahpEvidence:
     seed: int
     options: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    ffn: Any = None  # FfnStats from the same passes, when a collector was attached (ctx.ffn)
 
     @property
     def num_heads(self) -> int:
@@ -182,6 +183,7 @@ def collect_evidence(ctx: MethodContext) -> CahpEvidence:
         seed=int(ctx.seed),
         options=opts,
         timings=timings,
+        ffn=ctx.ffn.result() if ctx.ffn is not None else None,
     )
 
 

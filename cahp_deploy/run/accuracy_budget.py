@@ -1,5 +1,10 @@
 """``run --max-accuracy-drop P``: the fewest CAHP heads whose recovered model stays within P points of dense.
 
+Judged on the upper confidence bound of the *paired* drop against dense on the decision rows
+(:mod:`cahp_deploy.paired`), never on the point estimate: per-row correctness of dense and of every
+candidate is kept. With ``ffn_keep_ratio`` every candidate also keeps that share of FFN neurons
+(CAHP's complementary neurons, from the same evidence pass).
+
 CAHP's evidence (signatures, profiles, the cluster sweep, the knee) is collected once. Each candidate
 k is a cut of that sweep (:func:`cahp_deploy.methods.cahp.select_at`, guard included), pruned,
 recovered and measured on the evaluation split; :func:`cahp_deploy.run.budget_search.search_k` decides
@@ -18,12 +23,14 @@ interrupted search resumes where it stopped)::
         model/         the candidate's final model (recovered, or only pruned with --no-recover);
                        removed for the candidates not chosen once the search is over
 
-Accuracy here is PyTorch's, on the first ``eval_max_examples`` rows of the evaluation split (all
-rows when None): the split must be neither the selection nor the recovery split.
+Accuracy here is PyTorch's, on the *decision rows* (``eval_data``: the evaluation split, or its part
+that is not held out for confirmation, see :mod:`cahp_deploy.run.promise`): never the selection or
+the recovery split, never the confirmation rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -34,10 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cahp_deploy.atomic import atomic_dir, atomic_file
 from cahp_deploy.run.budget_search import CandidateResult, SearchResult, search_k
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_json
+from cahp_deploy.paired import DEFAULT_CONFIDENCE, paired_drop
+from cahp_deploy.run.promise import bits, from_bits, rows_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +71,7 @@ class SearchSettings:
     data: str
     model_sha256: str
     select_data: Any  # LabelledData of the selection split (already cut to max_examples)
-    eval_data: Any  # LabelledData of the evaluation split (already cut to eval_max_examples)
+    eval_data: Any  # LabelledData of the decision rows (the confirmation rows are never here)
     recover_split: str
     columns: dict[str, Any]
     seed: int
@@ -69,12 +80,15 @@ class SearchSettings:
     eval_max_examples: int | None
     max_drop: float
     say: Callable[[str], None] = field(default=lambda s: None, repr=False)
+    confidence: float = DEFAULT_CONFIDENCE
+    ffn_keep_ratio: float | None = None
+    ffn_method: str = "cahp"
 
     def evidence_key(self) -> str:
         return sha256_json({
             "model_sha256": self.model_sha256, "data": self.select_data.file_hashes,
             "split": self.select_data.split, "rows": len(self.select_data), "columns": self.columns,
-            "seed": self.seed, "options": self.cahp_options,
+            "seed": self.seed, "options": self.cahp_options, "ffn": self.ffn_keep_ratio is not None,
         })
 
     def candidate_key(self, k: int) -> str:
@@ -82,6 +96,8 @@ class SearchSettings:
             "evidence": self.evidence_key(), "k": int(k), "recover": self.recover,
             "recover_split": self.recover_split, "eval": self.eval_data.file_hashes,
             "eval_split": self.eval_data.split, "eval_rows": len(self.eval_data),
+            "eval_rows_sha256": rows_fingerprint(self.eval_data), "ffn_keep_ratio": self.ffn_keep_ratio,
+            "ffn_method": self.ffn_method if self.ffn_keep_ratio is not None else None,
         })
 
 
@@ -107,11 +123,17 @@ def collect(settings: SearchSettings, root: Path):
                 return cached["evidence"]
         except Exception:  # a truncated or foreign cache is only a cache: recompute
             log.warning("ignoring unreadable %s", path)
-    settings.say("search: collecting CAHP evidence (signatures, salience, cluster sweep)")
+    settings.say("search: collecting CAHP evidence (signatures, salience, cluster sweep"
+                 + (", FFN neurons)" if settings.ffn_keep_ratio is not None else ")"))
     net, tokenizer = _load_dense(settings)
-    with make_progress() as progress:
+    with make_progress() as progress, contextlib.ExitStack() as stack:
+        ffn = None
+        if settings.ffn_keep_ratio is not None:
+            from cahp_deploy.signals.ffn import FfnCollector
+
+            ffn = stack.enter_context(FfnCollector(net, np.unique(settings.select_data.labels)))
         ctx = MethodContext(model=net, tokenizer=tokenizer, data=settings.select_data, budget=None,
-                            seed=settings.seed, options=dict(settings.cahp_options), progress=progress)
+                            seed=settings.seed, options=dict(settings.cahp_options), progress=progress, ffn=ffn)
         evidence = collect_evidence(ctx)
     with atomic_file(path, force=True) as tmp:
         with open(tmp, "wb") as f:
@@ -124,12 +146,29 @@ def candidate_ks(knee: int, num_heads: int) -> list[int]:
     return list(range(max(1, int(knee)), int(num_heads) + 1))
 
 
-def _accuracy(model_dir: Path, eval_data) -> float:
+def _correct(model_dir: Path, eval_data) -> np.ndarray:
+    """Per-row correctness of a model dir (PyTorch) on the decision rows."""
     from cahp_deploy import evaluation
     from cahp_deploy.modeling import load_classifier
+    from cahp_deploy.paired import correct
 
     net, tokenizer = load_classifier(model_dir, attn_implementation=None)
-    return evaluation.accuracy(net, tokenizer, eval_data)
+    return correct(evaluation.logits(net, tokenizer, eval_data), eval_data.labels)
+
+
+def _with_neurons(selection, settings: SearchSettings, evidence) -> None:
+    """Add FFN neurons (``settings.ffn_method``: cahp or gradient) at the settings' keep ratio to a head
+    selection, from the same evidence pass."""
+    from cahp_deploy.methods.ffn import select_neurons
+
+    stats = evidence.ffn
+    if stats is None:
+        raise CahpError("this search's evidence has no FFN statistics; delete OUT/search/evidence.pkl and rerun")
+    layers, inter = len(stats.neurons_per_layer), int(stats.neurons_per_layer[0])
+    budget = max(layers, int(round(settings.ffn_keep_ratio * layers * inter)))
+    kept, details = select_neurons(stats, settings.ffn_method, budget, layers, inter, settings.seed,
+                                   degree=int(settings.cahp_options.get("degree") or 6))
+    selection.kept_neurons, selection.neurons_per_layer, selection.ffn = kept, inter, details
 
 
 def _candidate_dir(root: Path, k: int) -> Path:
@@ -144,6 +183,8 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
     start = time.perf_counter()
     selection = select_at(evidence, k)
     selection.details["k_from"] = "accuracy budget"
+    if settings.ffn_keep_ratio is not None:
+        _with_neurons(selection, settings, evidence)
     selection.provenance.update({"model": settings.model, "model_sha256": settings.model_sha256,
                                  **settings.select_data.provenance()})
     with atomic_dir(dest, force=True) as tmp:
@@ -157,21 +198,24 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
             "params_after": costs["params_after"],
             "params_before": costs["params_before"],
             "flop_ceiling_speedup": costs["flop_ceiling_speedup"],
+            "neurons_kept": costs.get("num_neurons_kept"),
         }
+        before = _correct(pruned, settings.eval_data)
+        record["accuracy_before"] = float(before.mean())
+        record["correct_before"] = bits(before)
         if settings.recover is None:
-            record["accuracy_before"] = _accuracy(pruned, settings.eval_data)
             record["accuracy_after"] = None
             final = pruned
         else:
-            # recover() measures before and after on the same rows (the first eval_max_examples).
+            # accuracy is measured here, on the decision rows, not by recover()
             final = tmp / "recovered"
             rec = recovery.recover(
                 pruned, settings.data, final, split=settings.recover_split,
-                eval_split=settings.eval_data.split, eval_max_examples=len(settings.eval_data),
                 seed=settings.seed, **settings.columns, **settings.recover,
             )
-            record["accuracy_before"] = rec["accuracy_before"]
-            record["accuracy_after"] = rec["accuracy_after"]
+            after = _correct(final, settings.eval_data)
+            record["accuracy_after"] = float(after.mean())
+            record["correct_after"] = bits(after)
             record["recovery_seconds"] = rec["total_seconds"]
             shutil.copy2(final / recovery.RECOVERY_FILE, tmp / recovery.RECOVERY_FILE)
             shutil.rmtree(pruned)
@@ -198,17 +242,28 @@ def _cached(dest: Path, key: str, need_model: bool) -> dict[str, Any] | None:
     return record
 
 
-def _as_result(record: dict[str, Any]) -> CandidateResult:
+def _as_result(record: dict[str, Any], dense_correct: np.ndarray | None, confidence: float) -> CandidateResult:
+    drop = None
+    if dense_correct is not None:
+        final = record.get("correct_after") or record["correct_before"]
+        drop = paired_drop(dense_correct, from_bits(final), confidence).to_dict()
     return CandidateResult(
         k=int(record["k"]), accuracy_before=float(record["accuracy_before"]),
         accuracy_after=None if record["accuracy_after"] is None else float(record["accuracy_after"]),
         seconds=float(record["seconds"]),
-        details={key: record[key] for key in ("heads_kept", "flop_ceiling_speedup", "params_after", "params_before")},
+        details={key: record.get(key) for key in ("heads_kept", "neurons_kept", "flop_ceiling_speedup",
+                                                  "params_after", "params_before")},
+        drop=drop,
     )
 
 
-def measure_candidate(settings: SearchSettings, evidence, k: int, root: Path) -> CandidateResult:
-    """Candidate k's accuracies, built into ``root/kNNN`` or read back from there when made from these inputs."""
+def measure_candidate(settings: SearchSettings, evidence, k: int, root: Path,
+                      dense_correct: np.ndarray | None = None) -> CandidateResult:
+    """Candidate k's accuracies, built into ``root/kNNN`` or read back from there when made from these inputs.
+
+    With ``dense_correct`` (dense per-row correctness on the same rows) the result carries the paired
+    drop, and the search judges it on the drop's upper confidence bound.
+    """
     dest = _candidate_dir(root, k)
     record = _cached(dest, settings.candidate_key(k), need_model=False)
     if record is None:
@@ -216,11 +271,13 @@ def measure_candidate(settings: SearchSettings, evidence, k: int, root: Path) ->
         record = _build_candidate(settings, evidence, k, dest)
     else:
         settings.say(f"search: candidate k={k}: done before, reused")
-    result = _as_result(record)
+    result = _as_result(record, dense_correct, settings.confidence)
+    bound = "" if result.drop is None else \
+        f"; drop {result.drop['drop']:+.2f} points, upper bound {result.drop['upper']:.2f}"
     settings.say(
         f"search: k={k} ({record['heads_kept']} heads): {100 * result.accuracy_before:.2f}% before recovery"
         + ("" if result.accuracy_after is None else f", {100 * result.accuracy_after:.2f}% after")
-        + f" ({result.seconds:.0f} s)"
+        + f"{bound} ({result.seconds:.0f} s)"
     )
     return result
 
@@ -236,8 +293,11 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    from cahp_deploy.paired import correct
+
     net, tokenizer = _load_dense(settings)
-    dense_accuracy = evaluation.accuracy(net, tokenizer, settings.eval_data)
+    dense_correct = correct(evaluation.logits(net, tokenizer, settings.eval_data), settings.eval_data.labels)
+    dense_accuracy = float(dense_correct.mean())
     del net
     evidence = collect(settings, root)
     ks = candidate_ks(evidence.knee.k, evidence.num_heads)
@@ -251,6 +311,9 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
             "dense_accuracy": dense_accuracy,
             "max_drop_points": settings.max_drop,
             "threshold": dense_accuracy - settings.max_drop / 100.0,
+            "rule": f"paired drop vs dense, one-sided {settings.confidence:.0%} upper bound <= max_drop_points",
+            "confidence": settings.confidence,
+            "ffn_keep_ratio": settings.ffn_keep_ratio,
             "eval": settings.eval_data.provenance(),
             "select": settings.select_data.provenance(),
             "recover_split": None if settings.recover is None else settings.recover_split,
@@ -272,7 +335,7 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     tried: list[CandidateResult] = []
 
     def tracked(k: int) -> CandidateResult:
-        result = measure_candidate(settings, evidence, k, root)
+        result = measure_candidate(settings, evidence, k, root, dense_correct)
         tried.append(result)
         return result
 

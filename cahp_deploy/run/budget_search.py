@@ -46,6 +46,9 @@ class CandidateResult:
     accuracy_after : the same after recovery, or None when recovery was skipped.
     seconds : wall time of this candidate (selection + pruning + recovery + evaluation).
     details : anything else the caller wants recorded (paths, per-phase times, kept heads...).
+    drop : the paired accuracy drop against dense on the same rows
+        (:meth:`cahp_deploy.paired.PairedDrop.to_dict`), or None. When given, the candidate is judged
+        on its ``upper`` confidence bound, not on the point estimate.
     """
 
     k: int
@@ -53,6 +56,7 @@ class CandidateResult:
     accuracy_after: float | None = None
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    drop: dict[str, Any] | None = None
 
     @property
     def accuracy(self) -> float:
@@ -105,7 +109,11 @@ def search_k(
     dense_accuracy: float,
     max_drop: float,
 ) -> SearchResult:
-    """The smallest candidate k whose accuracy is at least ``dense_accuracy - max_drop`` points.
+    """The smallest candidate k whose accuracy drop stays within ``max_drop`` points of dense.
+
+    A candidate whose result carries a paired ``drop`` passes when the drop's upper confidence bound
+    is at most ``max_drop`` (the statistical margin); one without passes on the point estimate,
+    ``accuracy >= dense_accuracy - max_drop / 100``.
 
     Parameters
     ----------
@@ -132,7 +140,10 @@ def search_k(
                 raise ValueError(f"evaluate({k}) returned a result for k={result.k}")
             cache[k] = result
             tried.append(result)
-        return cache[k].accuracy >= threshold - _EPS
+        result = cache[k]
+        if result.drop is not None:
+            return result.drop["upper"] <= max_drop + _EPS
+        return result.accuracy >= threshold - _EPS
 
     def done(i: int) -> SearchResult:
         return SearchResult(cache[ks[i]], tried, dense_accuracy, max_drop, threshold)
@@ -148,9 +159,11 @@ def search_k(
             break
         if i == len(ks) - 1:
             best = max(tried, key=lambda c: c.accuracy)
+            last = cache[ks[-1]]
+            bound = "" if last.drop is None else f" (upper bound of its drop {last.drop['upper']:.2f} points)"
             raise CahpError(
                 f"no head count meets --max-accuracy-drop {max_drop:g}: even k={ks[-1]} reaches "
-                f"{100 * cache[ks[-1]].accuracy:.2f}% against the dense {100 * dense_accuracy:.2f}% "
+                f"{100 * last.accuracy:.2f}% against the dense {100 * dense_accuracy:.2f}%{bound} "
                 f"(best tried: k={best.k} at {100 * best.accuracy:.2f}%); allow a larger drop, "
                 "recover for more epochs, or keep the dense model"
             )

@@ -35,6 +35,7 @@ from cahp_deploy.run import summary as run_summary
 from cahp_deploy.atomic import atomic_file
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_dir, sha256_file, sha256_json
+from cahp_deploy.paired import DEFAULT_CONFIDENCE
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,9 @@ def run(
     recover_split: str | None = None,
     distill: bool = False,
     max_accuracy_drop: float | None = None,
+    confirm_split: str | None = None,
+    confirm_fraction: float | None = None,
+    confidence: float | None = None,
     quantize: str | None = DEFAULT_QUANTIZE,
     per_channel: bool | None = None,
     int8_min_agreement: float | None = None,
@@ -220,7 +224,10 @@ def run(
 
     ``recover`` fine-tunes the pruned model on ``recover_split`` (default: the selection split) for
     ``recover_epochs``; ``distill`` adds distillation from ``model``. ``max_accuracy_drop`` (points on
-    the evaluation split) replaces select/prune/recover by the CAHP budget search.
+    the evaluation split) replaces select/prune/recover by the CAHP budget search, decided on the upper
+    confidence bound (``confidence``) of the paired drop, on decision rows only; ``confirm_split`` (or a
+    held-out ``confirm_fraction`` of the evaluation split) confirms the shipped artifact on rows no
+    decision saw (:mod:`cahp_deploy.run.promise`).
 
     Returns ``{"out", "report", "summary_md", "run", "summary"}``: the run record (run.json's
     contents) and the dense-vs-pruned summary that is also printed. ``select_options`` /
@@ -246,8 +253,17 @@ def run(
             f"the evaluation split ({eval_split!r}) must differ from the recovery split ({recover_split!r})"
         )
     _check_budget_options(max_accuracy_drop, method, heads, keep_ratio)
-    if max_accuracy_drop is not None and (ffn_method or ffn_keep_ratio is not None or ffn_neurons is not None):
-        raise CahpError("--max-accuracy-drop searches heads only for now; drop the --ffn-* options or the budget")
+    if max_accuracy_drop is not None and (ffn_method not in (None, "cahp", "gradient") or ffn_neurons is not None
+                                          or (ffn_method is not None and ffn_keep_ratio is None)):
+        raise CahpError("--max-accuracy-drop searches CAHP heads with a fixed --ffn-keep-ratio of neurons "
+                        "(--ffn-method cahp or gradient); give --ffn-keep-ratio for the FFN")
+    if confirm_split is not None and confirm_split in (select_split, eval_split, recover_split if recover else None):
+        raise CahpError(f"--confirm-split {confirm_split!r} must differ from the selection, recovery and evaluation "
+                        "splits: it confirms on rows no decision saw")
+    if confirm_fraction is not None and not 0.0 < confirm_fraction < 1.0:
+        raise CahpError(f"--confirm-fraction must be in (0, 1), got {confirm_fraction}")
+    if confidence is not None and not 0.5 < confidence < 1.0:
+        raise CahpError(f"--confidence must be in (0.5, 1), got {confidence}")
     _check_positive(recover_epochs=recover_epochs if recover else None, recover_lr=recover_lr,
                     recover_max_examples=recover_max_examples, eval_max_examples=eval_max_examples)
     if console is None:
@@ -262,6 +278,19 @@ def run(
     check_labels(select_data, num_labels, min_classes=2)
     eval_data = load_labelled(data, eval_split, **columns)
     check_labels(eval_data, num_labels, min_classes=1)
+    confirm_data = load_labelled(data, confirm_split, **columns) if confirm_split is not None else None
+    if confirm_data is not None:
+        check_labels(confirm_data, num_labels, min_classes=1)
+    from cahp_deploy.run import promise
+
+    eval_rows = eval_data.head(eval_max_examples)
+    if max_accuracy_drop is not None:
+        decision, confirmation, how = promise.split_eval(
+            eval_rows, confirm_data, promise.DEFAULT_CONFIRM_FRACTION if confirm_fraction is None else confirm_fraction,
+            seed)
+    else:  # nothing is decided on the evaluation rows: measure there (and on --confirm-split if given)
+        decision, confirmation = eval_rows, confirm_data if confirm_data is not None else eval_rows
+        how = f"split {confirm_split!r}" if confirm_data is not None else "the evaluation rows (no decision used them)"
     if recover and recover_split != select_split:
         check_labels(load_labelled(data, recover_split, **columns), num_labels, min_classes=2)
     check_provider(provider)
@@ -295,6 +324,9 @@ def run(
             select_data=select_data, eval_data=eval_data, columns=columns, select_kwargs=select_kwargs,
             recover_split=recover_split, recover_kwargs=recover_kwargs, max_accuracy_drop=max_accuracy_drop,
             eval_max_examples=eval_max_examples, export_kwargs=export_kwargs, bench_kwargs=bench_kwargs,
+            decision=decision, confirmation=confirmation, confirm_how=how,
+            confidence=DEFAULT_CONFIDENCE if confidence is None else float(confidence),
+            ffn_keep_ratio=ffn_keep_ratio, ffn_method=ffn_method or "cahp",
         )
         result = _run_stages(record, model, data, out, plan)
     except BaseException:
@@ -336,6 +368,12 @@ class _Plan:
     eval_max_examples: int | None
     export_kwargs: dict[str, Any]
     bench_kwargs: dict[str, Any]
+    decision: Any = None  # rows the budget decisions are made on
+    confirmation: Any = None  # rows no decision saw: the shipped artifact is confirmed there
+    confirm_how: str = ""
+    confidence: float = DEFAULT_CONFIDENCE
+    ffn_keep_ratio: float | None = None
+    ffn_method: str = "cahp"
 
 
 def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, model_hash: str):
@@ -386,10 +424,11 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
     settings = accuracy_budget.SearchSettings(
         model=model, data=data, model_sha256=model_hash,
         select_data=plan.select_data.head(plan.select_kwargs.get("max_examples")),
-        eval_data=plan.eval_data.head(plan.eval_max_examples),
+        eval_data=plan.decision,
         recover_split=plan.recover_split, columns=plan.columns, seed=int(plan.select_kwargs.get("seed", 42)),
         cahp_options=options, recover=plan.recover_kwargs, eval_max_examples=plan.eval_max_examples,
-        max_drop=float(plan.max_accuracy_drop), say=record.say,
+        max_drop=float(plan.max_accuracy_drop), say=record.say, confidence=plan.confidence,
+        ffn_keep_ratio=plan.ffn_keep_ratio, ffn_method=plan.ffn_method,
     )
     search_dir = out / SEARCH_DIR
     record.stage(
@@ -400,11 +439,47 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
             "recover_data": load_split_hashes(data, plan.recover_split, plan.select_data, plan.columns)
             if plan.recover_kwargs is not None else None,
             "eval": _eval_inputs(plan), "max_accuracy_drop": plan.max_accuracy_drop,
+            "decision_rows": _rows_key(plan.decision), "confidence": plan.confidence,
+            "ffn_keep_ratio": plan.ffn_keep_ratio,
         },
         search_dir,
         lambda overwrite: accuracy_budget.search(settings, search_dir),
     )
     return accuracy_budget.chosen_model(search_dir)
+
+
+def _rows_key(data) -> str:
+    from cahp_deploy.run.promise import rows_fingerprint
+
+    return rows_fingerprint(data)
+
+
+def _confirm(record: RunRecord, out: Path, plan: _Plan, dense_art: Path, pruned_art: Path, report_dir: Path) -> None:
+    """The confirm stage: choose the shipped variant by measured speed within the budget, confirm it on
+    rows no decision saw, write OUT/confirm.json and the pruned manifest's ``recommended``."""
+    from cahp_deploy.run import promise
+
+    confirm_file = out / promise.CONFIRM_FILE
+    inputs = {
+        "bench_sha256": record.output_hash("bench"),
+        "export_pruned_inputs_sha256": record.stages["export-pruned"]["inputs_sha256"],
+        "dense_sha256": record.output_hash("export-dense"),
+        "decision_rows": _rows_key(plan.decision), "confirmation_rows": _rows_key(plan.confirmation),
+        "max_accuracy_drop": plan.max_accuracy_drop, "confidence": plan.confidence,
+        "threads": plan.bench_kwargs.get("threads"),
+    }
+    ran = record.stage(
+        "confirm", inputs, confirm_file,
+        lambda overwrite: promise.confirm(dense_art, pruned_art, report_dir, plan.decision, plan.confirmation,
+                                          plan.confirm_how, plan.max_accuracy_drop, confirm_file,
+                                          confidence=plan.confidence, threads=plan.bench_kwargs.get("threads")),
+    )
+    if ran:  # the manifest now names its recommended variant: what export made, plus that one line
+        stage = record.stages["export-pruned"]
+        stage["output_sha256"] = output_sha256(pruned_art)
+        record.stages["bench"]["inputs"]["pruned_sha256"] = stage["output_sha256"]
+        record.stages["bench"]["inputs_sha256"] = sha256_json(record.stages["bench"]["inputs"])
+        record.save()
 
 
 def load_split_hashes(data: str, split: str, already, columns: dict[str, Any]) -> dict[str, str]:
@@ -472,6 +547,8 @@ def _run_stages(record: RunRecord, model: str, data: str, out: Path, plan: _Plan
         ),
     )
 
+    if plan.decision is not None:
+        _confirm(record, out, plan, dense_art, pruned_art, report_dir)
     summary = summarize(out, record.data)
     record.data["summary"] = summary
     text = run_summary.markdown(summary)
@@ -510,7 +587,8 @@ def _search_summary(out: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     r = _read(path)
-    keys = ("dense_accuracy", "max_drop_points", "threshold", "chosen_k", "candidates_k", "tried", "seconds", "knee")
+    keys = ("dense_accuracy", "max_drop_points", "threshold", "chosen_k", "candidates_k", "tried", "seconds", "knee",
+            "confidence", "ffn_keep_ratio")
     return {k: r.get(k) for k in keys} | {"plot": f"{SEARCH_DIR}/tradeoff.png"}
 
 
@@ -559,6 +637,7 @@ def summarize(out: str | os.PathLike, record: dict[str, Any] | None = None) -> d
         "final_model": final,
         "recovery": _recovery_summary(out / final) if final else None,
         "search": _search_summary(out) if searched else None,
+        "confirm": _read(out / "confirm.json") if "confirm" in record.get("stages", {}) and (out / "confirm.json").is_file() else None,
         "rows": rows,
     }
 

@@ -1,0 +1,188 @@
+"""The promise `run` makes, kept honest: decided on some rows, confirmed on rows the decision never saw.
+
+A budget search that takes the first candidate whose *point estimate* clears the bar on ~1,000 rows
+picks noise in its favour (paired standard error ~1.5 points there): measured, a run promised -0.8
+points on SST-5 validation and lost 3.5 on test. So:
+
+1. **Decision rows vs confirmation rows** (:func:`split_eval`): with ``--confirm-split`` the whole
+   evaluation split decides and that split confirms; otherwise a seeded part of the evaluation split
+   (``--confirm-fraction``, default 40%) is held out and never seen by any decision.
+2. **Decisions on the upper confidence bound** of the paired drop (:mod:`cahp_deploy.paired`): the
+   search's candidates, and here the choice of the shipped precision.
+3. **The shipped variant is measured, not estimated** (:func:`confirm`): of the pruned artifact's
+   variants that were benchmarked, the fastest at the headline shape (bench's own latency) whose
+   drop against dense passes on the decision rows becomes the manifest's ``recommended``; dense INT8,
+   the honest competitor, is measured beside it.
+4. **Confirmation**: every variant's drop (and the dense INT8's) is measured again through ONNX Runtime
+   on the confirmation rows and written, with its interval, to ``OUT/confirm.json``; summary.md says
+   plainly when the confirmation misses the budget.
+
+Accuracy here is ONNX Runtime's, on the very files a user deploys, against the dense *fp32* artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cahp_deploy.atomic import atomic_file
+from cahp_deploy.errors import CahpError
+from cahp_deploy.paired import DEFAULT_CONFIDENCE, correct, paired_drop, split_rows
+
+CONFIRM_FILE = "confirm.json"
+#: share of the evaluation split held out for confirmation when no --confirm-split is given
+DEFAULT_CONFIRM_FRACTION = 0.4
+#: pruned variants the recommendation chooses among (fp16 is for GPUs, timed elsewhere)
+CANDIDATE_VARIANTS = ("optimized", "int8", "fp32")
+#: the variant recommended when there is no accuracy budget to decide on
+DEFAULT_RECOMMENDED = "optimized"
+
+
+def split_eval(eval_data, confirm_data=None, fraction: float = DEFAULT_CONFIRM_FRACTION, seed: int = 0):
+    """(decision rows, confirmation rows, how) from the evaluation split and an optional confirm split."""
+    if confirm_data is not None:
+        if len(confirm_data) == 0:
+            raise CahpError("the confirmation split has no rows")
+        return eval_data, confirm_data, f"split {confirm_data.split!r}"
+    decide, hold = split_rows(len(eval_data), fraction, seed)
+    if len(hold) < 10:
+        raise CahpError(f"holding out {fraction:.0%} of {len(eval_data)} evaluation rows leaves {len(hold)} to "
+                        "confirm on; give more rows or a --confirm-split")
+    how = f"a held-out {len(hold) / len(eval_data):.0%} of {eval_data.split!r} (seed {seed})"
+    return eval_data.subset(decide), eval_data.subset(hold), how
+
+
+def rows_fingerprint(data) -> str:
+    """A hash of the rows themselves (texts, pairs, labels): subsets of one split differ by it."""
+    from cahp_deploy.hashing import sha256_json
+
+    return sha256_json({"texts": data.texts, "pairs": data.pairs, "labels": np.asarray(data.labels).tolist()})
+
+
+def bits(mask) -> str:
+    """Per-row correctness as a compact '0101' string (what candidate records store)."""
+    return "".join("1" if b else "0" for b in np.asarray(mask, dtype=bool))
+
+
+def from_bits(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
+
+
+def ort_correct(artifact_dir: Path, variant: str, data, max_length: int = 128, threads: int | None = None) -> np.ndarray:
+    """Per-row correctness of one variant of an artifact through ONNX Runtime (CPU)."""
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    from cahp_deploy.bench.accuracy import encode, predict
+    from cahp_deploy.exporters.manifest import variant_path
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(str(variant_path(artifact_dir, variant)), options, providers=["CPUExecutionProvider"])
+    tokenizer = AutoTokenizer.from_pretrained(str(artifact_dir))
+    preds = predict(session, encode(tokenizer, data, max_length), len(data))
+    return correct(preds, data.labels)
+
+
+def _latency(report: dict[str, Any], artifact: str, variant: str, shape: str) -> float | None:
+    for c in report.get("cells", []):
+        if c.get("mode") == "grid" and c["artifact"] == artifact and c["variant"] == variant \
+                and f"{c['batch']}x{c['seq']}" == shape:
+            return c.get("p50_ms")
+    return None
+
+
+def headline_shape(report: dict[str, Any]) -> str:
+    """The shape a recommendation is timed at: the largest batch at the longest timed sequence."""
+    grid = [(c["batch"], c["seq"]) for c in report.get("cells", []) if c.get("mode") == "grid"]
+    if not grid:
+        raise CahpError("the bench report has no timed grid cell to choose a variant by")
+    b, s = max(grid, key=lambda bs: (bs[1], bs[0]))
+    return f"{b}x{s}"
+
+
+def choose(variants: dict[str, dict[str, Any]], max_drop: float | None) -> tuple[str | None, str]:
+    """The recommended pruned variant and why: fastest measured whose decision bound passes."""
+    timed = {v: r for v, r in variants.items() if r.get("p50_ms") is not None}
+    if max_drop is None:
+        pick = DEFAULT_RECOMMENDED if DEFAULT_RECOMMENDED in timed else next(iter(timed), None)
+        return pick, "no accuracy budget: the fp32-exact optimized graph"
+    passing = {v: r for v, r in timed.items() if r["decision"]["upper"] <= max_drop + 1e-9}
+    if not passing:
+        return None, (f"no pruned variant's {int(100 * DEFAULT_CONFIDENCE)}% upper bound of the accuracy drop is "
+                      f"within {max_drop:g} points on the decision rows")
+    pick = min(passing, key=lambda v: passing[v]["p50_ms"])
+    return pick, f"fastest measured of {', '.join(sorted(passing))} (within {max_drop:g} points on the decision rows)"
+
+
+def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confirmation, how: str,
+            max_drop: float | None, out_file: Path, confidence: float = DEFAULT_CONFIDENCE,
+            threads: int | None = None) -> dict[str, Any]:
+    """Measure, choose and confirm (see the module docstring); write ``out_file`` and the manifest's
+    ``recommended``. Returns the record."""
+    from cahp_deploy.exporters.manifest import load_manifest
+
+    report = json.loads((Path(report_dir) / "report.json").read_text())
+    shape = headline_shape(report)
+    names = {a["path"]: a["name"] for a in report.get("artifacts", [])}
+    dense_name = names.get(str(dense_art)) or next(a["name"] for a in report["artifacts"] if a.get("baseline"))
+    pruned_name = names.get(str(pruned_art)) or next(a["name"] for a in report["artifacts"] if not a.get("baseline"))
+    dense_manifest, pruned_manifest = load_manifest(dense_art), load_manifest(pruned_art)
+
+    ref = {part: ort_correct(dense_art, "fp32", rows, threads=threads)
+           for part, rows in (("decision", decision), ("confirmation", confirmation))}
+    dense_p50 = _latency(report, dense_name, "fp32", shape)
+    dense_int8_p50 = _latency(report, dense_name, "int8", shape)
+
+    def measure(art: Path, name: str, variant: str) -> dict[str, Any]:
+        got = {part: ort_correct(art, variant, rows, threads=threads)
+               for part, rows in (("decision", decision), ("confirmation", confirmation))}
+        p50 = _latency(report, name, variant, shape)
+        return {
+            "decision": paired_drop(ref["decision"], got["decision"], confidence).to_dict(),
+            "confirmation": paired_drop(ref["confirmation"], got["confirmation"], confidence).to_dict(),
+            "p50_ms": p50,
+            "speedup_vs_dense_fp32": None if not (p50 and dense_p50) else dense_p50 / p50,
+            "speedup_vs_dense_int8": None if not (p50 and dense_int8_p50) else dense_int8_p50 / p50,
+        }
+
+    pruned = {v: measure(pruned_art, pruned_name, v) for v in CANDIDATE_VARIANTS
+              if v in (pruned_manifest.get("variants") or {}) and _latency(report, pruned_name, v, shape) is not None}
+    dense_int8 = measure(dense_art, dense_name, "int8") if dense_int8_p50 is not None \
+        and "int8" in (dense_manifest.get("variants") or {}) else None
+    recommended, why = choose(pruned, max_drop)
+    shipped = pruned.get(recommended) if recommended else None
+    record = {
+        "shape": shape, "confidence": confidence, "max_drop_points": max_drop,
+        "decision_rows": {"num_examples": len(decision), "split": decision.split},
+        "confirmation_rows": {"num_examples": len(confirmation), "split": confirmation.split, "how": how},
+        "reference": "dense fp32 artifact (model.onnx), ONNX Runtime",
+        "dense_fp32_p50_ms": dense_p50, "dense_int8": dense_int8, "variants": pruned,
+        "recommended": recommended, "why": why,
+        "confirmed": None if shipped is None or max_drop is None
+        else bool(shipped["confirmation"]["upper"] <= max_drop + 1e-9),
+        "dense_int8_faster": None if shipped is None or dense_int8 is None
+        else bool(dense_int8["p50_ms"] < shipped["p50_ms"]),
+    }
+    with atomic_file(out_file, force=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    _set_recommended(pruned_art, recommended, why)
+    return record
+
+
+def _set_recommended(artifact: Path, variant: str | None, why: str) -> None:
+    """Record the verified variant in the artifact's manifest (the manifest hashes no file of its own)."""
+    path = Path(artifact) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["recommended"] = variant
+    manifest["recommended_why"] = why
+    with atomic_file(path, force=True) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+__all__ = ["CONFIRM_FILE", "DEFAULT_CONFIRM_FRACTION", "bits", "choose", "confirm", "from_bits", "headline_shape",
+           "ort_correct", "rows_fingerprint", "split_eval"]
