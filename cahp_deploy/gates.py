@@ -24,17 +24,18 @@ from torch import nn
 from cahp_deploy import arch
 
 
-class HeadGates:
-    """Hooks that scale each head's context by a gate value.
+class _Gates:
+    """Per-layer gate tensors applied by forward pre-hooks on one projection per layer.
 
-    ``values`` is a list (one tensor per layer, shape (heads_in_layer,)); replace or edit the
-    tensors freely between forward passes, or make them require grad for salience. A gate tensor may
-    also have a leading batch dimension, (B, heads), for per-example gates.
+    Subclasses say how many gates each layer has (``_counts``), which module's input they scale
+    (``_module``) and how (``_hook``). ``values`` is a list (one tensor per layer, shape (gates,), or
+    (B, gates) for per-example gates); replace or edit the tensors freely between forward passes, or
+    make them require grad for salience.
     """
 
     def __init__(self, model: nn.Module, values: Sequence[torch.Tensor] | None = None):
         self.model = model
-        counts = arch.heads_per_layer(model)
+        counts = self._counts(model)
         device = next(model.parameters()).device
         if values is None:
             values = [torch.ones(n, device=device) for n in counts]
@@ -42,6 +43,42 @@ class HeadGates:
             raise ValueError(f"expected {len(counts)} gate tensors, got {len(values)}")
         self.values: list[torch.Tensor] = list(values)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @staticmethod
+    def _counts(model: nn.Module) -> list[int]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _module(model: nn.Module, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _hook(self, layer: int):
+        raise NotImplementedError
+
+    def attach(self):
+        for i, n in enumerate(self._counts(self.model)):
+            if n == 0:  # nothing to gate (a zero-head layer has no context; an emptied FFN one inert unit)
+                continue
+            self._handles.append(self._module(self.model, i).register_forward_pre_hook(self._hook(i)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+class HeadGates(_Gates):
+    """Hooks that scale each head's context by a gate value (per layer: (heads,) or (B, heads))."""
+
+    _counts = staticmethod(arch.heads_per_layer)
+    _module = staticmethod(arch.output_projection)
 
     def _hook(self, layer: int):
         def pre_hook(module: nn.Module, args: tuple):
@@ -56,25 +93,6 @@ class HeadGates:
             return ((context.view(b, s, n, d) * g).view(b, s, width), *rest)
 
         return pre_hook
-
-    def attach(self) -> HeadGates:
-        for i, n in enumerate(arch.heads_per_layer(self.model)):
-            if n == 0:  # a zero-head layer has no context to gate
-                continue
-            proj = arch.output_projection(self.model, i)
-            self._handles.append(proj.register_forward_pre_hook(self._hook(i)))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> HeadGates:
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
 
 @contextlib.contextmanager
@@ -91,7 +109,7 @@ def head_mask(model: nn.Module, keep: Sequence[Sequence[int]]) -> Iterator[HeadG
         yield gates
 
 
-class NeuronGates:
+class NeuronGates(_Gates):
     """Hooks that scale each FFN neuron's activation by a gate: the FFN twin of :class:`HeadGates`.
 
     The gate multiplies the *input* of each layer's FFN output projection, (B, S, neurons), so gating
@@ -101,47 +119,23 @@ class NeuronGates:
     signatures are taken there, in the same forward pass).
     """
 
+    _counts = staticmethod(arch.neurons_per_layer)
+    _module = staticmethod(arch.ffn_output_projection)
+
     def __init__(self, model: nn.Module, values: Sequence[torch.Tensor] | None = None, on_activation=None):
-        self.model = model
-        counts = arch.neurons_per_layer(model)
-        device = next(model.parameters()).device
-        if values is None:
-            values = [torch.ones(n, device=device) for n in counts]
-        if len(values) != len(counts):
-            raise ValueError(f"expected {len(counts)} gate tensors, got {len(values)}")
-        self.values: list[torch.Tensor] = list(values)
+        super().__init__(model, values)
         self.on_activation = on_activation
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, layer: int):
         def pre_hook(module: nn.Module, args: tuple):
             (act, *rest) = args
             gate = self.values[layer].to(act.dtype)
-            if gate.shape[-1] == 0:  # a layer pruned to no neuron keeps one inert unit (pruning.rewrite)
-                return None
             act = act * (gate.view(1, 1, -1) if gate.dim() == 1 else gate.unsqueeze(1))
             if self.on_activation is not None:
                 self.on_activation(layer, act)
             return (act, *rest)
 
         return pre_hook
-
-    def attach(self) -> NeuronGates:
-        for i in range(len(self.values)):
-            proj = arch.ffn_output_projection(self.model, i)
-            self._handles.append(proj.register_forward_pre_hook(self._hook(i)))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> NeuronGates:
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
 
 @contextlib.contextmanager
