@@ -1,0 +1,87 @@
+"""The promise: decision vs confirmation rows, the measured choice of the shipped variant, the words."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cahp_deploy.data import LabelledData
+from cahp_deploy.errors import CahpError
+from cahp_deploy.run import promise
+from cahp_deploy.run.summary import promise_lines
+
+
+def _data(n: int, split: str = "validation") -> LabelledData:
+    return LabelledData(texts=[f"row {i}" for i in range(n)], labels=np.arange(n) % 3, split=split)
+
+
+def test_split_eval_holds_out_disjoint_rows_or_uses_the_confirm_split():
+    data = _data(100)
+    decide, confirm, how = promise.split_eval(data, None, 0.4, seed=3)
+    assert (len(decide), len(confirm)) == (60, 40) and not set(decide.texts) & set(confirm.texts)
+    assert "held-out 40%" in how and promise.rows_fingerprint(decide) != promise.rows_fingerprint(confirm)
+    assert promise.split_eval(data, None, 0.4, seed=3)[1].texts == confirm.texts  # seeded
+    test = _data(50, "test")
+    decide, confirm, how = promise.split_eval(data, test, 0.4)
+    assert decide is data and confirm is test and how == "split 'test'"
+    with pytest.raises(CahpError, match="leaves 4 to confirm on"):
+        promise.split_eval(_data(10), None, 0.4)
+
+
+def test_bits_round_trip():
+    mask = np.array([True, False, False, True])
+    assert promise.bits(mask) == "1001" and promise.from_bits("1001").tolist() == mask.tolist()
+
+
+def _variant(upper: float, p50: float | None, drop: float = 0.0) -> dict:
+    d = {"drop": drop, "upper": upper, "low": drop - 1, "high": drop + 1, "n": 500, "confidence": 0.9}
+    return {"decision": d, "confirmation": d, "p50_ms": p50}
+
+
+def test_choose_ships_the_fastest_measured_variant_within_the_budget():
+    variants = {"optimized": _variant(0.8, 300.0), "int8": _variant(1.4, 200.0), "fp32": _variant(0.8, 320.0)}
+    assert promise.choose(variants, 1.0)[0] == "optimized"  # int8 is faster but its bound misses
+    assert promise.choose(variants, 1.5)[0] == "int8"
+    assert promise.choose(variants, 0.5) == (None, promise.choose(variants, 0.5)[1])
+    assert "no pruned variant" in promise.choose(variants, 0.5)[1]
+    assert promise.choose(variants, None)[0] == "optimized"  # no budget: the fp32-exact graph
+    assert promise.choose({"int8": _variant(0.1, None)}, 1.0)[0] is None  # untimed: never chosen
+
+
+def _confirm(conf_upper: float, int8_faster: bool) -> dict:
+    v = _variant(0.5, 100.0)
+    v["confirmation"] = {**v["confirmation"], "drop": 0.9, "upper": conf_upper}
+    v.update(speedup_vs_dense_fp32=2.4, speedup_vs_dense_int8=0.8 if int8_faster else 1.3)
+    return {"recommended": "optimized", "why": "fastest measured of optimized", "max_drop_points": 1.0,
+            "shape": "32x128", "variants": {"optimized": v}, "dense_int8": _variant(0.3, 80.0),
+            "confirmation_rows": {"how": "split 'test'", "num_examples": 500},
+            "decision_rows": {"num_examples": 500}, "dense_int8_faster": int8_faster}
+
+
+def test_the_words_say_plainly_when_the_confirmation_misses_or_dense_int8_wins():
+    lines = promise_lines(_confirm(conf_upper=0.95, int8_faster=False))
+    assert lines[0].startswith("Shipped: the pruned model's `optimized` variant")
+    assert "the budget of 1 point HOLDS" in lines[1] and "-0.9 points (90% CI" in lines[1]
+    assert "2.40x vs dense fp32, 1.30x vs dense INT8" in lines[2] and len(lines) == 3
+    lines = promise_lines(_confirm(conf_upper=1.7, int8_faster=True))
+    assert "is NOT confirmed (upper bound of the drop 1.7 points)" in lines[1]
+    assert lines[-1].startswith("Plainly: dense INT8 is faster than the shipped pruned artifact")
+    nothing = promise_lines({"recommended": None, "why": "no pruned variant passes", "max_drop_points": 1.0,
+                             "confirmation_rows": {"how": "x"}})
+    assert nothing == ["Nothing pruned is shipped as recommended: no pruned variant passes. Ship the dense model "
+                       "(or dense INT8) instead."]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--confirm-split", "validation"], "--confirm-split 'validation' must differ"),
+    (["--confirm-split", "train"], "--confirm-split 'train' must differ"),
+    (["--confidence", "1.2"], "--confidence must be in (0.5, 1)"),
+    (["--max-accuracy-drop", "1", "--confirm-fraction", "0"], "--confirm-fraction must be in (0, 1)"),
+    (["--confirm-split", "nope"], "nope"),
+])
+def test_run_rejects_bad_promise_options_in_one_line(args, match, tiny_models, tiny_data, tmp_path):
+    from conftest import cli
+
+    code, _, err = cli("run", tiny_models["bert"], "--data", tiny_data, "--out", tmp_path / "run", *args)
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
