@@ -333,3 +333,30 @@ def test_budget_search_with_an_ffn_ratio_ships_neurons_too(tiny_models, tiny_dat
     assert manifest["num_neurons_kept"] == LAYERS * INTER // 2 and manifest["recommended"] == "optimized"
     sel = json.loads(next((out / "search").glob("k*/selection.json")).read_text())
     assert sel["ffn"]["method"] == "gradient" and sel["ffn"]["budget"] == LAYERS * INTER // 2
+
+
+@pytest.mark.shared
+def test_reference_model_heads_and_neurons_prune_exactly(tmp_path):
+    """On the real MiniLM-SST-5 classifier (../shared): CAHP heads + 50% CAHP neurons, pruned and reloaded,
+    equals the dense model with the same heads and neurons gated off."""
+    from conftest import shared_path
+
+    from cahp_deploy.data import iter_batches, load_labelled
+    from cahp_deploy.modeling import load_classifier
+    from cahp_deploy.signals import model_inputs
+
+    model, data = shared_path("models", "minilm-sst5"), shared_path("data", "sst5")
+    code, out, err = cli("select", model, "--data", data, "--max-examples", "64", "--ffn-keep-ratio", "0.5",
+                         "--out", tmp_path / "s.json")
+    assert code == 0, err
+    sel = json.loads((tmp_path / "s.json").read_text())
+    assert sel["num_neurons_kept"] == 6 * 1536 // 2 and sel["ffn"]["evidence_pass"] == "shared with the heads"
+    pruned = prune(model, tmp_path / "s.json", tmp_path / "p")
+    reloaded, _ = load_classifier(pruned)
+    dense, tok = load_classifier(model)
+    rows = load_labelled(data, "validation").head(16)
+    _, enc, _ = next(iter_batches(tok, rows, batch_size=16, max_length=128))
+    with torch.no_grad():
+        got = reloaded(**model_inputs(reloaded, enc)).logits
+    want = _masked_logits(dense, sel["kept_heads"], sel["kept_neurons"], model_inputs(dense, enc))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
