@@ -171,6 +171,7 @@ def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhau
     assert "the budget of 100 points HOLDS" in text and "within 100 points of dense" in text
     confirm = json.loads((out / "confirm.json").read_text())
     assert manifest["recommended"] == confirm["recommended"] == "optimized"
+    assert (out / "pareto.png").stat().st_size > 0
     # decision and confirmation rows are disjoint parts of the 90 validation rows: 54 decide, 36 confirm
     assert (confirm["decision_rows"]["num_examples"], confirm["confirmation_rows"]["num_examples"]) == (54, 36)
     assert search["tried"][0]["drop"]["n"] == 54 and search["eval"]["num_examples"] == 54

@@ -33,6 +33,7 @@ from cahp_deploy.errors import CahpError
 from cahp_deploy.paired import DEFAULT_CONFIDENCE, correct, paired_drop, split_rows
 
 CONFIRM_FILE = "confirm.json"
+PARETO_PLOT = "pareto.png"
 #: share of the evaluation split held out for confirmation when no --confirm-split is given
 DEFAULT_CONFIRM_FRACTION = 0.4
 #: pruned variants the recommendation chooses among (fp16 is for GPUs, timed elsewhere)
@@ -174,8 +175,43 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
     }
     with atomic_file(out_file, force=True) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
+    plot_pareto(record, Path(out_file).with_name(PARETO_PLOT))
     _set_recommended(pruned_art, recommended, why)
     return record
+
+
+def plot_pareto(record: dict[str, Any], path: Path) -> None:
+    """Accuracy change (confirmation rows, with its interval) vs measured speedup over dense fp32 of
+    every measured artifact: the shipped one starred, the budget drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [("dense fp32", 1.0, {"drop": 0.0, "low": 0.0, "high": 0.0}, False)]
+    if record.get("dense_int8") and record["dense_int8"].get("speedup_vs_dense_fp32"):
+        points.append(("dense int8", record["dense_int8"]["speedup_vs_dense_fp32"],
+                       record["dense_int8"]["confirmation"], False))
+    for v, r in record["variants"].items():
+        if r.get("speedup_vs_dense_fp32"):
+            points.append((f"pruned {v}", r["speedup_vs_dense_fp32"], r["confirmation"], v == record["recommended"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, x, d, shipped in points:
+        y = -d["drop"]
+        ax.errorbar([x], [y], yerr=[[y + d["high"]], [-d["low"] - y]], fmt="*" if shipped else "o",
+                    ms=14 if shipped else 6, capsize=3, label=name + (" (shipped)" if shipped else ""))
+    if record.get("max_drop_points") is not None:
+        ax.axhline(-record["max_drop_points"], color="tab:red", ls="--", lw=1,
+                   label=f"budget: -{record['max_drop_points']:g} points")
+    ax.set_xlabel(f"measured speedup vs dense fp32 at {record['shape']}")
+    ax.set_ylabel(f"accuracy change, points ({record['confidence']:.0%} CI)")
+    ax.set_title(f"confirmed on {record['confirmation_rows']['num_examples']} rows no decision used")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    with atomic_file(path, force=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
 
 
 def _set_recommended(artifact: Path, variant: str | None, why: str) -> None:
@@ -188,5 +224,5 @@ def _set_recommended(artifact: Path, variant: str | None, why: str) -> None:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-__all__ = ["CONFIRM_FILE", "DEFAULT_CONFIRM_FRACTION", "bits", "choose", "confirm", "from_bits", "headline_shape",
+__all__ = ["CONFIRM_FILE", "DEFAULT_CONFIRM_FRACTION", "PARETO_PLOT", "plot_pareto", "bits", "choose", "confirm", "from_bits", "headline_shape",
            "ort_correct", "rows_fingerprint", "split_eval"]

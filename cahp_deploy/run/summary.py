@@ -185,6 +185,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"- final pruned model (Hugging Face dir): `{summary.get('final_model')}`",
         "- ONNX artifacts: `artifacts/dense/`, `artifacts/pruned/` (each with manifest.json)",
         "- every benchmark number and plot: `report/report.md`, `report/report.json`",
+        "- the shipped variant, its confirmed accuracy change and measured speed: `confirm.json`, `pareto.png`",
         "- what each stage saw and made: `run.json`",
         "",
     ]
