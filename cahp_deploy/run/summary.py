@@ -112,6 +112,8 @@ def headline(summary: dict[str, Any]) -> list[str]:
     if rec is not None and rec.get("accuracy_before") is not None:
         acc += (f", pruned {_pct(rec['accuracy_before'])} before recovery, {_pct(pruned['accuracy'])} after "
                 f"recovery ({_recovery_words(rec)})")
+    elif rec is not None:  # the budget search measured before/after itself, on its decision rows
+        acc += f", pruned {_pct(pruned['accuracy'])} after recovery ({_recovery_words(rec)})"
     else:
         acc += f", pruned {_pct(pruned['accuracy'])} (no recovery)"
     change = None if pruned["accuracy"] is None or dense["accuracy"] is None else pruned["accuracy"] - dense["accuracy"]
