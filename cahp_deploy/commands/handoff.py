@@ -55,8 +55,9 @@ def command(artifact_dir, out, target, variant, name, trim_vocab, trim_split, he
     if t:
         h = t["heldout"]
         parts.append(f"vocab {t['vocab_before']} -> {t['vocab_after']}, model {t['bytes_before'] / 2**20:.1f} -> "
-                     f"{t['bytes_after'] / 2**20:.1f} MiB, [UNK] on {h['split']} {h['unk_rate_before']:.2%} -> "
-                     f"{h['unk_rate_after']:.2%}, accuracy {t['accuracy']['describe']}")
+                     f"{t['bytes_after'] / 2**20:.1f} MiB; on {h['split']}: {h['dropped_token_rate']:.2%} of tokens dropped, "
+                     f"[UNK] {h['unk_rate_before']:.2%} -> {h['unk_rate_after']:.2%}, {h['rows_covered']}/{h['rows']} rows "
+                     f"covered (max|diff| {t['covered_parity']['max_abs_diff']:.1e}), accuracy {t['accuracy']['describe']}")
     if rec.get("ort_parity"):
         parts.append(f".ort vs .onnx max|diff| {rec['ort_parity']['max_abs_diff']:.1e}")
     click.echo(f"wrote {path}: " + "; ".join(parts))

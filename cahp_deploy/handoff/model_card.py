@@ -78,8 +78,10 @@ def render(manifest: dict, record: dict) -> str:
             f"- Vocabulary trimmed to the tokens of `{trim['data']}` [{trim['split']}] ({trim['rows']} rows) plus "
             f"special tokens: {trim['vocab_before']} -> {trim['vocab_after']} tokens; model file "
             f"{trim['bytes_before'] / 2**20:.1f} -> {trim['bytes_after'] / 2**20:.1f} MiB.",
-            f"- Held-out `{cov['split']}` ({cov['rows']} rows): [UNK] share of tokens {cov['unk_rate_before']:.2%} -> "
-            f"{cov['unk_rate_after']:.2%}; {cov['rows_covered']} rows fully covered.",
+            f"- Held-out `{cov['split']}` ({cov['rows']} rows): {cov['dropped_token_rate']:.2%} of its tokens are not in "
+            f"the kept vocabulary (would be [UNK] if mapped one to one); the trimmed WordPiece tokenizer re-splits most "
+            f"of those words, so its actual [UNK] share is {cov['unk_rate_before']:.2%} -> {cov['unk_rate_after']:.2%}; "
+            f"{cov['rows_covered']} rows fully covered (identical ids and logits), the rest tokenized differently.",
             f"- Parity on fully covered rows (trimmed vs untrimmed ONNX): max |logit diff| "
             f"{trim['covered_parity']['max_abs_diff']:.1e} (limit {trim['covered_parity']['atol']:g}).",
             f"- Accuracy on `{cov['split']}`: untrimmed {acc['ref_accuracy']:.2f}% -> trimmed {acc['new_accuracy']:.2f}% "

@@ -10,6 +10,8 @@ optimizations the converter bakes in, so the gate is the fp32 one (1e-4).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 import tempfile
@@ -35,9 +37,12 @@ def convert(onnx_path: Path, out_dir: Path) -> list[str]:
         src = Path(tmp) / "model.onnx"  # the converter names outputs after the input file
         shutil.copyfile(onnx_path, src)
         conv = Path(tmp) / "out"
+        chatter = io.StringIO()  # the converter prints its progress; keep it for the debug log only
         try:
-            convert_onnx_models_to_ort(src, output_dir=conv, optimization_styles=[OptimizationStyle.Fixed],
-                                       enable_type_reduction=True)
+            with contextlib.redirect_stdout(chatter):
+                convert_onnx_models_to_ort(src, output_dir=conv, optimization_styles=[OptimizationStyle.Fixed],
+                                           enable_type_reduction=True)
+            log.debug("ORT converter: %s", chatter.getvalue())
         except Exception as e:  # the converter raises plain RuntimeError/ValueError from ORT
             raise CahpError(f"onnxruntime's ORT-format converter failed on {onnx_path.name}: {str(e).splitlines()[0][:200]}") from e
         produced = {p.name for p in conv.iterdir()}

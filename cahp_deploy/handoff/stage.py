@@ -106,7 +106,7 @@ def _trim(artifact: Path, src: Path, staged: Path, tokdir: Path, config: dict, m
 
     before = vocab.unk_stats(orig, held.texts, held.pairs)
     after = vocab.unk_stats(new, held.texts, held.pairs)
-    covered = vocab.covered_rows(orig, keep, held.texts, held.pairs)
+    covered, dropped = vocab.coverage(orig, keep, held.texts, held.pairs)
     max_length = min(512, parity.max_sequence(SimpleNamespace(**config)))
     names = manifest["input_names"]
     ref = _logits_per_row(src, orig, held, names, max_length)
@@ -121,6 +121,7 @@ def _trim(artifact: Path, src: Path, staged: Path, tokdir: Path, config: dict, m
         "vocab_before": int(config["vocab_size"]), "vocab_after": int(len(keep)), "embedding": emb,
         "bytes_before": src.stat().st_size, "bytes_after": staged.stat().st_size,
         "heldout": {"split": held.split, "rows": len(held), "data_hashes": held.file_hashes,
+                    "dropped_token_rate": dropped["dropped_rate"], "dropped_tokens": dropped["dropped_tokens"],
                     "unk_rate_before": before["unk_rate"], "unk_rate_after": after["unk_rate"],
                     "unk_tokens_after": after["unk_tokens"], "tokens": after["tokens"],
                     "rows_with_unk_after": after["rows_with_unk"], "rows_covered": int(covered.sum())},

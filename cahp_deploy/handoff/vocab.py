@@ -173,7 +173,23 @@ def unk_stats(tokenizer, texts: list[str], pairs: list[str] | None = None) -> di
             "rows": len(texts)}
 
 
-def covered_rows(tokenizer, keep: np.ndarray, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
-    """Bool per row: every token the original tokenizer gives it is kept (so the trimmed one is exact)."""
+def coverage(tokenizer, keep: np.ndarray, texts: list[str], pairs: list[str] | None = None) -> tuple[np.ndarray, dict]:
+    """(covered, stats) under the *original* tokenizer.
+
+    ``covered``: bool per row, every token of the row is kept (so the trimmed tokenizer gives the same
+    pieces and the model the same logits). ``stats["dropped_rate"]``: share of tokens (special tokens
+    excluded) whose id was dropped: what TextPruner-style trimming would turn into [UNK]. The trimmed
+    WordPiece tokenizer re-splits most such words into kept pieces instead, so its actual [UNK] share
+    (:func:`unk_stats`) is lower; both are reported.
+    """
     kept = set(int(i) for i in keep)
-    return np.asarray([all(i in kept for i in ids) for ids in token_ids(tokenizer, texts, pairs)], dtype=bool)
+    special = set(int(i) for i in tokenizer.all_special_ids)
+    covered, total, dropped = [], 0, 0
+    for ids in token_ids(tokenizer, texts, pairs):
+        body = [i for i in ids if i not in special]
+        k = sum(1 for i in body if i not in kept)
+        total += len(body)
+        dropped += k
+        covered.append(k == 0 and all(i in kept for i in ids))
+    return np.asarray(covered, dtype=bool), {"tokens": total, "dropped_tokens": dropped,
+                                             "dropped_rate": dropped / max(total, 1)}
