@@ -33,10 +33,10 @@ from cahp_deploy.exporters import parity
 from cahp_deploy.exporters.manifest import VARIANT_FILES, file_records, load_manifest, versions
 from cahp_deploy.exporters.verify import verify as verify_artifact
 from cahp_deploy.handoff import model_card, ort_mobile, triton, vocab
+from cahp_deploy.handoff.verify import HANDOFF_FILE, SCHEMA
 
 log = logging.getLogger(__name__)
 
-HANDOFF_FILE = "handoff.json"
 CARD_FILE = "MODEL_CARD.md"
 TARGETS = ("triton", "ort-mobile", "dir")
 #: fallback order when the manifest recommends nothing usable
@@ -186,7 +186,7 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
             _copy_tokenizer(artifact, tokdir)
             shutil.copyfile(src, staged)
         held = trim.pop("_held") if trim else None
-        record: dict = {"schema": 1, "target": target, "name": name, "variant": variant, "variant_reason": why,
+        record: dict = {"schema": SCHEMA, "target": target, "name": name, "variant": variant, "variant_reason": why,
                         "artifact": str(artifact), "artifact_manifest_sha256": None, "trim_vocab": trim,
                         "ort_parity": None, "triton": None, "versions": versions(),
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

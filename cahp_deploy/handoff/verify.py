@@ -17,17 +17,21 @@ import numpy as np
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import parity
 from cahp_deploy.hashing import sha256_file
+from cahp_deploy.schema import check_schema
 
 HANDOFF_FILE = "handoff.json"
+SCHEMA = "cahp-deploy/handoff/1"
 _BEHAVIOUR_SUFFIXES = (".onnx", ".ort", ".json", ".txt", ".pbtxt", ".config", ".model", ".py")
 
 
 def load_record(root: Path) -> dict:
     path = root / HANDOFF_FILE
     try:
-        return json.loads(path.read_text())
+        rec = json.loads(path.read_text())
     except ValueError as e:
         raise CahpError(f"{path} is not valid JSON ({e}); re-run `cahp-deploy handoff`") from e
+    check_schema(rec, SCHEMA, str(path))
+    return rec
 
 
 def verify_handoff(handoff_dir, smoke: bool = True) -> dict:
