@@ -16,10 +16,18 @@ from cahp_deploy.handoff import choose_variant, handoff
 from cahp_deploy.handoff import triton, vocab
 
 
+KEEP = [[0, 2], [1], [0, 1, 3]]  # a ragged CAHP-like keep pattern: the handoff is for pruned artifacts
+
+
 @pytest.fixture(scope="module")
 def artifact(tiny_models, tiny_data, tmp_path_factory) -> Path:
-    return export(tiny_models["bert"], tmp_path_factory.mktemp("handoff") / "art", measure=False,
-                  data=str(tiny_data), split="validation")
+    from cahp_deploy.pruning import prune
+    from cahp_deploy.selection import Selection
+
+    root = tmp_path_factory.mktemp("handoff")
+    sel = Selection(method="manual", kept_heads=KEEP, num_heads_total=12, heads_per_layer=4)
+    pruned = prune(tiny_models["bert"], sel, root / "pruned")
+    return export(pruned, root / "art", measure=False, data=str(tiny_data), split="validation")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +108,7 @@ def test_model_card_says_what_was_measured(triton_dir, artifact):
     m = json.loads((artifact / "manifest.json").read_text())
     acc = m["variants"]["optimized"]["parity"]["data"]["accuracy"]
     assert f"{acc:.2%}" in card and "split `validation`" in card and "90% Wilson CI" in card
-    assert "Dense: all 12 attention heads kept" in card
+    assert "Attention heads kept: 6 of 12 (per layer [2, 1, 3])" in card and "Parameters " in card
     assert "cahp-deploy handoff" in card and "Not measured in this artifact" in card
     rec = json.loads((triton_dir / "handoff.json").read_text())
     assert rec["files"]["model_repository/tiny/1/model.onnx"]["sha256"] in card

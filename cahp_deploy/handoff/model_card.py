@@ -64,8 +64,11 @@ def render(manifest: dict, record: dict) -> str:
         lines.append(f"- Attention heads kept: {manifest.get('num_heads_kept')} of {manifest.get('num_heads_total')} "
                      f"(per layer {heads}).")
     pruning = manifest.get("pruning") or {}
-    if pruning.get("neurons_per_layer") or pruning.get("ffn"):
-        lines.append(f"- FFN neurons: {pruning.get('neurons_per_layer') or pruning.get('ffn')}.")
+    if pruning.get("params_before"):
+        lines.append(f"- Parameters {pruning['params_before']:,} -> {pruning['params_after']:,}; FLOP ceiling speedup "
+                     f"x{pruning.get('flop_ceiling_speedup', float('nan')):.2f} (multiply-accumulates, not a timing).")
+    for key in sorted(k for k in pruning if "neuron" in k):  # FFN neuron pruning, when the pruning.json has it
+        lines.append(f"- {key}: {pruning[key]}.")
     lines += ["", "## What was verified", ""]
     par = manifest["variants"][variant].get("parity", {})
     lines.append(f"- {variant} vs PyTorch fp32: max |logit diff| {par.get('max_abs_diff', float('nan')):.1e}, "
