@@ -223,3 +223,12 @@ def test_trimmed_wordpiece_is_exact_on_the_texts_it_was_trimmed_from(wordpiece_d
             assert new.convert_ids_to_tokens(new(other)["input_ids"]) == orig.convert_ids_to_tokens(orig(other)["input_ids"])
 
     prop()
+
+
+def test_wilson_interval_by_hand():
+    from cahp_deploy.handoff.model_card import wilson
+
+    # z = 1.645 (90%): centre (0.5 + z²/200) / (1 + z²/100) = 0.5; half = z·sqrt(0.0025 + z²/40000) / 1.02706 = 0.0812
+    lo, hi = wilson(0.5, 100)
+    assert lo == pytest.approx(0.4188, abs=2e-4) and hi == pytest.approx(0.5812, abs=2e-4)
+    assert wilson(1.0, 10)[1] == 1.0 and wilson(1.0, 10)[0] < 1.0

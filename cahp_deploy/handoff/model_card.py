@@ -33,9 +33,9 @@ def _accuracy_lines(manifest: dict, variant: str) -> list[str]:
                 "`cahp-deploy export ... --data DATA` or `cahp-deploy bench ... --data DATA`."]
     n = int(data["num_examples"])
     lo, hi = wilson(float(data["accuracy"]), n)
-    rows = pdata.get("rows") or f"first {n} rows"
+    rows = f"{pdata['rows']}, " if pdata.get("rows") else ""
     return [f"- Accuracy ({variant}): {data['accuracy']:.2%} (90% Wilson CI {lo:.1%} .. {hi:.1%}) on "
-            f"`{pdata.get('data')}` split `{pdata.get('split')}`, {rows}, {n} rows; PyTorch reference "
+            f"`{pdata.get('data')}` split `{pdata.get('split')}`, {rows}{n} rows; PyTorch reference "
             f"{data['reference_accuracy']:.2%} on the same rows."]
 
 

@@ -38,6 +38,9 @@ def convert(onnx_path: Path, out_dir: Path) -> list[str]:
         shutil.copyfile(onnx_path, src)
         conv = Path(tmp) / "out"
         chatter = io.StringIO()  # the converter prints its progress; keep it for the debug log only
+        ort_log = logging.getLogger("ort_format_model.utils")  # it also logs INFO through a handler of its own
+        level = ort_log.level
+        ort_log.setLevel(logging.WARNING)
         try:
             with contextlib.redirect_stdout(chatter):
                 convert_onnx_models_to_ort(src, output_dir=conv, optimization_styles=[OptimizationStyle.Fixed],
@@ -45,6 +48,8 @@ def convert(onnx_path: Path, out_dir: Path) -> list[str]:
             log.debug("ORT converter: %s", chatter.getvalue())
         except Exception as e:  # the converter raises plain RuntimeError/ValueError from ORT
             raise CahpError(f"onnxruntime's ORT-format converter failed on {onnx_path.name}: {str(e).splitlines()[0][:200]}") from e
+        finally:
+            ort_log.setLevel(level)
         produced = {p.name for p in conv.iterdir()}
         for need in (ORT_FILE, OPS_CONFIG):
             if need not in produced:

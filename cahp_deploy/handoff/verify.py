@@ -55,7 +55,8 @@ def verify_handoff(handoff_dir, smoke: bool = True) -> dict:
 
         t = rec["triton"]
         check_config((root / t["config"]).read_text(), root / t["model"])
-    result = {"artifact": str(root), "files_checked": len(files), "variants": [rec.get("variant")], "smoke": None}
+    result = {"artifact": str(root), "files_checked": len(files), "variants": [rec.get("variant")], "smoke": None,
+              "record": HANDOFF_FILE}
     if smoke:
         import onnxruntime as ort
 
