@@ -232,3 +232,31 @@ def test_wilson_interval_by_hand():
     lo, hi = wilson(0.5, 100)
     assert lo == pytest.approx(0.4188, abs=2e-4) and hi == pytest.approx(0.5812, abs=2e-4)
     assert wilson(1.0, 10)[1] == 1.0 and wilson(1.0, 10)[0] < 1.0
+
+
+def test_model_card_latency_comes_from_a_bench_report(artifact, tiny_models, tiny_data, tmp_path):
+    from cahp_deploy.bench import bench
+
+    # exported like the artifact (with --data): export saves the tokenizer's padding state, and bench
+    # refuses tokenizer files that differ
+    dense = export(tiny_models["bert"], tmp_path / "dense", measure=False, data=str(tiny_data), split="validation")
+    bench([artifact], dense, tmp_path / "rep", variants=["optimized"], batches=(1, 2), seqs=(8,), min_seconds=0.0,
+          min_reps=3, warmup=1, traffic=False, plots=False, progress=False)
+    out = handoff(artifact, tmp_path / "h", "dir", bench_report=tmp_path / "rep")
+    rec = json.loads((out / "handoff.json").read_text())
+    assert [(c["batch"], c["seq"]) for c in rec["bench"]["cells"]] == [(1, 8), (2, 8)]
+    card = (out / "MODEL_CARD.md").read_text()
+    p50 = rec["bench"]["cells"][0]["p50_ms"]
+    assert f"| grid | 1 | 8 | {p50:.2f} |" in card and "load average" in card
+    with pytest.raises(CahpError, match="no artifact from the same source model"):
+        handoff(artifact, tmp_path / "h2", "dir", bench_report=_other(tmp_path))
+
+
+def _other(tmp_path: Path) -> Path:
+    """A report whose only artifact is of another model (identity fields changed)."""
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    for a in rep["artifacts"]:
+        a["source_model_sha256"] = "0" * 64
+    p = tmp_path / "other.json"
+    p.write_text(json.dumps(rep))
+    return p

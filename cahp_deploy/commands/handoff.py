@@ -31,9 +31,12 @@ from cahp_deploy.commands._options import force_option
               help="Triton instance_group kind.")
 @click.option("--max-batch-size", type=int, default=32, show_default=True, help="Triton max_batch_size (0: no batching).")
 @click.option("--instances", type=int, default=1, show_default=True, help="Triton model instances.")
+@click.option("--bench-report", type=click.Path(), default=None,
+              help="A `cahp-deploy bench` report (dir or report.json) of this artifact: its latencies and machine go "
+                   "into MODEL_CARD.md.")
 @force_option
 def command(artifact_dir, out, target, variant, name, trim_vocab, trim_split, heldout_split, text_column,
-            text_pair_column, label_column, max_examples, device, max_batch_size, instances, force) -> None:
+            text_pair_column, label_column, max_examples, device, max_batch_size, instances, bench_report, force) -> None:
     """Turn ARTIFACT_DIR (from `cahp-deploy export`) into what a serving or edge team deploys as is.
 
     \b
@@ -47,7 +50,7 @@ def command(artifact_dir, out, target, variant, name, trim_vocab, trim_split, he
     path = handoff(artifact_dir, out, target, variant=variant, name=name, trim_vocab=trim_vocab, trim_split=trim_split,
                    heldout_split=heldout_split, text_column=text_column, text_pair_column=text_pair_column,
                    label_column=label_column, max_examples=max_examples, device=device,
-                   max_batch_size=max_batch_size, instances=instances, force=force,
+                   max_batch_size=max_batch_size, instances=instances, force=force, bench_report=bench_report,
                    command=["cahp-deploy", *sys.argv[1:]] if sys.argv[1:2] == ["handoff"] else None)
     rec = load_record(path)
     parts = [f"{rec['target']} from {rec['variant']} ({rec['variant_reason']})"]

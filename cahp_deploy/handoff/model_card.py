@@ -98,7 +98,13 @@ def render(manifest: dict, record: dict) -> str:
         lines.append("- Triton `config.pbtxt` parsed back and checked against the graph (names, dtypes, ranks).")
     lines += ["", "## Latency", ""]
     timed = manifest["variants"].get("optimized", {}).get("timings_ms")
-    if timed:
+    if record.get("bench"):
+        from cahp_deploy.handoff.bench_report import card_lines
+
+        lines += card_lines(record["bench"])
+        if record.get("trim_vocab"):
+            lines.append("- Timed before vocabulary trimming (trimming shrinks only the embedding table, a lookup).")
+    elif timed:
         lines.append(f"- Export-time timings (ms, median, exporting machine): {timed}.")
     else:
         lines.append("- Not measured in this artifact. Measure on the target machine with "

@@ -151,7 +151,7 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
             trim_split: str = "train", heldout_split: str = "validation", text_column: str | None = None,
             text_pair_column: str | None = None, label_column: str = "label", max_examples: int | None = None,
             device: str = "cpu", max_batch_size: int = 32, instances: int = 1, force: bool = False,
-            command: list[str] | None = None) -> Path:
+            bench_report: str | os.PathLike | None = None, command: list[str] | None = None) -> Path:
     """Write the handoff dir for ``target``; return its path. See the module docstring."""
     if target not in TARGETS:
         raise CahpError(f"--target {target!r} is not supported; choose from {', '.join(TARGETS)}")
@@ -167,6 +167,11 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", artifact.resolve().name)
     if target == "triton":  # fail on bad serving options before any work
         triton.make_config(name, {"inputs": [], "outputs": []}, max_batch_size, device, instances)
+    bench = None
+    if bench_report is not None:
+        from cahp_deploy.handoff.bench_report import latency
+
+        bench = latency(bench_report, manifest, variant)
     config = json.loads((artifact / "config.json").read_text())
     src = artifact / VARIANT_FILES[variant]
     columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
@@ -188,7 +193,7 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
         held = trim.pop("_held") if trim else None
         record: dict = {"schema": SCHEMA, "target": target, "name": name, "variant": variant, "variant_reason": why,
                         "artifact": str(artifact), "artifact_manifest_sha256": None, "trim_vocab": trim,
-                        "ort_parity": None, "triton": None, "versions": versions(),
+                        "ort_parity": None, "triton": None, "bench": bench, "versions": versions(),
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         from cahp_deploy.hashing import sha256_file
 
