@@ -260,3 +260,24 @@ def _other(tmp_path: Path) -> Path:
     p = tmp_path / "other.json"
     p.write_text(json.dumps(rep))
     return p
+
+
+@pytest.mark.shared
+def test_trimmed_tokenizer_on_real_sst5(tmp_path):
+    """SST-5 train texts set the vocabulary; on validation, covered rows tokenize identically (renumbered)."""
+    from conftest import shared_path
+    from cahp_deploy.data import load_labelled
+
+    model, data = shared_path("models", "minilm-sst5"), shared_path("data", "sst5")
+    orig = vocab.load_fast_tokenizer(model)
+    train, val = load_labelled(data, "train"), load_labelled(data, "validation")
+    keep = vocab.kept_ids(orig, train.texts)
+    vocab.trim_tokenizer_dir(model, tmp_path, keep)
+    new = vocab.load_fast_tokenizer(tmp_path)
+    assert len(new) == len(keep) == 12400  # measured: bench/results/handoff/README.md
+    covered, stats = vocab.coverage(orig, keep, val.texts)
+    assert covered.sum() == 758 and stats["dropped_tokens"] == 488
+    old_ids, new_ids = vocab.token_ids(orig, val.texts), vocab.token_ids(new, val.texts)
+    for i in np.flatnonzero(covered):
+        assert new_ids[i] == np.searchsorted(keep, old_ids[i]).tolist()
+    assert vocab.unk_stats(new, val.texts)["unk_tokens"] == 8
