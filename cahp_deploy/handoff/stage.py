@@ -34,6 +34,7 @@ from cahp_deploy.exporters.manifest import VARIANT_FILES, file_records, load_man
 from cahp_deploy.exporters.verify import verify as verify_artifact
 from cahp_deploy.handoff import model_card, ort_mobile, triton, vocab
 from cahp_deploy.handoff.verify import HANDOFF_FILE, SCHEMA
+from cahp_deploy.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,20 @@ def _smoke(model_path: Path, input_names, config: dict) -> dict:
             "logits": parity.ort_logits(sess, feeds).tolist(), "file": model_path.name}
 
 
+def _reproduce(manifest: dict, artifact: Path) -> list[str]:
+    """The prune and export commands, reconstructed from the manifest (the exact options are in its variants)."""
+    out = []
+    pruning = manifest.get("pruning") or {}
+    if pruning.get("source_model"):
+        out.append(f"cahp-deploy prune {pruning['source_model']} --selection SELECTION.json --out {manifest.get('source_model')}"
+                   f"   # SELECTION.json: sha256 {manifest.get('selection_sha256')}")
+    pdata = manifest.get("parity_data") or {}
+    export_cmd = f"cahp-deploy export {manifest.get('source_model')} --out {artifact}"
+    if pdata.get("data"):
+        export_cmd += f" --data {pdata['data']} --split {pdata['split']}"
+    return out + [f"{export_cmd}   # reconstructed from manifest.json; its variants record the other options"]
+
+
 def _copy_tokenizer(artifact: Path, tokdir: Path) -> None:
     for name in _TOKENIZER_FILES + ("config.json",):
         if (artifact / name).is_file():
@@ -192,12 +207,10 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
             shutil.copyfile(src, staged)
         held = trim.pop("_held") if trim else None
         record: dict = {"schema": SCHEMA, "target": target, "name": name, "variant": variant, "variant_reason": why,
-                        "artifact": str(artifact), "artifact_manifest_sha256": None, "trim_vocab": trim,
+                        "artifact": str(artifact), "artifact_manifest_sha256": sha256_file(artifact / "manifest.json"),
+                        "trim_vocab": trim,
                         "ort_parity": None, "triton": None, "bench": bench, "versions": versions(),
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        from cahp_deploy.hashing import sha256_file
-
-        record["artifact_manifest_sha256"] = sha256_file(artifact / "manifest.json")
         names = manifest["input_names"]
         if target == "triton":
             model_dir = tmp / "model_repository" / name
@@ -231,12 +244,7 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
             record["smoke"] = _smoke(tmp / "model.onnx", names, config)
         shutil.rmtree(stage)
         cmd = command or ["cahp-deploy", "handoff", str(artifact), "--out", str(out), "--target", target]
-        pdata = manifest.get("parity_data") or {}
-        export_cmd = f"cahp-deploy export {manifest.get('source_model')} --out {artifact}"
-        if pdata.get("data"):
-            export_cmd += f" --data {pdata['data']} --split {pdata['split']}"
-        record["commands"] = [f"{export_cmd}   # reconstructed from manifest.json; see its variants for options",
-                              " ".join(cmd)]
+        record["commands"] = _reproduce(manifest, artifact) + [" ".join(cmd)]
         record["out_name"] = str(out)
         record["files"] = file_records(tmp)
         (tmp / CARD_FILE).write_text(model_card.render(manifest, record))
