@@ -103,7 +103,7 @@ def render(manifest: dict, record: dict) -> str:
 
         lines += card_lines(record["bench"])
         if record.get("trim_vocab"):
-            lines.append("- Timed before vocabulary trimming (trimming shrinks only the embedding table, a lookup).")
+            lines += ["", "Timed before vocabulary trimming (trimming shrinks only the embedding table, a lookup)."]
     elif timed:
         lines.append(f"- Export-time timings (ms, median, exporting machine): {timed}.")
     else:
