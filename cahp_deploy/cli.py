@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "recover": "recover",
     "export": "export",
     "verify": "verify",
+    "handoff": "handoff",
     "bench": "bench",
     "predict": "predict",
     "study": "study",

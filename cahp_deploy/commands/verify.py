@@ -18,4 +18,4 @@ def command(artifact_dir: str, no_smoke: bool) -> None:
     detail = "" if smoke is None else "; smoke: " + ", ".join(
         f"{v} max|diff| {r['max_abs_diff']:.1e}" for v, r in smoke.items()
     )
-    click.echo(f"ok: {result['artifact']}: {result['files_checked']} files match manifest.json{detail}")
+    click.echo(f"ok: {result['artifact']}: {result['files_checked']} files match {result.get('record', 'manifest.json')}{detail}")

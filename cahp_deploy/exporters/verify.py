@@ -83,6 +83,10 @@ def _smoke(root: Path, manifest: dict) -> dict:
 def verify(artifact_dir: str | os.PathLike, smoke: bool = True) -> dict:
     """Re-check an artifact dir; return ``{"artifact", "files_checked", "variants", "smoke"}``."""
     root = Path(artifact_dir)
+    if (root / "handoff.json").is_file() and not (root / "manifest.json").is_file():
+        from cahp_deploy.handoff.verify import verify_handoff  # a `cahp-deploy handoff` dir
+
+        return verify_handoff(root, smoke=smoke)
     manifest = load_manifest(root)
     n = _check_files(root, manifest)
     result = {"artifact": str(root), "files_checked": n, "variants": sorted(manifest["variants"]), "smoke": None}

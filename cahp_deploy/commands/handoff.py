@@ -1,0 +1,66 @@
+"""``cahp-deploy handoff``: artifact dir -> Triton model repository, ORT Mobile files or a plain dir."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cahp_deploy.commands._options import force_option
+
+
+@click.command("handoff")
+@click.argument("artifact_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Handoff dir to write.")
+@click.option("--target", type=click.Choice(["triton", "ort-mobile", "dir"]), default="dir", show_default=True,
+              help="triton: model repository + config.pbtxt + client.py; ort-mobile: model.ort + reduced-op config; "
+                   "dir: model.onnx + tokenizer.")
+@click.option("--variant", type=click.Choice(["fp32", "optimized", "int8", "fp16"]), default=None,
+              help="Variant to hand off [default: the manifest's recommended one, else optimized, else fp32].")
+@click.option("--name", default=None, help="Model name (Triton) [default: the artifact dir's name].")
+@click.option("--trim-vocab", "trim_vocab", default=None,
+              help="Keep only the tokens these texts use (a data path, as --data elsewhere); WordPiece only.")
+@click.option("--trim-split", default="train", show_default=True, help="Split of --trim-vocab whose texts set the vocabulary.")
+@click.option("--heldout-split", default="validation", show_default=True,
+              help="Split of --trim-vocab the [UNK] rate, parity and accuracy are measured on.")
+@click.option("--text-column", default=None, help="Text column [default: text, or premise/hypothesis when present].")
+@click.option("--text-pair-column", default=None, help="Second text column for pair tasks.")
+@click.option("--label-column", default="label", show_default=True, help="Integer label column.")
+@click.option("--max-examples", type=int, default=None, help="Measure on the first N held-out rows only [all].")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Triton instance_group kind.")
+@click.option("--max-batch-size", type=int, default=32, show_default=True, help="Triton max_batch_size (0: no batching).")
+@click.option("--instances", type=int, default=1, show_default=True, help="Triton model instances.")
+@click.option("--bench-report", type=click.Path(), default=None,
+              help="A `cahp-deploy bench` report (dir or report.json) of this artifact: its latencies and machine go "
+                   "into MODEL_CARD.md.")
+@force_option
+def command(artifact_dir, out, target, variant, name, trim_vocab, trim_split, heldout_split, text_column,
+            text_pair_column, label_column, max_examples, device, max_batch_size, instances, bench_report, force) -> None:
+    """Turn ARTIFACT_DIR (from `cahp-deploy export`) into what a serving or edge team deploys as is.
+
+    \b
+    Always writes MODEL_CARD.md (labels, heads kept, accuracy and its split, versions, hashes,
+    reproduce commands) and handoff.json (sha256 of every file); `cahp-deploy verify OUT` re-checks it.
+    A failed check (tampered artifact, config vs graph, .ort parity, trimmed-vocab parity) writes nothing.
+    """
+    from cahp_deploy.handoff import handoff
+    from cahp_deploy.handoff.verify import load_record
+
+    path = handoff(artifact_dir, out, target, variant=variant, name=name, trim_vocab=trim_vocab, trim_split=trim_split,
+                   heldout_split=heldout_split, text_column=text_column, text_pair_column=text_pair_column,
+                   label_column=label_column, max_examples=max_examples, device=device,
+                   max_batch_size=max_batch_size, instances=instances, force=force, bench_report=bench_report,
+                   command=["cahp-deploy", *sys.argv[1:]] if sys.argv[1:2] == ["handoff"] else None)
+    rec = load_record(path)
+    parts = [f"{rec['target']} from {rec['variant']} ({rec['variant_reason']})"]
+    t = rec.get("trim_vocab")
+    if t:
+        h = t["heldout"]
+        parts.append(f"vocab {t['vocab_before']} -> {t['vocab_after']}, model {t['bytes_before'] / 2**20:.1f} -> "
+                     f"{t['bytes_after'] / 2**20:.1f} MiB; on {h['split']}: {h['dropped_token_rate']:.2%} of tokens dropped, "
+                     f"[UNK] {h['unk_rate_before']:.2%} -> {h['unk_rate_after']:.2%}, {h['rows_covered']}/{h['rows']} rows "
+                     f"covered (max|diff| {t['covered_parity']['max_abs_diff']:.1e}), accuracy {t['accuracy']['describe']}")
+    if rec.get("ort_parity"):
+        parts.append(f".ort vs .onnx max|diff| {rec['ort_parity']['max_abs_diff']:.1e}")
+    click.echo(f"wrote {path}: " + "; ".join(parts))
