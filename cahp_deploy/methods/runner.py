@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cahp_deploy import arch
+from cahp_deploy import arch, distributed
 from cahp_deploy.atomic import atomic_file, check_output_path
 from cahp_deploy.data import check_labels, load_labelled
 from cahp_deploy.errors import CahpError
@@ -108,11 +108,13 @@ def select(
     options: dict[str, Any] | None = None,
     force: bool = False,
     show_progress: bool | None = None,
-) -> Selection:
+) -> Selection | None:
     """Select heads of ``model`` on ``data[split]`` with ``method``; write ``out`` and its MSS plot.
 
     ``options`` are method-specific (see each method module, e.g. :data:`cahp_deploy.methods.cahp.DEFAULTS`).
-    Returns the :class:`Selection` that was written.
+    Returns the :class:`Selection` that was written. Launched as several ranks (torchrun), CAHP's
+    evidence is collected data-parallel (:mod:`cahp_deploy.distributed`); rank 0 writes and returns
+    the selection, the other ranks write nothing and return None.
     """
     from cahp_deploy.modeling import is_pruned, load_classifier
     from cahp_deploy.progress import make_progress
@@ -120,6 +122,8 @@ def select(
     out = check_output_path(out, force)
     png = curve_path(out)
     run = load_method(method)
+    if distributed.init_from_env() and method != "cahp":
+        raise CahpError(f"--method {method} runs in one process only; launch it without torchrun (cahp is data-parallel)")
     if max_examples is not None and int(max_examples) < 1:
         raise CahpError(f"--max-examples must be at least 1, got {max_examples}")
     labelled = load_labelled(data, split, text_column=text_column, text_pair_column=text_pair_column,
@@ -136,10 +140,14 @@ def select(
         raise CahpError(f"--method {method} needs a budget: give --heads, --keep-ratio or --budget-from")
 
     start = time.perf_counter()
-    with make_progress(disable=None if show_progress is None else not show_progress) as progress:
+    quiet = not distributed.is_main() or show_progress is False
+    with make_progress(disable=True if quiet else None if show_progress is None else not show_progress) as progress:
         ctx = MethodContext(model=net, tokenizer=tokenizer, data=labelled, budget=budget, seed=int(seed),
                             options=dict(options or {}), progress=progress)
-        selection = run(ctx)
+        try:
+            selection = run(ctx)
+        except distributed.NotMainRank:  # its evidence is merged into rank 0's, which writes
+            return None
     selection.timings["total"] = time.perf_counter() - start
     selection.timings["peak_rss_mb"] = peak_rss_mb()
     selection.params.update({"max_examples": max_examples, "budget": budget})
