@@ -3,13 +3,15 @@
 Two measurements, each one process and then 2 ranks (``torchrun --nproc_per_node 2``), interleaved:
 
 * ``sst5``: ``cahp-deploy select`` (CAHP defaults) on minilm-sst5 over the sst5 train split; are the
-  selections identical, and the wall of each (CLI process start to exit, imports included).
+  selections identical, and the wall of each (CLI process start to exit, imports included); then
+  (``sst5-one-thread``) one process with 1 thread, since a 2-thread process on a loaded machine loses
+  much to thread contention.
 * ``merge``: (one process with 1 thread, as each rank, so both run the same float32 kernels) a BERT-base-sized model (12 layers x 12 heads, hidden 768, random weights) over the
   first N sst5 train rows: the merged per-head, per-class signature statistics (counts, mean, M2) and
   gradient salience of 2 ranks against one process, as max relative differences, and whether
   ``select`` keeps the same heads.
 
-Usage: python bench/distributed.py [sst5|merge|all] [--max-examples N] [--merge-examples 256]
+Usage: python bench/distributed.py [sst5|sst5-one-thread|merge|all] [--max-examples N] [--merge-examples 96]
 The load average is written next to every timing (the machine is shared).
 """
 
@@ -79,6 +81,22 @@ def sst5(max_examples: int | None) -> dict:
         written = sorted(p.name for p in tmp.iterdir())
         return {"num_examples": max_examples or 8544, "one_process_2_threads": one, "two_ranks_1_thread_each": two,
                 "files_written": written, **_compare_selections(tmp / "one.json", tmp / "two.json")}
+
+
+def sst5_one_thread() -> dict:
+    """A third run, added to the sst5 result: one process with 1 thread (a 2-thread process on a loaded
+    machine can lose far more to thread contention than a rank with 1 thread does)."""
+    path = OUT / "select_minilm_sst5.json"
+    res = json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "one1.json"
+        extra = ["--max-examples", str(res["num_examples"])] if res["num_examples"] != 8544 else []
+        run = _timed([CLI, "select", str(MODEL), "--data", str(DATA), "--split", "train", "--seed", "42", *extra,
+                      "--out", str(out)], _env(1))
+        run["kept_heads_identical_to_two_ranks"] = json.loads(out.read_text())["kept_heads"] == res["kept_heads"]
+    res["one_process_1_thread"] = run
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    return res
 
 
 def _bert_base(directory: Path) -> Path:
@@ -161,7 +179,7 @@ def main() -> None:
         stats_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", choices=["sst5", "merge", "all"], default="all")
+    parser.add_argument("what", nargs="?", choices=["sst5", "sst5-one-thread", "merge", "all"], default="all")
     parser.add_argument("--max-examples", type=int, default=None, help="sst5 rows (default: all 8,544)")
     parser.add_argument("--merge-examples", type=int, default=96, help="rows for the BERT-base-sized merge")
     args = parser.parse_args()
@@ -176,6 +194,8 @@ def main() -> None:
         res = sst5(args.max_examples)
         (OUT / "select_minilm_sst5.json").write_text(json.dumps(res, indent=1) + "\n")
         print(json.dumps(res, indent=1))
+    if args.what in ("sst5-one-thread", "all"):
+        print(json.dumps(sst5_one_thread()["one_process_1_thread"], indent=1))
 
 
 if __name__ == "__main__":
