@@ -178,3 +178,14 @@ def test_two_ranks_recover_a_loadable_trained_model(two_ranks, tiny_data):
     losses = [e["loss"] for e in record["epochs"]]
     assert losses[-1] < losses[0]
     assert record["accuracy_after"] >= record["accuracy_before"] + 0.3  # it learns the planted task
+
+
+def test_run_refuses_under_a_launcher(monkeypatch, tiny_models, tiny_data, tmp_path):
+    """`run`'s export and bench stages are one-process: under torchrun it says so and writes nothing."""
+    from cahp_deploy.errors import CahpError
+    from cahp_deploy.run.pipeline import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CahpError, match="not data-parallel"):
+        run(tiny_models["bert"], tiny_data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
