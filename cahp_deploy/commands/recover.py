@@ -37,6 +37,10 @@ def command(pruned_dir, data, split, text_column, text_pair_column, label_column
         time_budget=time_budget, freeze_embeddings=not train_embeddings, text_column=text_column,
         text_pair_column=text_pair_column, label_column=label_column, force=force,
     )
+    from cahp_deploy import distributed
+
+    if not distributed.is_main():  # data-parallel: rank 0 reports
+        return
     per_epoch = ", ".join(f"{e['seconds']:.1f} s" for e in record["epochs"])
     click.echo(f"recovered {out}: {len(record['epochs'])} epoch(s) on {record['num_examples']} examples ({per_epoch})")
     if record["accuracy_before"] is not None:

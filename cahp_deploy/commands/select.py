@@ -80,6 +80,8 @@ def command(model: str, data: str, split: str, text_column: str | None, text_pai
         },
         force=force, ffn_method=ffn_method, ffn_keep_ratio=ffn_keep_ratio, ffn_neurons=ffn_neurons,
     )
+    if sel is None:  # a data-parallel rank other than 0: rank 0 reports and writes
+        return
     knee = f" (k*={sel.knee})" if sel.knee is not None else ""
     per_layer = " ".join(str(len(k)) for k in sel.kept_heads)
     wrote = f"{out} and {curve_path(out)}" if sel.mss_curve else out

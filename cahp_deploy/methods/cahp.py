@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cahp_deploy import arch
+from cahp_deploy import arch, distributed
 from cahp_deploy.errors import CahpError
 from cahp_deploy.methods.base import MethodContext
 from cahp_deploy.selection.clustering import Clustering, Sweep, distance_matrix, fasterpam, mss_sweep
@@ -143,16 +143,24 @@ def collect_evidence(ctx: MethodContext) -> CahpEvidence:
     rest = ctx.data
     if opts["representative"] == "salience" or not opts["allow_empty_layers"]:
         n_sal = salience_examples(len(ctx.data), opts["salience_fraction"])
-        salience = head_salience(ctx.model, ctx.tokenizer, ctx.data.head(n_sal), fraction=1.0,
-                                 batch_size=opts["salience_batch_size"], max_length=opts["max_length"],
-                                 progress=ctx.progress, attention_sink=collector.add, ffn=ctx.ffn)
+        salience_fn = distributed.head_salience_over_ranks if distributed.is_distributed() else head_salience
+        salience = salience_fn(ctx.model, ctx.tokenizer, ctx.data.head(n_sal), fraction=1.0,
+                               batch_size=opts["salience_batch_size"], max_length=opts["max_length"],
+                               progress=ctx.progress, attention_sink=collector.add, ffn=ctx.ffn)
         rest = ctx.data.subset(np.arange(n_sal, len(ctx.data)))
+    # Data-parallel (torchrun): each rank pools its own whole batches; the identity in one process.
+    rest = distributed.shard_examples(rest, ctx.tokenizer, opts["batch_size"], opts["max_length"])
     pooled_during_salience = collector.seconds
     timings["salience"] = time.perf_counter() - t - pooled_during_salience
 
     t = time.perf_counter()
     stats = collect_signatures(ctx.model, ctx.tokenizer, rest, batch_size=opts["batch_size"],
                                max_length=opts["max_length"], progress=ctx.progress, collector=collector, ffn=ctx.ffn)
+    if distributed.is_distributed():  # exact merge of every rank's statistics; only rank 0 goes on
+        distributed.merge_welford([collector.acc])
+        stats = collector.result()
+        if not distributed.is_main():
+            raise distributed.NotMainRank
     timings["signatures"] = time.perf_counter() - t + pooled_during_salience
 
     t = time.perf_counter()

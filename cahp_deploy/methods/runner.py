@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cahp_deploy import arch
+from cahp_deploy import arch, distributed
 from cahp_deploy.atomic import atomic_file, check_output_path
 from cahp_deploy.data import check_labels, load_labelled
 from cahp_deploy.errors import CahpError
@@ -170,13 +170,16 @@ def select(
     ffn_method: str | None = None,
     ffn_keep_ratio: float | None = None,
     ffn_neurons: int | None = None,
-) -> Selection:
+) -> Selection | None:
     """Select heads of ``model`` on ``data[split]`` with ``method``; write ``out`` and its MSS plot.
 
     ``options`` are method-specific (see each method module, e.g. :data:`cahp_deploy.methods.cahp.DEFAULTS`).
     FFN neurons are selected too when any of ``ffn_method`` / ``ffn_keep_ratio`` / ``ffn_neurons`` is
     given (``ffn_method`` defaults to ``cahp`` with ``method="cahp"``, else ``gradient``; CAHP without
     an amount finds one per layer from its knee). Returns the :class:`Selection` that was written.
+    Launched as several ranks (torchrun), CAHP's
+    evidence is collected data-parallel (:mod:`cahp_deploy.distributed`); rank 0 writes and returns
+    the selection, the other ranks write nothing and return None.
     """
     from cahp_deploy.modeling import is_pruned, load_classifier
     from cahp_deploy.progress import make_progress
@@ -184,6 +187,8 @@ def select(
     out = check_output_path(out, force)
     png = curve_path(out)
     run = load_method(method)
+    if distributed.init_from_env() and method != "cahp":
+        raise CahpError(f"--method {method} runs in one process only; launch it without torchrun (cahp is data-parallel)")
     if max_examples is not None and int(max_examples) < 1:
         raise CahpError(f"--max-examples must be at least 1, got {max_examples}")
     labelled = load_labelled(data, split, text_column=text_column, text_pair_column=text_pair_column,
@@ -200,14 +205,20 @@ def select(
         raise CahpError(f"--method {method} needs a budget: give --heads, --keep-ratio or --budget-from")
     options = dict(options or {})
     ffn = _ffn_request(net.config, method, ffn_method, ffn_keep_ratio, ffn_neurons, options)
+    if ffn is not None and distributed.is_distributed():
+        raise CahpError("FFN neuron selection runs in one process only for now; launch it without torchrun")
 
     start = time.perf_counter()
-    with make_progress(disable=None if show_progress is None else not show_progress) as progress:
+    quiet = not distributed.is_main() or show_progress is False
+    with make_progress(disable=True if quiet else None if show_progress is None else not show_progress) as progress:
         feeds = ffn is not None and ffn["feeds"]
         with _ffn_collector(net, labelled) if feeds else contextlib.nullcontext() as collector:
             ctx = MethodContext(model=net, tokenizer=tokenizer, data=labelled, budget=budget, seed=int(seed),
                                 options=options, progress=progress, ffn=collector)
-            selection = run(ctx)
+            try:
+                selection = run(ctx)
+            except distributed.NotMainRank:  # its evidence is merged into rank 0's, which writes
+                return None
         if ffn is not None:
             _select_ffn(selection, ffn, net, tokenizer, labelled, collector, int(seed), options, progress)
     selection.timings["total"] = time.perf_counter() - start

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cahp_deploy import evaluation, schema
+from cahp_deploy import distributed, evaluation, schema
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.data import LabelledData, check_labels, load_labelled
 from cahp_deploy.errors import CahpError
@@ -92,6 +92,10 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
     Returns the contents of ``out/recovery.json``. ``out`` holds the weights, a config that keeps
     ``cahp_kept_heads``, the tokenizer, the input's ``pruning.json``, and ``recovery.json``; it is
     written atomically (nothing appears on error or Ctrl-C).
+
+    Launched as several ranks (torchrun, ``accelerate launch``), training is data-parallel under DDP
+    (same seed and epochs; :func:`~cahp_deploy.recovery.trainer.finetune_in_place`); only rank 0
+    measures ``eval_split`` and writes ``out``; every rank returns once it is written.
     """
     params = RecoveryParams(
         epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, temperature=temperature,
@@ -113,7 +117,9 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
         if eval_max_examples < 1:
             raise CahpError(f"--eval-max-examples must be at least 1, got {eval_max_examples}")
         held_out = held_out.head(eval_max_examples)  # the first N rows, as bench scores them
+    parallel = distributed.init_from_env()
     model, tokenizer = load_classifier(pruned_dir, attn_implementation=None)  # sdpa where supported
+    model.to(distributed.device())
     num_labels = int(model.config.num_labels)
     check_labels(train, num_labels, min_classes=2)
     if held_out is not None:
@@ -121,16 +127,17 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
     train = sample_examples(train, max_examples, seed)
 
     t_start = time.perf_counter()
-    with make_progress(disable=None if progress is None else not progress) as bar:
+    quiet = not distributed.is_main() or progress is False
+    with make_progress(disable=True if quiet else None if progress is None else not progress) as bar:
         before = None
-        if held_out is not None:
+        if held_out is not None and distributed.is_main():
             before = evaluation.accuracy(model, tokenizer, held_out, max_length=max_length, progress=bar)
         teacher = None
         if distill_from is not None:
             teacher = _teacher_logits(str(distill_from), model, train, tokenizer, max_length, bar)
         stats = finetune_in_place(model, tokenizer, train, params, teacher_logits=teacher, progress=bar)
         after = None
-        if held_out is not None:
+        if held_out is not None and distributed.is_main():
             after = evaluation.accuracy(model, tokenizer, held_out, max_length=max_length, progress=bar)
 
     record: dict[str, Any] = {
@@ -141,6 +148,7 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
         "distill_from": None if distill_from is None else str(distill_from),
         "distill_from_sha256": None if distill_from is None else sha256_dir(distill_from),
         "params": {**params.to_dict(), "max_examples": max_examples},
+        "world_size": distributed.world_size(),
         "train": train.provenance(),
         "eval": None if held_out is None else held_out.provenance(),
         "accuracy_before": before,
@@ -148,6 +156,9 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
         **stats,
         "total_seconds": time.perf_counter() - t_start,
     }
+    if not distributed.is_main():
+        distributed.barrier()  # returns once rank 0 has written out
+        return record
     with atomic_dir(out, force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -157,6 +168,8 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
         with open(tmp / RECOVERY_FILE, "w") as f:
             json.dump(record, f, indent=2)
             f.write("\n")
+    if parallel:
+        distributed.barrier()
     log.info("recovered model saved to %s (%.1f s per epoch)", out, stats["seconds_per_epoch"])
     return record
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cahp_deploy import distributed
 from cahp_deploy.data import LabelledData, iter_batches, token_lengths
 from cahp_deploy.errors import CahpError
 from cahp_deploy.signals import model_inputs
@@ -137,7 +138,9 @@ def finetune_in_place(
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     lengths = token_lengths(tokenizer, data, params.max_length)
-    steps_per_epoch = math.ceil(len(data) / params.batch_size)
+    # Data-parallel (torchrun): every rank draws the same shuffled batches (same seed) and takes every
+    # world-th one, padded so all ranks run the same number of steps (DDP all-reduces each backward).
+    steps_per_epoch = math.ceil(math.ceil(len(data) / params.batch_size) / distributed.world_size())
     total_steps = steps_per_epoch * params.epochs
     warmup = int(params.warmup_ratio * total_steps)
 
@@ -157,6 +160,12 @@ def finetune_in_place(
     for p in model.parameters():
         if id(p) in frozen:
             p.requires_grad_(False)
+    net: nn.Module = model
+    if distributed.is_distributed():  # after freezing: DDP syncs the gradients of what requires grad
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)
     epochs: list[dict[str, Any]] = []
     start = time.perf_counter()
     stopped_early = False
@@ -165,7 +174,7 @@ def finetune_in_place(
     try:
         for epoch in range(params.epochs):
             t0 = time.perf_counter()
-            batches = _shuffled_buckets(lengths, params.batch_size, rng)
+            batches = distributed.shard_batches(_shuffled_buckets(lengths, params.batch_size, rng), pad=True)
             task = None
             if progress is not None:
                 task = progress.add_task(f"recovery epoch {epoch + 1}/{params.epochs}", total=len(batches))
@@ -176,7 +185,7 @@ def finetune_in_place(
                 ))
                 enc = {k: v.to(device) for k, v in model_inputs(model, enc).items()}
                 y = torch.as_tensor(labels, device=device)
-                out = model(**enc).logits
+                out = net(**enc).logits
                 if teacher is not None:
                     loss = distillation_loss(out, teacher[idx].to(device), y, params.temperature, alpha)
                 else:
@@ -191,10 +200,13 @@ def finetune_in_place(
                 seen += len(idx)
                 if task is not None:
                     progress.advance(task)
-                if params.time_budget is not None and time.perf_counter() - start > params.time_budget:
+                if params.time_budget is not None and distributed.any_rank(
+                        time.perf_counter() - start > params.time_budget):  # all ranks stop at one step
                     stopped_early = True
                     break
             seconds = time.perf_counter() - t0
+            loss_sum, seen = distributed.sum_over_ranks([np.array([loss_sum, seen], dtype=np.float64)])[0].tolist()
+            seen = int(seen)
             epochs.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "seconds": seconds, "examples": seen})
             log.info("recovery epoch %d/%d: loss %.4f, %.1f s", epoch + 1, params.epochs, epochs[-1]["loss"], seconds)
             if stopped_early:

@@ -241,6 +241,10 @@ def run(
     from cahp_deploy.data import check_labels, load_labelled
     from cahp_deploy.modeling import load_config
 
+    from cahp_deploy import distributed
+
+    if distributed.launched():  # its export and bench stages are one-process: say so, do not race ranks
+        raise CahpError("run is not data-parallel: launch `select` and `recover` under torchrun, then run the rest in one process")
     model, data, out = str(model), str(data), Path(out)
     recover_split = recover_split or select_split
     if select_split == eval_split:

@@ -91,6 +91,21 @@ class WelfordAccumulator:
             self.mean[c] += delta * (k / total)
             self.count[c] = total
 
+    def merge(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Fold in another accumulator's state (count (C,), mean and M2 (C, ...)) by Chan et al.'s formula.
+
+        Exact up to float64 rounding, so per-rank accumulators of a data-parallel run merge into the
+        statistics one process would have (:func:`cahp_deploy.distributed.merge_welford`).
+        """
+        k = count.to(torch.float64)
+        total = self.count + k
+        shape = (-1,) + (1,) * (self.mean.dim() - 1)
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        delta = mean.to(torch.float64) - self.mean
+        self.m2 += m2.to(torch.float64) + delta.square() * (self.count * k / safe).view(shape)
+        self.mean += delta * (k / safe).view(shape)
+        self.count.copy_(total)
+
 
 @functools.lru_cache(maxsize=256)
 def resize_matrix(length: int, size: int) -> torch.Tensor:

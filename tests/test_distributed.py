@@ -1,0 +1,191 @@
+"""Data-parallel select and recover: 2 gloo ranks on CPU give one process's selection, and train a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cahp_deploy import distributed
+from cahp_deploy.signals.signatures import WelfordAccumulator
+
+# Small batches so that 60 rows make several batches per rank (and the salience pass's 15 rows, too).
+OPTS = {"batch_size": 8, "salience_batch_size": 4, "max_length": 64}
+KEPT = [[0, 2], [], [1]]  # layer 1 keeps no head: DDP must cope with a layer without attention weights
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _accumulate(x: torch.Tensor, cls: torch.Tensor, chunks: list[int]) -> WelfordAccumulator:
+    acc = WelfordAccumulator(3, x.shape[1], x.shape[2])
+    start = 0
+    for n in chunks:
+        if n:
+            acc.update(x[start:start + n], cls[start:start + n])
+        start += n
+    return acc
+
+
+@settings(max_examples=30, deadline=None)
+@given(cuts=st.lists(st.integers(0, 12), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_welford_merge_of_parts_equals_one_pass(cuts, seed):
+    """Chan et al.'s merge of per-part accumulators (parts may be empty or miss a class) is what one
+    accumulator fed the same batches holds, to float64 rounding; and both are the exact moments."""
+    g = torch.Generator().manual_seed(seed)
+    parts = list(cuts) + [5]
+    n = sum(parts)
+    x = torch.rand(n, 4, 6, generator=g)
+    cls = torch.randint(0, 3, (n,), generator=g)
+    sequential = _accumulate(x, cls, parts)
+    merged = WelfordAccumulator(3, 4, 6)
+    start = 0
+    for k in parts:
+        piece = _accumulate(x[start:start + k], cls[start:start + k], [k])
+        merged.merge(piece.count, piece.mean, piece.m2)
+        start += k
+    torch.testing.assert_close(merged.count, sequential.count, rtol=0, atol=0)
+    torch.testing.assert_close(merged.mean, sequential.mean, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(merged.m2, sequential.m2, rtol=1e-12, atol=1e-15)
+    x64 = x.double()
+    for c in range(3):
+        rows = x64[cls == c]
+        if len(rows):  # float32 batch moments: exact to ~1e-7 of the values
+            torch.testing.assert_close(merged.mean[c], rows.mean(0), rtol=0, atol=1e-6)
+            torch.testing.assert_close(merged.m2[c], (rows - rows.mean(0)).square().sum(0), rtol=0, atol=1e-5)
+
+
+def test_one_process_is_untouched(monkeypatch):
+    """Without a launcher nothing is initialised and every helper is the identity."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init_from_env() is False
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    batches = [np.arange(3), np.arange(3, 5)]
+    assert [b.tolist() for b in distributed.shard_batches(batches)] == [[0, 1, 2], [3, 4]]
+    v = np.arange(4.0)
+    assert distributed.sum_over_ranks([v])[0] is v
+
+
+def _worker(rank: int, port: int, model_dir: str, pruned_dir: str, data_dir: str, out: str) -> None:
+    """One of 2 ranks, as torchrun would start it (the environment is all a launcher provides)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from cahp_deploy.data import load_labelled
+    from cahp_deploy.errors import CahpError
+    from cahp_deploy.methods.runner import select
+    from cahp_deploy.modeling import load_classifier
+    from cahp_deploy.recovery import recover
+    from cahp_deploy.signals.signatures import SignatureCollector, collect_signatures
+
+    assert distributed.init_from_env(timeout_s=120)
+    sel = select(model_dir, data_dir, f"{out}/selection.json", seed=0, options=OPTS, show_progress=False)
+    assert (sel is None) == (rank != 0)
+    with pytest.raises(CahpError, match="one process only"):
+        select(model_dir, data_dir, f"{out}/random.json", method="random", heads=4, show_progress=False)
+
+    # The raw statistics, merged: rank 0 keeps them for the comparison with one process.
+    model, tok = load_classifier(model_dir)
+    data = load_labelled(data_dir, "train")
+    collector = SignatureCollector([4, 4, 4], data.classes, 8)
+    collect_signatures(model, tok, distributed.shard_examples(data, tok, 8, 64), batch_size=8, max_length=64,
+                       collector=collector)
+    distributed.merge_welford([collector.acc])
+    if rank == 0:
+        stats = collector.result()
+        np.savez(f"{out}/stats.npz", counts=stats.counts, mean=stats.mean, m2=stats.m2)
+
+    record = recover(pruned_dir, data_dir, f"{out}/recovered", epochs=10, lr=3e-3, batch_size=4,
+                     freeze_embeddings=False, eval_split="validation", progress=False)
+    assert record["world_size"] == 2
+    assert os.path.isdir(f"{out}/recovered")  # every rank returns after rank 0 wrote it
+    distributed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_models, tiny_data, tmp_path_factory):
+    """Run select, a statistics merge and recover on 2 spawned gloo ranks; return their output dir."""
+    import torch.multiprocessing as mp
+
+    from cahp_deploy.pruning import prune
+    from cahp_deploy.selection.result import Selection
+
+    root = tmp_path_factory.mktemp("distributed")
+    pruned = prune(tiny_models["bert"], Selection(method="random", kept_heads=KEPT, num_heads_total=12,
+                                                 heads_per_layer=4), root / "pruned")
+    out = root / "out"
+    out.mkdir()
+    mp.spawn(_worker, args=(_free_port(), str(tiny_models["bert"]), str(pruned), str(tiny_data), str(out)),
+             nprocs=2, join=True)
+    return out, pruned
+
+
+def test_two_ranks_select_what_one_process_selects(two_ranks, tiny_models, tiny_data, tmp_path):
+    from cahp_deploy.methods.runner import select
+
+    out, _ = two_ranks
+    one = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, options=OPTS, show_progress=False)
+    two = json.loads((out / "selection.json").read_text())
+    assert two["kept_heads"] == one.kept_heads
+    np.testing.assert_allclose(np.concatenate(two["scores"]), np.concatenate(one.scores), rtol=1e-6, atol=1e-12)
+    assert two["details"]["class_counts"] == one.details["class_counts"] == [20, 20, 20]
+    assert two["knee"] == one.knee
+    assert not (out / "random.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["recovered", "selection.json", "selection_mss.png", "stats.npz"]
+
+
+def test_merged_statistics_equal_one_process(two_ranks, tiny_models, tiny_data):
+    from cahp_deploy.data import load_labelled
+    from cahp_deploy.modeling import load_classifier
+    from cahp_deploy.signals.signatures import collect_signatures
+
+    out, _ = two_ranks
+    model, tok = load_classifier(tiny_models["bert"])
+    one = collect_signatures(model, tok, load_labelled(tiny_data, "train"), pool_size=8, batch_size=8, max_length=64)
+    two = np.load(out / "stats.npz")
+    np.testing.assert_array_equal(two["counts"], one.counts)
+    np.testing.assert_allclose(two["mean"], one.mean, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(two["m2"], one.m2, rtol=1e-6, atol=1e-12)
+
+
+def test_two_ranks_recover_a_loadable_trained_model(two_ranks, tiny_data):
+    from safetensors.torch import load_file
+
+    from cahp_deploy import evaluation
+    from cahp_deploy.data import load_labelled
+    from cahp_deploy.modeling import load_classifier
+
+    out, pruned = two_ranks
+    rec = out / "recovered"
+    record = json.loads((rec / "recovery.json").read_text())
+    assert record["world_size"] == 2 and record["epochs_completed"] == 10
+    # 60 rows / batch 4 = 15 batches an epoch, padded to 16 (one repeated) so each rank runs 8 steps an epoch
+    assert record["steps"] == 80 and record["epochs"][0]["examples"] == 64
+    before, after = load_file(pruned / "model.safetensors"), load_file(rec / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    model, tok = load_classifier(rec)
+    acc = evaluation.accuracy(model, tok, load_labelled(tiny_data, "validation"), max_length=64)
+    assert acc == pytest.approx(record["accuracy_after"])
+    losses = [e["loss"] for e in record["epochs"]]
+    assert losses[-1] < losses[0]
+    assert record["accuracy_after"] >= record["accuracy_before"] + 0.3  # it learns the planted task
+
+
+def test_run_refuses_under_a_launcher(monkeypatch, tiny_models, tiny_data, tmp_path):
+    """`run`'s export and bench stages are one-process: under torchrun it says so and writes nothing."""
+    from cahp_deploy.errors import CahpError
+    from cahp_deploy.run.pipeline import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CahpError, match="not data-parallel"):
+        run(tiny_models["bert"], tiny_data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
