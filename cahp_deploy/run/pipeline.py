@@ -294,7 +294,7 @@ def run(
             seed)
     else:  # nothing is decided on the evaluation rows: measure there (and on --confirm-split if given)
         decision, confirmation = eval_rows, confirm_data if confirm_data is not None else eval_rows
-        how = f"split {confirm_split!r}" if confirm_data is not None else "the evaluation rows (no decision used them)"
+        how = f"split {confirm_split!r}" if confirm_data is not None else "the evaluation rows"
     if recover and recover_split != select_split:
         check_labels(load_labelled(data, recover_split, **columns), num_labels, min_classes=2)
     check_provider(provider)

@@ -66,8 +66,11 @@ def promise_lines(confirm: dict[str, Any]) -> list[str]:
         check = (f": the budget of {_points_word(budget)} HOLDS (upper bound {-conf['upper']:+.1f})" if held else
                  f": the budget of {_points_word(budget)} is NOT confirmed (upper bound of the drop "
                  f"{conf['upper']:.1f} points)")
-    lines.append(f"Accuracy vs dense on {rows['how']} (never used by any decision): {_drop_words(conf)}{check}. "
-                 f"On the {confirm['decision_rows']['num_examples']} decision rows: {_drop_words(v['decision'])}.")
+    if budget is None:  # nothing was decided on these rows: one measurement
+        lines.append(f"Accuracy vs dense on {rows['how']}: {_drop_words(conf)}.")
+    else:
+        lines.append(f"Accuracy vs dense on {rows['how']} (never used by any decision): {_drop_words(conf)}{check}. "
+                     f"On the {confirm['decision_rows']['num_examples']} decision rows: {_drop_words(v['decision'])}.")
     speed = f"Measured speed at {_shape(confirm['shape'])}: {v['speedup_vs_dense_fp32']:.2f}x vs dense fp32" \
         if v.get("speedup_vs_dense_fp32") else "Speed: not measured at the headline shape"
     di = confirm.get("dense_int8")
