@@ -78,6 +78,7 @@ def test_the_words_say_plainly_when_the_confirmation_misses_or_dense_int8_wins()
     (["--confidence", "1.2"], "--confidence must be in (0.5, 1)"),
     (["--max-accuracy-drop", "1", "--confirm-fraction", "0"], "--confirm-fraction must be in (0, 1)"),
     (["--confirm-split", "nope"], "nope"),
+    (["--max-accuracy-drop", "1", "--ffn-keep-ratio", "1.5"], "--ffn-keep-ratio must be in (0, 1]"),
 ])
 def test_run_rejects_bad_promise_options_in_one_line(args, match, tiny_models, tiny_data, tmp_path):
     from conftest import cli

@@ -160,12 +160,13 @@ def _with_neurons(selection, settings: SearchSettings, evidence) -> None:
     """Add FFN neurons (``settings.ffn_method``: cahp or gradient) at the settings' keep ratio to a head
     selection, from the same evidence pass."""
     from cahp_deploy.methods.ffn import select_neurons
+    from cahp_deploy.selection.neurons import resolve_neuron_budget
 
     stats = evidence.ffn
     if stats is None:
         raise CahpError("this search's evidence has no FFN statistics; delete OUT/search/evidence.pkl and rerun")
     layers, inter = len(stats.neurons_per_layer), int(stats.neurons_per_layer[0])
-    budget = max(layers, int(round(settings.ffn_keep_ratio * layers * inter)))
+    budget = resolve_neuron_budget(layers * inter, layers, keep_ratio=settings.ffn_keep_ratio)
     kept, details = select_neurons(stats, settings.ffn_method, budget, layers, inter, settings.seed,
                                    degree=int(settings.cahp_options.get("degree") or 6))
     selection.kept_neurons, selection.neurons_per_layer, selection.ffn = kept, inter, details

@@ -277,6 +277,13 @@ def run(
     check_run_dir(out, force)
     config = load_config(model)
     num_labels = int(config.num_labels)
+    if ffn_keep_ratio is not None or ffn_neurons is not None:  # checked now, not after hours of search
+        from cahp_deploy import arch
+        from cahp_deploy.selection.neurons import resolve_neuron_budget
+
+        layers = arch.num_layers(config)
+        resolve_neuron_budget(layers * arch.intermediate_size(config), layers, ffn_neurons, ffn_keep_ratio,
+                              bool((select_options or {}).get("allow_empty_layers")))
     columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
     select_data = load_labelled(data, select_split, **columns)
     check_labels(select_data, num_labels, min_classes=2)

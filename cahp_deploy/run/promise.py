@@ -72,21 +72,19 @@ def from_bits(text: str) -> np.ndarray:
     return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
 
 
-def ort_correct(artifact_dir: Path, variant: str, data, max_length: int = 128, threads: int | None = None) -> np.ndarray:
-    """Per-row correctness of one variant of an artifact through ONNX Runtime (CPU)."""
+def ort_correct(artifact_dir: Path, variant: str, batches, labels, threads: int | None = None) -> np.ndarray:
+    """Per-row correctness of one variant of an artifact through ONNX Runtime (CPU), on ``batches``
+    (:func:`cahp_deploy.bench.accuracy.encode` of the rows whose ``labels`` are given)."""
     import onnxruntime as ort
-    from transformers import AutoTokenizer
 
-    from cahp_deploy.bench.accuracy import encode, predict
+    from cahp_deploy.bench.accuracy import predict
     from cahp_deploy.exporters.manifest import variant_path
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
     session = ort.InferenceSession(str(variant_path(artifact_dir, variant)), options, providers=["CPUExecutionProvider"])
-    tokenizer = AutoTokenizer.from_pretrained(str(artifact_dir))
-    preds = predict(session, encode(tokenizer, data, max_length), len(data))
-    return correct(preds, data.labels)
+    return correct(predict(session, batches, len(labels)), labels)
 
 
 def _latency(report: dict[str, Any], artifact: str, variant: str, shape: str) -> float | None:
@@ -134,11 +132,22 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
     pruned_name = names.get(str(pruned_art)) or next(a["name"] for a in report["artifacts"] if not a.get("baseline"))
     dense_manifest, pruned_manifest = load_manifest(dense_art), load_manifest(pruned_art)
 
+    from transformers import AutoTokenizer
+
+    from cahp_deploy.bench.accuracy import encode
+
+    # Both artifacts come from one fine-tuned model and share its tokenizer (bench checks it):
+    # each row set is tokenized once for every session.
+    tokenizer = AutoTokenizer.from_pretrained(str(dense_art))
+    rows = {"decision": decision, "confirmation": confirmation}
+    batches = {part: encode(tokenizer, data, 128) for part, data in rows.items()
+               if not (part == "confirmation" and confirmation is decision)}
+
     def both(art: Path, variant: str) -> dict[str, np.ndarray]:
         """Correctness on the decision and the confirmation rows (measured once when they are the same rows)."""
-        d = ort_correct(art, variant, decision, threads=threads)
-        return {"decision": d,
-                "confirmation": d if confirmation is decision else ort_correct(art, variant, confirmation, threads=threads)}
+        d = ort_correct(art, variant, batches["decision"], decision.labels, threads)
+        return {"decision": d, "confirmation": d if confirmation is decision
+                else ort_correct(art, variant, batches["confirmation"], confirmation.labels, threads)}
 
     ref = both(dense_art, "fp32")
     dense_p50 = _latency(report, dense_name, "fp32", shape)

@@ -31,7 +31,7 @@ from torch import nn
 from cahp_deploy import arch
 from cahp_deploy.errors import CahpError
 from cahp_deploy.gates import NeuronGates
-from cahp_deploy.signals.signatures import WelfordAccumulator
+from cahp_deploy.signals.signatures import WelfordAccumulator, class_index
 
 #: features per neuron and example: mean over real tokens, value at the first real token
 FEATURES = ("mean", "first")
@@ -117,10 +117,7 @@ class FfnCollector:
         start = time.perf_counter()
         if any(f is None for f in self._features):
             raise CahpError("the FFN hooks saw no activations in this batch; is the model's FFN where arch.py says?")
-        labels = np.asarray(labels)
-        index = np.searchsorted(self.classes, labels)
-        if np.any(index >= len(self.classes)) or np.any(self.classes[np.minimum(index, len(self.classes) - 1)] != labels):
-            raise CahpError(f"labels {sorted(set(labels.tolist()) - set(self.classes.tolist()))} are not among the classes")
+        index = class_index(self.classes, labels)
         self.acc.update(torch.cat(self._features, dim=1), torch.as_tensor(index))
         if gate_grads is not None:
             self.salience += torch.cat([g.abs().sum(dim=0) for g in gate_grads]).to(torch.float64)

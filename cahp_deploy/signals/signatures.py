@@ -107,6 +107,15 @@ class WelfordAccumulator:
         self.count.copy_(total)
 
 
+def class_index(classes: np.ndarray, labels) -> np.ndarray:
+    """Row of each label in the ascending ``classes``; a :class:`CahpError` for a label not among them."""
+    labels = np.asarray(labels)
+    index = np.searchsorted(classes, labels)
+    if np.any(index >= len(classes)) or np.any(classes[np.minimum(index, len(classes) - 1)] != labels):
+        raise CahpError(f"labels {sorted(set(labels.tolist()) - set(classes.tolist()))} are not among the classes")
+    return index
+
+
 @functools.lru_cache(maxsize=256)
 def resize_matrix(length: int, size: int) -> torch.Tensor:
     """(size, length) matrix R of 1-D linear resizing (half-pixel centres, as ``align_corners=False``).
@@ -180,10 +189,7 @@ class SignatureCollector:
         start = time.perf_counter()
         if not attentions or attentions[0] is None:
             raise CahpError("the model returned no attention probabilities; load it with eager attention")
-        labels = np.asarray(labels)
-        index = np.searchsorted(self.classes, labels)
-        if np.any(index >= len(self.classes)) or np.any(self.classes[np.minimum(index, len(self.classes) - 1)] != labels):
-            raise CahpError(f"labels {sorted(set(labels.tolist()) - set(self.classes.tolist()))} are not among the classes")
+        index = class_index(self.classes, labels)
         with torch.no_grad():
             sig = pooled_signatures([a.detach() for a in attentions], attention_mask, self.pool_size)
             self.acc.update(sig, torch.as_tensor(index))

@@ -43,9 +43,10 @@ def _cell(method: str, seed: int, ratio: float, stats, inputs, cfg: StudyConfig,
     from cahp_deploy.methods.ffn import select_neurons
     from cahp_deploy.pruning import prune_model
     from cahp_deploy.recovery import RecoveryParams, finetune_in_place
+    from cahp_deploy.selection.neurons import resolve_neuron_budget
 
     n_layers, inter = arch.num_layers(inputs.model.config), arch.intermediate_size(inputs.model.config)
-    budget = max(n_layers, int(round(ratio * n_layers * inter)))
+    budget = resolve_neuron_budget(n_layers * inter, n_layers, keep_ratio=ratio)
     key = sha256_json({**inputs.base_key, "what": "ffn-cell", "method": method, "seed": seed, "budget": budget,
                        "evidence": evidence_key, "recover": cfg.recover, "epochs": cfg.recover_epochs,
                        "recover_rows": inputs.recover.provenance(), "lr": cfg.recover_lr})
