@@ -175,5 +175,7 @@ def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhau
     # decision and confirmation rows are disjoint parts of the 90 validation rows: 54 decide, 36 confirm
     assert (confirm["decision_rows"]["num_examples"], confirm["confirmation_rows"]["num_examples"]) == (54, 36)
     assert search["tried"][0]["drop"]["n"] == 54 and search["eval"]["num_examples"] == 54
+    # export's checks (and its INT8 gate) saw only the decision rows, never the confirmation rows
+    assert manifest["parity_data"]["num_examples"] == 54 and "the rest held out" in manifest["parity_data"]["rows"]
     assert "before recovery" in text and "Accuracy budget search" in text and "tradeoff.png" in text
     assert result["summary"]["search"]["chosen_k"] == ks[0]

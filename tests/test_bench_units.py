@@ -268,3 +268,12 @@ def test_grid_checks(values, match):
 
     with pytest.raises(CahpError, match=match):
         _check_grid("seq", values)
+
+
+def test_int8_mac_share_from_the_manifest():
+    from cahp_deploy.exporters import int8_mac_share
+
+    m = {"variants": {"int8": {"fp32_mac_fraction": 0.25, "int8_mac_fraction": 0.75}, "fp16": {}}}
+    assert int8_mac_share(m, "int8") == 0.75 and int8_mac_share(m, "optimized") == 0.0
+    assert int8_mac_share(m, "fp16") is None
+    assert int8_mac_share({"variants": {"int8": {"fp32_mac_fraction": 0.1}}}, "int8") == 0.9  # older manifests

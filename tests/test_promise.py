@@ -28,6 +28,12 @@ def test_split_eval_holds_out_disjoint_rows_or_uses_the_confirm_split():
         promise.split_eval(_data(10), None, 0.4)
 
 
+def test_decision_indices_are_the_rows_split_eval_decides_on():
+    data = _data(100)
+    decide, _, _ = promise.split_eval(data, None, 0.4, seed=3)
+    assert [data.texts[i] for i in promise.decision_indices(100, 0.4, seed=3)] == decide.texts
+
+
 def test_bits_round_trip():
     mask = np.array([True, False, False, True])
     assert promise.bits(mask) == "1001" and promise.from_bits("1001").tolist() == mask.tolist()
@@ -66,6 +72,9 @@ def test_the_words_say_plainly_when_the_confirmation_misses_or_dense_int8_wins()
     lines = promise_lines(_confirm(conf_upper=1.7, int8_faster=True))
     assert "is NOT confirmed (upper bound of the drop 1.7 points)" in lines[1]
     assert lines[-1].startswith("Plainly: dense INT8 is faster than the shipped pruned artifact")
+    shipped_int8 = _confirm(conf_upper=0.95, int8_faster=False)
+    shipped_int8["variants"]["optimized"]["int8_mac_share"] = 0.93
+    assert "93% of its weight-MATMUL MACs in INT8".lower() in promise_lines(shipped_int8)[0].lower()
     nothing = promise_lines({"recommended": None, "why": "no pruned variant passes", "max_drop_points": 1.0,
                              "confirmation_rows": {"how": "x"}})
     assert nothing == ["Nothing pruned is shipped as recommended: no pruned variant passes. Ship the dense model "

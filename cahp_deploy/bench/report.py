@@ -182,7 +182,7 @@ def to_markdown(rep: dict) -> str:
                 name, _heads(a), _params(a["params"]), _mb(info["size_bytes"]), _f(info["session_create_s"], 3),
                 _mb(info["rss_growth_bytes"]), _mb(info.get("device_memory_bytes")),
                 _pct(info.get("accuracy")), _pct(info.get("accuracy_change_vs_baseline_fp32"), signed=True),
-                _pct(info.get("agreement_with_baseline_fp32")),
+                _pct(info.get("agreement_with_baseline_fp32")), _pct(info.get("int8_mac_share")),
             ]
             if v != "fp32":
                 row += [
@@ -191,7 +191,7 @@ def to_markdown(rep: dict) -> str:
                 ]
             rows.append(row)
         header = ["artifact", "heads kept", "params", "size", "session s", "RSS growth", "GPU memory", "accuracy",
-                  "Δ acc vs base fp32", "agrees w/ base fp32"]
+                  "Δ acc vs base fp32", "agrees w/ base fp32", "MACs in INT8"]
         if v != "fp32":
             header += [f"Δ acc vs base {v}", f"agrees w/ base {v}"]
         lines += _table(header, rows)

@@ -35,6 +35,7 @@ from cahp_deploy.bench.artifacts import (
 from cahp_deploy.bench.inputs import Feed, grid_feed, traffic_feeds
 from cahp_deploy.bench.runner import Runner
 from cahp_deploy.errors import CahpError
+from cahp_deploy.exporters import int8_mac_share
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def _create_sessions(arts: list[Artifact], provider: str, settings, first_feed: 
                 "rss_growth_bytes": rss.growth_bytes,
                 "device_memory_bytes": dev["device_memory_bytes"],
                 "providers": list(sess.get_providers()),
+                "int8_mac_share": int8_mac_share(a.manifest, variant),
             }
             sessions.append(Session(a, variant, sess, info))
     return sessions

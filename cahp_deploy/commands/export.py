@@ -14,9 +14,14 @@ from cahp_deploy.commands._options import data_options, force_option
               help="Also write model_optimized.onnx (ONNX Runtime fusions, chosen by timing on this machine).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write model_int8.onnx (dynamic INT8 for CPU; the MatMuls it hurts most stay fp32).")
-@click.option("--int8-min-agreement", type=float, default=0.99, show_default=True,
-              help="INT8 gate: argmax agreement with PyTorch fp32 on --data (else random tokens); the search tunes "
-                   "to it and the export fails below it.")
+@click.option("--int8-max-accuracy-drop", type=float, default=None,
+              help="INT8 gate (the default with --data): the upper confidence bound of INT8's paired accuracy drop "
+                   "vs fp32 on --split must be at most this many points; the search tunes to it on other rows [0.5].")
+@click.option("--int8-min-agreement", type=float, default=None,
+              help="INT8 gate instead: argmax agreement with fp32 at least this (for identical outputs; without "
+                   "--data the only gate, on random tokens) [0.90 without --data].")
+@click.option("--confidence", type=float, default=0.9, show_default=True,
+              help="One-sided confidence of the accuracy-drop upper bound the INT8 gate uses.")
 @click.option("--per-channel/--per-tensor", "per_channel", default=None,
               help="INT8 weight scales per output channel or per tensor [default: measure both, keep the better].")
 @click.option("--int8-tuning-examples", type=int, default=2048, show_default=True,
@@ -33,20 +38,21 @@ from cahp_deploy.commands._options import data_options, force_option
 @data_options(default_split="validation", required=False)
 @click.option("--max-examples", type=int, default=None, help="Check parity on the first N rows of --split only [all].")
 @force_option
-def command(model_dir, out, optimize, quantize, int8_min_agreement, per_channel, int8_tuning_examples, int8_tuning_margin,
+def command(model_dir, out, optimize, quantize, int8_max_accuracy_drop, int8_min_agreement, confidence, per_channel, int8_tuning_examples, int8_tuning_margin,
             fp16, opset, provider, no_timing, data, split, text_column, text_pair_column, label_column, max_examples,
             force) -> None:
     """Export MODEL_DIR (a fine-tuned classifier, or a dir from `cahp-deploy prune`) to ONNX in --out.
 
     \b
     Every variant is checked against the PyTorch model (random inputs, plus --data when given):
-    fp32/optimized within 1e-4, INT8 argmax agreement >= 99% on --data, FP16 within 1e-2.
+    fp32/optimized within 1e-4, FP16 within 1e-2; INT8's paired accuracy drop vs fp32 on --data
+    within 0.5 points (90% upper bound; or argmax agreement with --int8-min-agreement).
     A failed check writes nothing. manifest.json records kept heads, hashes and parity figures.
 
     \b
-    INT8 is tuned on rows it is not checked on (--data's train split): every weight MatMul is
+    INT8 is tuned on rows it is not gated on (--data's train split): every weight MatMul is
     quantized, then the most sensitive ones go back to fp32 until the gate holds there; the
-    manifest records which, the fp32 share of MACs, and every step of the search.
+    manifest records which, the INT8 share of MACs, the gate's interval and every search step.
     """
     from cahp_deploy.errors import CahpError
     from cahp_deploy.exporters import export, load_manifest
@@ -59,7 +65,8 @@ def command(model_dir, out, optimize, quantize, int8_min_agreement, per_channel,
         model_dir, out, optimize=optimize, quantize=quantize, per_channel=per_channel, fp16=fp16,
         opset=opset, data=data, split=split, text_column=text_column, text_pair_column=text_pair_column,
         label_column=label_column, force=force, provider=provider, measure=not no_timing,
-        int8_min_agreement=int8_min_agreement, int8_tuning_examples=int8_tuning_examples,
+        int8_max_accuracy_drop=int8_max_accuracy_drop, int8_min_agreement=int8_min_agreement, confidence=confidence,
+        int8_tuning_examples=int8_tuning_examples,
         int8_tuning_margin=int8_tuning_margin, max_examples=max_examples,
     )
     m = load_manifest(path)
@@ -69,9 +76,9 @@ def command(model_dir, out, optimize, quantize, int8_min_agreement, per_channel,
         size = m["files"][v["file"]]["bytes"] / 2**20
         extra = f", fusions={v['choice']}" if name == "optimized" else ""
         if name == "int8":
-            a = v["agreement"]
-            extra = (f", tuned {a['tuning']:.1%} on {a['tuning_on']}, {len(v['excluded_nodes'])} MatMuls fp32 = "
-                     f"{v['fp32_mac_fraction']:.0%} of MACs")
+            g = v["gate"]["result"]
+            extra = (f", {v['int8_mac_fraction']:.0%} of MACs INT8 ({len(v['excluded_nodes'])} MatMuls fp32)"
+                     + (f", accuracy drop {g['drop']:+.2f} points (upper {g['drop_upper']:+.2f})" if "drop" in g else ""))
             if v.get("speedup_vs_source"):
                 extra += ", speed vs fp32 " + "/".join(f"x{x:.2f}" for x in v["speedup_vs_source"].values()) + \
                     " at " + "/".join(v["speedup_vs_source"])

@@ -22,11 +22,13 @@ from cahp_deploy.commands._options import data_options, force_option
 @click.option("--max-examples", default=None, type=int, help="Train on a seeded random subset of N examples.")
 @click.option("--time-budget", default=None, type=float, help="Stop training after this many seconds.")
 @click.option("--train-embeddings", is_flag=True, help="Also update the word embeddings (frozen by default).")
+@click.option("--qat", is_flag=True, help="Quantization-aware: train under the rounding `export --quantize int8` applies "
+                                          "(per-channel int8 weights, per-batch uint8 inputs; straight-through gradients).")
 @click.option("--seed", default=42, show_default=True, type=int)
 @force_option
 def command(pruned_dir, data, split, text_column, text_pair_column, label_column, out, eval_split, epochs,
             lr, batch_size, max_length, distill_from, temperature, alpha, max_examples, time_budget,
-            train_embeddings, seed, force):
+            train_embeddings, qat, seed, force):
     """Fine-tune PRUNED_DIR for a few epochs to win back the accuracy lost to pruning."""
     from cahp_deploy.recovery import recover
 
@@ -34,7 +36,7 @@ def command(pruned_dir, data, split, text_column, text_pair_column, label_column
         pruned_dir, data, out, split=split, eval_split=eval_split, epochs=epochs, lr=lr,
         batch_size=batch_size, max_length=max_length, distill_from=distill_from,
         temperature=temperature, alpha=alpha, seed=seed, max_examples=max_examples,
-        time_budget=time_budget, freeze_embeddings=not train_embeddings, text_column=text_column,
+        time_budget=time_budget, freeze_embeddings=not train_embeddings, qat=qat, text_column=text_column,
         text_pair_column=text_pair_column, label_column=label_column, force=force,
     )
     from cahp_deploy import distributed
@@ -46,6 +48,7 @@ def command(pruned_dir, data, split, text_column, text_pair_column, label_column
     if record["accuracy_before"] is not None:
         click.echo(
             f"accuracy on {eval_split}: {100 * record['accuracy_before']:.2f}% -> {100 * record['accuracy_after']:.2f}%"
+            + (f" (simulated INT8: {100 * record['accuracy_after_int8']:.2f}%)" if qat else "")
         )
     if record["stopped_early"]:
         click.echo(f"stopped early: the time budget of {time_budget:g} s ran out")

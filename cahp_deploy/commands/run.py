@@ -58,6 +58,7 @@ def run_options(f):
         click.option("--recover-max-examples", default=None, type=int, help="Recover on a seeded random subset of N rows."),
         click.option("--recover-split", default=None, help="Split recovery trains on [the selection split]."),
         click.option("--distill", is_flag=True, help="Recovery also distils from the dense MODEL (KL on its logits)."),
+        click.option("--qat", is_flag=True, help="Recovery is quantization-aware: it trains under the rounding of the INT8 export."),
         click.option("--max-accuracy-drop", default=None, type=float,
                      help="Accuracy budget in points: start at CAHP's knee and add heads (bisection over the cluster "
                           "sweep) until the upper confidence bound of the recovered model's paired drop vs dense, on "
@@ -71,7 +72,11 @@ def run_options(f):
                      help="One-sided confidence of the accuracy-drop bound every budget decision uses [0.9]."),
         click.option("--quantize", default="int8", show_default=True, type=click.Choice(["int8", "none"]), help="Also export an INT8 variant."),
         click.option("--per-channel/--per-tensor", "per_channel", default=None, help="INT8 weight scales [measure both, keep the better]."),
-        click.option("--int8-min-agreement", default=None, type=float, help="Export's INT8 gate: argmax agreement with fp32 on --eval-split [export's default, 0.99]."),
+        click.option("--int8-max-accuracy-drop", default=None, type=float,
+                     help="Export's INT8 gate: upper bound of INT8's paired accuracy drop vs its fp32 graph on the "
+                          "decision rows, in points [0.5]."),
+        click.option("--int8-min-agreement", default=None, type=float,
+                     help="Export's INT8 gate instead: argmax agreement with fp32 at least this."),
         click.option("--fp16", is_flag=True, help="Also export an FP16 variant (for CUDA; checked on --provider)."),
         click.option("--opset", default=None, type=int, help="ONNX opset [export's default]."),
         click.option("--no-timing", "timing", flag_value=False, default=True, help="Export: skip timing the optimization candidates."),

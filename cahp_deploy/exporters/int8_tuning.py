@@ -15,7 +15,8 @@ So, as Intel Neural Compressor's fallback tuning and ORT users do it, INT8 becom
    gain; alone they cost 1.6 % agreement on MiniLM/SST-5).
 2. Quantize every candidate, per-tensor and per-channel, and keep the weight-scale granularity with
    the higher agreement on the tuning set (lower logit MSE on a tie), unless the caller chose one.
-3. If that misses the target (the gate plus one standard error, :func:`tuning_target`): leave-one-in
+3. If that misses the gate's target on the tuning rows (:meth:`~cahp_deploy.exporters.int8_gate.Int8Gate.target`:
+   by default the paired accuracy drop vs fp32 within the budget): leave-one-in
    sensitivity. For each candidate, the graph with only that node INT8; its sensitivity is the logit
    MSE vs fp32 on ~128 tuning rows. Logit MSE rather than agreement: a few hundred examples flip in
    steps of 0.2-0.8 %, too coarse to rank 20+ nodes. Leave-one-in rather than leave-one-out: measured
@@ -23,8 +24,7 @@ So, as Intel Neural Compressor's fallback tuning and ORT users do it, INT8 becom
    23 nodes' errors dominate, and the ranking came out noisy: 16 of 24 nodes had to stay fp32), while
    one node alone against fp32 gives a clean ranking (early FFN first; 10 of 24 nodes, same gate).
 4. Bisection over the ranked list for the smallest ``k`` such that keeping the top ``k`` in fp32
-   meets the target on the whole tuning set (agreement is near-monotone in ``k``; every probe is in
-   the trace).
+   meets the target on the whole tuning set (near-monotone in ``k``; every probe is in the trace).
 5. ``k == n`` (every candidate back in fp32): INT8 would be the fp32 model, a :class:`CahpError`.
 
 Cost: ``n + log2(n) + 3`` evaluations (``n`` of them on a quarter of the tuning set). Mixes are
@@ -53,6 +53,7 @@ import onnx
 
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import quantize as quant
+from cahp_deploy.exporters.int8_gate import MARGIN_STANDARD_ERRORS, Int8Gate, score
 from cahp_deploy.exporters.parity import Feed, ort_logits
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,6 @@ TUNING_THREADS = 2
 #: to 99.61 % on 512 train rows agreed only 98.75 % on validation_matched (the search stops at the
 #: first node set that clears the target, so it overfits a small tuning set).
 TUNING_EXAMPLES = 2048
-#: default margin, in binomial standard errors of the gate on the tuning set (see :func:`tuning_target`)
-MARGIN_STANDARD_ERRORS = 2.0
 #: about this many of them rank the nodes (the ranking signal is strong; bisection uses all)
 SENSITIVITY_EXAMPLES = 128
 _LAYER = re.compile(r"layers?[._/](\d+)[._/]")
@@ -255,29 +254,6 @@ def session(model: onnx.ModelProto | Path, threads: int = TUNING_THREADS):
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
-def score(logits: np.ndarray, reference: np.ndarray) -> dict:
-    """Argmax agreement and mean squared logit error against ``reference``."""
-    return {
-        "agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
-        "logit_mse": float(((logits - reference) ** 2).mean()),
-    }
-
-
-def tuning_target(gate: float, num_examples: int, margin: float | None = None) -> float:
-    """The agreement the search demands on the tuning set: the gate plus ``margin``, by default
-    :data:`MARGIN_STANDARD_ERRORS` binomial standard errors of an agreement of ``gate`` measured on
-    ``num_examples`` examples.
-
-    Why a margin: the gate is checked again on a *different* split. Tuned to exactly 99 % on 512
-    examples (standard error 0.44 %), the reported figure would miss 99 % about half the time; and
-    the search stops at the first set that clears the target, which favours sets that are lucky on
-    the tuning rows, hence two standard errors rather than one.
-    """
-    if margin is None:
-        margin = MARGIN_STANDARD_ERRORS * math.sqrt(gate * (1.0 - gate) / max(1, num_examples))
-    return min(1.0, gate + margin)
-
-
 @dataclass
 class Int8Result:
     """What the search decided and why: ``record`` goes to the manifest's ``variants.int8.tuning``."""
@@ -298,19 +274,22 @@ def _sensitivity_batches(feeds: Sequence[Feed], examples: int) -> list[int]:
 class _Search:
     """The tuning set, the fp32 reference logits on it, and every probe's figures (the trace)."""
 
-    def __init__(self, src: Path, feeds: Sequence[Feed], threads: int):
-        self.src, self.feeds, self.threads = src, list(feeds), threads
+    def __init__(self, src: Path, feeds: Sequence[Feed], labels: np.ndarray | None, gate: Int8Gate, threads: int):
+        self.src, self.feeds, self.threads, self.gate = src, list(feeds), threads, gate
         self.fp32 = onnx.load(str(src))
         self.candidates = quantizable_nodes(self.fp32)
         s = session(src, threads)
         self.reference = [ort_logits(s, [f]) for f in self.feeds]
+        sizes = np.cumsum([0] + [len(r) for r in self.reference])
+        self.labels = None if labels is None else [np.asarray(labels)[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
         self.trace: list[dict] = []
 
     def evaluate(self, model: onnx.ModelProto | Path, batches: Sequence[int] | None = None) -> dict:
         idx = range(len(self.feeds)) if batches is None else batches
         s = session(model, self.threads)
         got = ort_logits(s, [self.feeds[i] for i in idx])
-        return score(got, np.concatenate([self.reference[i] for i in idx]))
+        labels = None if self.labels is None else np.concatenate([self.labels[i] for i in idx])
+        return score(got, np.concatenate([self.reference[i] for i in idx]), labels, self.gate.confidence)
 
     def probe(self, model: Callable[[], onnx.ModelProto | Path], step: str, record: dict,
               batches: Sequence[int] | None = None) -> dict:
@@ -326,6 +305,14 @@ def _fp32_fraction(excluded: Sequence[QuantNode], candidates: Sequence[QuantNode
     return round(sum(c.macs for c in excluded) / total, 4) if total else 0.0
 
 
+def _target_note(gate: Int8Gate, margin: float | None) -> str:
+    if gate.kind == "accuracy":
+        return ("paired accuracy drop (points, point estimate) on the tuning rows <= max drop"
+                + (f" - margin {margin}" if margin else "") + "; the gate rows then judge its upper bound")
+    return (f"agreement >= gate + {MARGIN_STANDARD_ERRORS:g} binomial standard errors of the tuning estimate"
+            if margin is None else f"agreement >= gate + margin {margin}")
+
+
 def _granularity_name(per_channel: bool) -> str:
     return "per_channel" if per_channel else "per_tensor"
 
@@ -334,16 +321,18 @@ def tune_int8(
     src: Path,
     dst: Path,
     feeds: Sequence[Feed],
-    gate: float,
+    gate: Int8Gate,
     *,
+    labels: np.ndarray | None = None,
     per_channel: bool | None = None,
     margin: float | None = None,
     sensitivity_examples: int = SENSITIVITY_EXAMPLES,
     threads: int = TUNING_THREADS,
     say: Callable[[str], None] = lambda msg: None,
 ) -> Int8Result:
-    """Write ``dst``: ``src`` dynamically quantized except the fewest most sensitive nodes that keep
-    argmax agreement with ``src`` on ``feeds`` (the tuning set) >= :func:`tuning_target` of ``gate``.
+    """Write ``dst``: ``src`` dynamically quantized except the fewest most sensitive nodes that meet
+    ``gate``'s target (:meth:`Int8Gate.target` with ``margin``) on ``feeds`` (the tuning set), whose
+    rows are labelled ``labels`` (in feed order; needed by the accuracy gate).
 
     ``per_channel`` None measures per-tensor and per-channel weight scales and keeps the better;
     True/False forces one. Sensitivity is measured on about ``sensitivity_examples`` of the tuning
@@ -352,12 +341,14 @@ def tune_int8(
     target needs every candidate in fp32 (INT8 would then be the fp32 model).
     """
     started = time.perf_counter()
-    search = _Search(Path(src), feeds, threads)
+    if gate.needs_labels and labels is None:
+        raise CahpError("the INT8 accuracy gate needs labelled tuning rows; give --data, or use --int8-min-agreement")
+    search = _Search(Path(src), feeds, labels, gate, threads)
     cands = search.candidates
     if not cands:
         raise CahpError(f"{src} has no MatMul with a constant weight to quantize; INT8 would be the fp32 model, drop --quantize int8")
     num_examples = sum(len(r) for r in search.reference)
-    target = tuning_target(gate, num_examples, margin)
+    target = gate.target(num_examples, margin)
     names = [c.name for c in cands]
     by_name = {c.name: c for c in cands}
     with tempfile.TemporaryDirectory(prefix=".cahp-int8-", dir=Path(dst).parent) as scratch:
@@ -386,7 +377,7 @@ def tune_int8(
         ranked: list[dict] = []
         excluded: list[str] = []
         subset = _sensitivity_batches(search.feeds, sensitivity_examples)
-        if full["agreement"] < target:
+        if not gate.met(full, target):
             # 3: leave-one-in sensitivity: only this node INT8, logit MSE vs fp32
             for k, c in enumerate(cands, 1):
                 say(f"int8: sensitivity {k}/{len(cands)}")
@@ -402,13 +393,12 @@ def tune_int8(
                 say(f"int8: bisection, {mid} of {len(order)} nodes in fp32")
                 res = search.probe(lambda mid=mid: mixer.build(order[:mid]), f"bisection: {mid} most sensitive in fp32",
                                    {"fp32_nodes": order[:mid], "num_fp32": mid})
-                lo, hi = (lo, mid) if res["agreement"] >= target else (mid, hi)
+                lo, hi = (lo, mid) if gate.met(res, target) else (mid, hi)
             if hi == len(order):
-                best = max(t["agreement"] for t in search.trace if "int8_nodes" not in t)
                 raise CahpError(
-                    f"INT8 cannot reach argmax agreement {target:.2%} with fp32 on the tuning set (gate {gate:.2%} + margin) "
-                    f"unless all {len(order)} quantizable MatMuls stay fp32 (best with any INT8: {best:.2%}); INT8 would be "
-                    "the fp32 model: ship model_optimized.onnx, or lower --int8-min-agreement knowingly; nothing was written"
+                    f"INT8 cannot meet its gate ({gate.describe()}; target on the tuning set {target:.4g}) unless all "
+                    f"{len(order)} quantizable MatMuls stay fp32; INT8 would be the fp32 model: ship model_optimized.onnx, "
+                    "or loosen the gate knowingly; nothing was written"
                 )
             excluded = order[:hi]
 
@@ -430,9 +420,10 @@ def tune_int8(
         "per_channel": chosen,
         "per_channel_chosen_by": "measurement (higher tuning agreement)" if per_channel is None else "user",
         "granularity": granularity,
-        "gate": gate,
-        "target_agreement": round(target, 6),
-        "target_note": f"gate + {MARGIN_STANDARD_ERRORS:g} binomial standard errors of the tuning estimate" if margin is None else f"gate + margin {margin}",
+        "gate": gate.to_dict(),
+        "target": round(target, 6),
+        "target_note": _target_note(gate, margin),
+        "tuning": shipped,
         "tuning_agreement": shipped["agreement"],
         "tuning_logit_mse": shipped["logit_mse"],
         "tuning_examples": num_examples,
@@ -441,6 +432,7 @@ def tune_int8(
         "num_quantized": len(cands) - len(ex_nodes),
         "excluded_nodes": [c.to_dict() for c in ex_nodes],
         "fp32_mac_fraction": _fp32_fraction(ex_nodes, cands),
+        "int8_mac_fraction": round(1.0 - _fp32_fraction(ex_nodes, cands), 4),
         "mac_fraction_note": "weight-MatMul multiply-adds left in fp32 over all quantizable ones, at sequence length 128 "
                              "(Gemm once per sequence); attention score products (QK^T, PV) are fp32 in every variant",
         "always_fp32": not_quantized(search.fp32, mixer.unquantized),
@@ -451,10 +443,10 @@ def tune_int8(
         "threads": threads,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    log.info("int8: %d/%d nodes in fp32 (%.1f%% of MACs), tuning agreement %.4f", len(ex_nodes), len(cands),
-             100 * record["fp32_mac_fraction"], shipped["agreement"])
+    log.info("int8: %d/%d nodes in fp32 (%.1f%% of MACs), tuning %s", len(ex_nodes), len(cands),
+             100 * record["fp32_mac_fraction"], shipped)
     return Int8Result(per_channel=chosen, excluded=ex_nodes, candidates=cands, record=record)
 
 
 __all__ = ["Int8Result", "Mixer", "QuantNode", "SENSITIVITY_EXAMPLES", "TUNING_EXAMPLES", "TUNING_THREADS",
-           "not_quantized", "quantizable_nodes", "score", "session", "tune_int8", "tuning_target"]
+           "not_quantized", "quantizable_nodes", "session", "tune_int8"]

@@ -85,3 +85,13 @@ def variant_path(artifact_dir: str | os.PathLike, variant: str) -> Path:
     if variant not in VARIANT_FILES:
         raise CahpError(f"unknown variant {variant!r}; choose from {', '.join(VARIANT_FILES)}")
     return Path(artifact_dir) / VARIANT_FILES[variant]
+
+
+def int8_mac_share(manifest: dict, variant: str) -> float | None:
+    """Share of the weight-MatMul MACs that run in INT8 in ``variant`` (0 for fp32 graphs, None for fp16)."""
+    if variant in ("fp32", "optimized"):
+        return 0.0
+    info = (manifest.get("variants") or {}).get(variant) or {}
+    if variant != "int8" or "fp32_mac_fraction" not in info:
+        return None
+    return info.get("int8_mac_fraction", round(1.0 - info["fp32_mac_fraction"], 4))

@@ -4,7 +4,8 @@
 
     check options, paths, data ──► load model (sdpa/eager) ──► model.onnx ──► parity vs PyTorch
         ──► [optimize: candidates, fused-head check, timing, choice] ──► model_optimized.onnx ──► parity
-        ──► [int8 from the optimized graph: mixed-precision search on a tuning set] ──► parity (argmax agreement)
+        ──► [int8 from the optimized graph: mixed-precision search on tuning rows] ──► gate on other rows
+            (paired accuracy drop vs fp32 within --int8-max-accuracy-drop; or argmax agreement)
         ──► [fp16 from the fully fused graph] ──► parity on CPU (looser tolerance)
         ──► config.json, tokenizer, pruning.json, manifest.json (sha256 of every file)
 
@@ -21,6 +22,7 @@ import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +31,11 @@ from cahp_deploy import arch, schema
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import int8_tuning, onnx_export, optimize as ortopt, parity, quantize as quant
+from cahp_deploy.exporters.int8_gate import INT8_MAX_ACCURACY_DROP, Int8Gate
 from cahp_deploy.exporters.manifest import VARIANT_FILES, file_records, versions, write_manifest
 from cahp_deploy.hashing import sha256_dir
 from cahp_deploy.modeling import KEPT_HEADS_FIELD, load_classifier, load_config
+from cahp_deploy.paired import DEFAULT_CONFIDENCE
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +49,47 @@ INT8_TUNING_SPLIT = "train"
 INT8_RANDOM_TUNING_SHAPES: tuple[tuple[int, int], ...] = ((16, 16), (16, 32), (16, 64), (16, 128))
 
 
-def _check_options(quantize, per_channel, fp16, opset, provider, int8_min_agreement,
+def int8_gate(max_accuracy_drop: float | None, min_agreement: float | None, rows: int | None = None,
+              confidence: float = DEFAULT_CONFIDENCE, gate_rows: int | None = None) -> tuple[Int8Gate, str | None]:
+    """The INT8 gate from the user's options, and a note when it is not the one they would expect.
+
+    ``rows``: the fewer of the labelled tuning and gate rows (None: no labelled data); ``gate_rows``:
+    how many rows the gate judges (the tuning search predicts the bound there). The accuracy
+    gate is the default; the agreement gate when asked for, or the only one random tokens allow
+    (at most :data:`parity.INT8_MIN_AGREEMENT_RANDOM`). When the rows are too few for the accuracy
+    gate to ever pass (:meth:`Int8Gate.rows_needed`), the default falls back to the agreement gate
+    (:data:`parity.INT8_MIN_AGREEMENT`) and says so; an explicit accuracy gate is an error.
+    """
+    if max_accuracy_drop is not None and min_agreement is not None:
+        raise CahpError("--int8-max-accuracy-drop and --int8-min-agreement are two different INT8 gates; give one")
+    if min_agreement is not None:
+        gate = Int8Gate.agreement(min_agreement)
+        if rows is None:
+            return Int8Gate.agreement(min(gate.min_agreement, parity.INT8_MIN_AGREEMENT_RANDOM)), None
+        return gate, None
+    gate = Int8Gate.accuracy(INT8_MAX_ACCURACY_DROP if max_accuracy_drop is None else max_accuracy_drop, confidence,
+                             gate_rows)
+    if rows is None:
+        if max_accuracy_drop is not None:
+            raise CahpError("--int8-max-accuracy-drop needs labelled rows to measure accuracy on; give --data "
+                            "(or --int8-min-agreement for an agreement gate on random tokens)")
+        return Int8Gate.agreement(parity.INT8_MIN_AGREEMENT_RANDOM), None
+    if rows < gate.rows_needed():
+        why = (f"{rows} labelled rows cannot bound an INT8 accuracy drop of {gate.max_drop:g} points at "
+               f"{gate.confidence:.0%} (that needs >= {gate.rows_needed()} tuning and gate rows)")
+        if max_accuracy_drop is not None:
+            raise CahpError(f"{why}; give more rows, a larger --int8-max-accuracy-drop, or --int8-min-agreement")
+        return Int8Gate.agreement(parity.INT8_MIN_AGREEMENT), f"{why}: the agreement gate was used instead"
+    return gate, None
+
+
+def _check_options(quantize, per_channel, fp16, opset, provider,
                    int8_tuning_examples=int8_tuning.TUNING_EXAMPLES, int8_tuning_margin=None) -> None:
-    if not 0.0 <= float(int8_min_agreement) <= 1.0:
-        raise CahpError(f"--int8-min-agreement {int8_min_agreement} must be a fraction in [0, 1] (default {parity.INT8_MIN_AGREEMENT})")
     if not isinstance(int8_tuning_examples, int) or int8_tuning_examples < 8:
         raise CahpError(f"--int8-tuning-examples {int8_tuning_examples} must be an integer >= 8 (default {int8_tuning.TUNING_EXAMPLES})")
-    if int8_tuning_margin is not None and not 0.0 <= float(int8_tuning_margin) < 1.0:
-        raise CahpError(f"--int8-tuning-margin {int8_tuning_margin} must be a fraction in [0, 1) (default: one standard error)")
+    if int8_tuning_margin is not None and not 0.0 <= float(int8_tuning_margin) < 100.0:
+        raise CahpError(f"--int8-tuning-margin {int8_tuning_margin} must be >= 0 (points for the accuracy gate, "
+                        "a fraction for the agreement gate)")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise CahpError(f"--quantize {quantize!r} is not supported; choose from {', '.join(QUANTIZE_CHOICES)}")
     if per_channel and quantize is None:
@@ -84,55 +121,60 @@ def _gate_close(variant: str, result: dict, atol: float, where: str) -> None:
         )
 
 
-def _gate_agreement(variant: str, result: dict, minimum: float, where: str, tuned: str = "") -> None:
-    if result["argmax_agreement"] < minimum:
+def _gate_int8(result: dict, where: str, tuned: dict) -> None:
+    if not result["passed"]:
+        if result["kind"] == "accuracy":
+            pd = result["paired_drop"]
+            got = (f"accuracy drop {pd['drop']:+.2f} points, {pd['confidence']:.0%} upper bound {pd['upper']:+.2f} "
+                   f"({pd['ref_only']} rows only fp32 gets right, {pd['new_only']} only INT8)")
+        else:
+            got = f"argmax agreement {result['agreement']:.2%}"
         raise CahpError(
-            f"parity check failed for {variant}: argmax agreement with fp32 {result['argmax_agreement']:.2%} on {where} "
-            f"is below {minimum:.2%}{tuned}; nothing was written (raise --int8-tuning-examples or --int8-tuning-margin, "
-            "or ship the optimized fp32 model)"
+            f"INT8 gate failed on {where}: {got}; the gate is {result['gate']} (tuned to {tuned['figure']} on "
+            f"{tuned['on']}); nothing was written (loosen the gate knowingly, or ship the optimized fp32 model)"
         )
 
 
-def _tune_and_check_int8(check, source: Path, dst: Path, feeds, tune_record: dict | None, per_channel, margin,
+def _attempt(rec: dict, held_out: dict) -> dict:
+    keys = ("agreement", "drop", "drop_upper")
+    return {"target": rec["target"], "tuning": {k: rec["tuning"][k] for k in keys if k in rec["tuning"]},
+            "held_out": {k: held_out[k] for k in keys if k in held_out}, "num_fp32": len(rec["excluded_nodes"])}
+
+
+def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_record: dict | None, per_channel, margin,
                          say) -> tuple:
-    """Tune INT8 on the tuning rows, then check the gate on the held-out rows; once, retry.
+    """Tune INT8 on the tuning rows, then judge it with the gate on the held-out rows; once, retry.
 
     The search stops at the first node set that clears its target on the tuning rows, so the held-out
-    agreement comes out lower (measured: MiniLM-MNLI pruned, 99.51 % tuned vs 98.90 % held out). When
-    the held-out check misses and the user left the margin at its default, the search runs again with
-    its target raised by the observed gap; the manifest records both attempts. A second miss fails.
+    figure comes out worse (measured: MiniLM-MNLI pruned, 99.51 % agreement tuned vs 98.90 % held
+    out). When the held-out gate misses and the user left the margin at its default, the search runs
+    again with its target moved by the observed gap; the manifest records both attempts. A second
+    miss fails.
     """
-    gate = check.int8_gate()
+    gate = check.gate
     attempts: list[dict] = []
     while True:
-        tuned = int8_tuning.tune_int8(source, dst, feeds, gate, per_channel=per_channel, margin=margin, say=say)
+        tuned = int8_tuning.tune_int8(source, dst, feeds, gate, labels=labels, per_channel=per_channel, margin=margin, say=say)
         rec = {**tuned.record, "data": tune_record}
-        try:
-            result = check.check("int8", _session(dst), tuned={"tuning_agreement": rec["tuning_agreement"],
-                                                                "on": (tune_record or {}).get("on")})
-        except CahpError:
-            if attempts or margin is not None:  # retried once already, or the user chose the margin
-                raise
-            rnd, dat = check.run(_session(dst))
-            held_out = parity.compare(check.data_ref, dat) if dat is not None else parity.compare(check.random_ref, rnd)
-            gap = rec["tuning_agreement"] - held_out["argmax_agreement"]
-            attempts.append({"target_agreement": rec["target_agreement"], "tuning_agreement": rec["tuning_agreement"],
-                             "held_out_agreement": held_out["argmax_agreement"], "num_fp32": len(rec["excluded_nodes"])})
-            margin = rec["target_agreement"] - gate + max(gap, 0.0) + 1e-9
-            say(f"int8: held-out agreement {held_out['argmax_agreement']:.2%} missed the gate; retuning to {gate + margin:.2%}")
-            continue
-        rec["attempts"] = attempts + [{"target_agreement": rec["target_agreement"],
-                                       "tuning_agreement": rec["tuning_agreement"],
-                                       "held_out_agreement": result["argmax_agreement"],
-                                       "num_fp32": len(rec["excluded_nodes"])}]
-        return tuned, rec, result
+        result = check.check("int8", _session(dst))
+        held_out = result["gate"]
+        attempts.append(_attempt(rec, held_out))
+        if held_out["passed"] or attempts[1:] or margin is not None:  # passed, retried once, or the user chose
+            rec["attempts"] = attempts
+            figure = (f"a drop of {rec['tuning']['drop']:+.2f} points" if gate.kind == "accuracy"
+                      else f"agreement {rec['tuning']['agreement']:.2%}")
+            where = (tune_record or {}).get("report_on") or check.gate_rows()
+            _gate_int8(held_out, where, {"figure": figure, "on": (tune_record or {}).get("on")})
+            return tuned, rec, result
+        margin = gate.retune_margin(rec["target"], rec["tuning"], held_out)
+        say(f"int8: the held-out rows missed the gate; retuning with margin {margin:.4g}")
 
 
 class _Parity:
     """Reference logits computed once, then every variant's session checked against them."""
 
-    def __init__(self, model, tokenizer, config, input_names, data, int8_min_agreement: float):
-        self.int8_min = float(int8_min_agreement)
+    def __init__(self, model, tokenizer, config, input_names, data, gate: Int8Gate | None):
+        self.gate = gate
         self.random_feeds = parity.random_feeds(input_names, config)
         self.random_ref = parity.torch_logits(model, self.random_feeds)
         self.data = data
@@ -141,16 +183,15 @@ class _Parity:
             self.data_feeds, self.labels = parity.data_feeds(tokenizer, data, input_names, config)
             self.data_ref = parity.torch_logits(model, self.data_feeds)
 
-    def int8_gate(self) -> float:
-        """The INT8 agreement gate: the user's on real data, at most the random-token one without."""
-        return self.int8_min if self.data is not None else min(self.int8_min, parity.INT8_MIN_AGREEMENT_RANDOM)
+    def gate_rows(self) -> str:
+        return f"{self.data.source} [{self.data.split}]" if self.data is not None else "random tokens (no --data given)"
 
     def run(self, session) -> tuple[np.ndarray, np.ndarray | None]:
         rnd = parity.ort_logits(session, self.random_feeds)
         dat = parity.ort_logits(session, self.data_feeds) if self.data is not None else None
         return rnd, dat
 
-    def check(self, variant: str, session, tuned: dict | None = None) -> dict:
+    def check(self, variant: str, session) -> dict:
         rnd, dat = self.run(session)
         out: dict = {"reference": "pytorch fp32"}
         out["random"] = parity.compare(self.random_ref, rnd,
@@ -176,14 +217,13 @@ class _Parity:
             _gate_close(variant, out["random"], parity.FP16_ATOL, "random inputs")
             if out["data"]:
                 _gate_close(variant, out["data"], parity.FP16_ATOL, f"{self.data.source} [{self.data.split}]")
-        elif variant == "int8":
-            minimum = self.int8_gate()
-            out["min_agreement"] = minimum
+        elif variant == "int8":  # judged by the caller (_gate_int8): a miss may be retuned
             if not out["data"]:
                 out["note"] = "no --data given: agreement measured on random tokens, not on real data"
-            where = f"{self.data.source} [{self.data.split}]" if out["data"] else "random tokens (no --data given)"
-            note = f" (tuned to {tuned['tuning_agreement']:.2%} on {tuned['on']})" if tuned else ""
-            _gate_agreement(variant, head, minimum, where, note)
+            logits, ref = (dat, self.data_ref) if dat is not None else (rnd, self.random_ref)
+            out["gate"] = {**self.gate.judge(logits, ref, self.labels if dat is not None else None), "on": self.gate_rows()}
+            out["passed"] = out["gate"]["passed"]
+            return out
         out["passed"] = True
         return out
 
@@ -246,10 +286,11 @@ def _int8_rows(data, split: str, columns: dict, labelled, num_labels: int, examp
     return tune, report, record
 
 
-def _int8_tuning_feeds(tune_rows, tokenizer, input_names, config) -> list:
+def _int8_tuning_feeds(tune_rows, tokenizer, input_names, config) -> tuple[list, np.ndarray | None]:
+    """Tuning batches and their labels (None for random tokens)."""
     if tune_rows is None:
-        return parity.random_feeds(input_names, config, seed=1, shapes=_int8_random_shapes(config))
-    return parity.data_feeds(tokenizer, tune_rows, input_names, config, limit=None)[0]
+        return parity.random_feeds(input_names, config, seed=1, shapes=_int8_random_shapes(config)), None
+    return parity.data_feeds(tokenizer, tune_rows, input_names, config, limit=None)
 
 
 def _time_int8(source: Path, int8: Path, vocab: int, max_seq: int) -> dict:
@@ -286,6 +327,37 @@ def _read_pruning(model_dir: Path) -> dict | None:
     return record
 
 
+def _qat(model_dir: Path) -> dict | None:
+    """The quantization-aware recovery that made ``model_dir``, if any (its ``recovery.json``): INT8
+    then uses the weight granularity the model was trained for."""
+    p = model_dir / "recovery.json"
+    try:
+        params = json.loads(p.read_text()).get("params", {}) if p.is_file() else {}
+    except ValueError:
+        return None
+    return {"per_channel": bool(params.get("qat_per_channel", True))} if params.get("qat") else None
+
+
+def _qat_match(model, check: _Parity, int8: Path, per_channel: bool, excluded: int) -> dict:
+    """How closely the INT8 graph computes what the quantization-aware model computed in PyTorch
+    (the same rounding simulated, :mod:`cahp_deploy.recovery.qat`), next to how far it is from fp32."""
+    from cahp_deploy.recovery.qat import simulated_int8
+
+    feeds = check.data_feeds or check.random_feeds
+    with simulated_int8(model, per_channel):
+        simulated = parity.torch_logits(model, feeds)
+    got = parity.ort_logits(_session(int8), feeds)
+    fp32 = check.data_ref if check.data_feeds else check.random_ref
+    keep = ("num_examples", "max_abs_diff", "argmax_agreement")
+    return {
+        "vs_simulated_int8": {k: parity.compare(simulated, got)[k] for k in keep}
+        | {"mean_abs_diff": float(np.abs(simulated - got).mean())},
+        "vs_fp32": {k: parity.compare(fp32, got)[k] for k in keep} | {"mean_abs_diff": float(np.abs(fp32 - got).mean())},
+        "note": "PyTorch with every Linear fake-quantized vs the INT8 graph"
+                + (f"; {excluded} MatMuls stayed fp32 in the graph, so the two differ there" if excluded else ""),
+    }
+
+
 def _neuron_fields(config, n_layers: int) -> dict:
     """FFN neurons in the manifest: kept per layer (null when the FFN is dense), counts."""
     kept = getattr(config, arch.KEPT_NEURONS_FIELD, None)
@@ -315,10 +387,13 @@ def export(
     force: bool = False,
     provider: str = "cpu",
     measure: bool = True,
-    int8_min_agreement: float = parity.INT8_MIN_AGREEMENT,
+    int8_max_accuracy_drop: float | None = None,
+    int8_min_agreement: float | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
     int8_tuning_examples: int = int8_tuning.TUNING_EXAMPLES,
     int8_tuning_margin: float | None = None,
     max_examples: int | None = None,
+    rows: Sequence[int] | None = None,
 ) -> Path:
     """Export ``model_dir`` (dense or pruned classifier) to a parity-checked ONNX artifact dir ``out``.
 
@@ -337,14 +412,20 @@ def export(
         examples (and the INT8 agreement gate); random inputs only when None.
     provider : the device the artifact is made for: ``cpu`` (timing picks the fusions) or ``cuda``.
     measure : time the optimization candidates (a few seconds); False uses the provider default.
-    int8_min_agreement : the INT8 gate on the data split (argmax agreement with PyTorch fp32). Lower
-        it only knowingly: it is recorded in the manifest as ``min_agreement``.
+    int8_max_accuracy_drop : the INT8 gate (default with labelled data, 0.5 points): the one-sided
+        ``confidence`` upper bound of INT8's paired accuracy drop vs fp32 on the gate rows must be
+        at most this many points (see :mod:`cahp_deploy.exporters.int8_gate`).
+    int8_min_agreement : the other gate: argmax agreement with fp32 at least this (for identical
+        outputs; the only gate without data, where it is at most 0.90 on random tokens).
     int8_tuning_examples : rows INT8 tunes on: random rows of ``data``'s train split, else the first
         half of ``split`` (then the gate is checked on the second half); random tokens without data.
-    int8_tuning_margin : the search demands ``int8_min_agreement + margin`` on the tuning set; None
-        is two binomial standard errors of the tuning estimate.
+    int8_tuning_margin : the search's target on the tuning rows is the gate tightened by this
+        (points, or a fraction of agreement); None: 0 for the accuracy gate (its upper bound is the
+        margin), two binomial standard errors for the agreement gate.
     max_examples : check parity (and the INT8 gate) on the first N rows of ``split`` only (None: all;
         the rows ``bench --max-examples`` scores).
+    rows : check parity and gate INT8 on these rows (indices, after ``max_examples``) of ``split``
+        only: ``run`` keeps its confirmation rows out of every decision this way.
 
     Returns ``out``. Raises :class:`CahpError` on bad input (before any work) or a failed parity
     gate (then nothing is written).
@@ -352,10 +433,14 @@ def export(
     started = time.perf_counter()
     model_dir = Path(model_dir)
     out = check_output_path(out, force)
-    _check_options(quantize, per_channel, fp16, opset, provider, int8_min_agreement, int8_tuning_examples, int8_tuning_margin)
+    _check_options(quantize, per_channel, fp16, opset, provider, int8_tuning_examples, int8_tuning_margin)
     config = load_config(model_dir)
     pruning = _read_pruning(model_dir)
-    labelled = None
+    qat = _qat(model_dir) if quantize == "int8" else None
+    granularity_from_qat = qat is not None and per_channel is None
+    if granularity_from_qat:
+        per_channel = qat["per_channel"]  # what the recovery simulated
+    labelled, labelled_rows = None, None
     if data is not None:
         from cahp_deploy.data import check_labels, load_labelled
 
@@ -365,10 +450,22 @@ def export(
             if max_examples < 1:
                 raise CahpError(f"--max-examples must be at least 1, got {max_examples}")
             labelled = labelled.head(max_examples)
+        if rows is not None:
+            idx = np.asarray(list(rows), dtype=np.int64)
+            if idx.size == 0 or idx.min() < 0 or idx.max() >= len(labelled):
+                raise CahpError(f"rows must be indices into the {len(labelled)} rows of split {split!r}")
+            labelled = labelled.subset(idx)
+            labelled_rows = f"{len(idx)} chosen rows of {split!r} (the rest held out)"
     tune_rows, tune_record, parity_rows = None, None, labelled
+    gate, gate_note = None, None
     if quantize == "int8":
         columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
         tune_rows, parity_rows, tune_record = _int8_rows(data, split, columns, labelled, int(config.num_labels), int8_tuning_examples, config)
+        n_gate = min(len(parity_rows), parity.MAX_DATA_EXAMPLES) if parity_rows is not None else None
+        labelled_n = None if tune_rows is None else min(len(tune_rows), n_gate)
+        gate, gate_note = int8_gate(int8_max_accuracy_drop, int8_min_agreement, labelled_n, confidence, n_gate)
+        if gate_note:
+            log.warning("int8: %s", gate_note)
 
     attn = onnx_export.attn_implementation_for(config)
     model, tokenizer = load_classifier(model_dir, attn_implementation=attn)
@@ -386,7 +483,7 @@ def export(
         plain = tmp / VARIANT_FILES["fp32"]
         bar.update(task, description="export: ONNX")
         input_names = onnx_export.export_onnx(model, plain, opset)
-        check = _Parity(model, tokenizer, config, input_names, parity_rows, int8_min_agreement)
+        check = _Parity(model, tokenizer, config, input_names, parity_rows, gate)
         variants: dict[str, dict] = {"fp32": {"file": plain.name, "parity": check.check("fp32", _session(plain))}}
         bar.advance(task)
 
@@ -408,23 +505,31 @@ def export(
         if quantize == "int8":
             bar.update(task, description="export: int8")
             dst = tmp / VARIANT_FILES["int8"]
+            tune_feeds, tune_labels = _int8_tuning_feeds(tune_rows, tokenizer, input_names, config)
             tuned, rec, result = _tune_and_check_int8(
-                check, fused_source, dst, _int8_tuning_feeds(tune_rows, tokenizer, input_names, config), tune_record,
+                check, fused_source, dst, tune_feeds, tune_labels, tune_record,
                 per_channel, int8_tuning_margin, say=lambda msg: bar.update(task, description=f"export: {msg}"),
             )
             report = result["data"] or result["random"]
+            if granularity_from_qat:
+                rec["per_channel_chosen_by"] = "quantization-aware recovery (recovery.json)"
             variants["int8"] = {
                 "file": dst.name, "source": "optimized" if fused_source != plain else "fp32",
                 "per_channel": tuned.per_channel, "weight_type": "int8", "activation_type": "uint8 (dynamic)",
+                "quantization_aware": qat is not None,
                 "excluded_nodes": rec["excluded_nodes"], "fp32_mac_fraction": rec["fp32_mac_fraction"],
+                "int8_mac_fraction": rec["int8_mac_fraction"],
+                "gate": {**gate.to_dict(), **({"note": gate_note} if gate_note else {}), "tuning_rows": tune_record["on"], "gate_rows": tune_record.get("report_on", result["gate"]["on"]),
+                         "tuning": rec["tuning"], "result": result["gate"]},
                 "agreement": {"tuning": rec["tuning_agreement"], "tuning_on": tune_record["on"],
                               "report": result["argmax_agreement"],
-                              "report_on": tune_record.get("report_on", "random tokens (no --data given)"),
-                              "gate": result["min_agreement"]},
+                              "report_on": tune_record.get("report_on", "random tokens (no --data given)")},
                 "accuracy": None if not result["data"] else {"int8": report["accuracy"], "pytorch_fp32": report["reference_accuracy"]},
                 "tuning": rec,
                 "parity": result,
             }
+            if qat is not None:
+                variants["int8"]["qat_match"] = _qat_match(model, check, dst, tuned.per_channel, len(rec["excluded_nodes"]))
             if measure and provider == "cpu":
                 variants["int8"].update(_time_int8(fused_source, dst, int(getattr(config, "vocab_size", 1000)),
                                                    arch.max_sequence_length(config)))
@@ -471,6 +576,7 @@ def export(
             "attn_implementation": attn,
             "parity_data": None if labelled is None else {
                 **parity_rows.provenance(), "num_examples": len(check.labels),
+                **({"rows": labelled_rows} if labelled_rows else {}),
                 **({"rows": tune_record["report_on"]} if tune_record and parity_rows is not labelled else {}),
             },
             "smoke": check.smoke(),

@@ -24,6 +24,7 @@ from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_dir
 from cahp_deploy.modeling import KEPT_HEADS_FIELD, load_classifier
 from cahp_deploy.progress import make_progress
+from cahp_deploy.recovery.qat import simulated_int8
 from cahp_deploy.recovery.trainer import RecoveryParams, finetune_in_place
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def recover(
     max_examples: int | None = None,
     time_budget: float | None = None,
     freeze_embeddings: bool = True,
+    qat: bool = False,
     text_column: str | None = None,
     text_pair_column: str | None = None,
     label_column: str = "label",
@@ -86,8 +88,9 @@ def recover(
     its logits at ``temperature``, weighted ``alpha`` against cross-entropy. ``eval_split``, when given,
     is measured before and after (it must differ from ``split``; ``eval_max_examples`` keeps its first N
 rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a seeded
-    random subset; ``time_budget`` (seconds) stops training early. ``progress`` None: a bar when
-    stderr is a terminal.
+    random subset; ``time_budget`` (seconds) stops training early. ``qat`` trains under simulated
+    dynamic INT8 (:mod:`cahp_deploy.recovery.qat`; ``accuracy_after_int8`` is then also measured
+    under it). ``progress`` None: a bar when stderr is a terminal.
 
     Returns the contents of ``out/recovery.json``. ``out`` holds the weights, a config that keeps
     ``cahp_kept_heads``, the tokenizer, the input's ``pruning.json``, and ``recovery.json``; it is
@@ -99,7 +102,7 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
     """
     params = RecoveryParams(
         epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, temperature=temperature,
-        alpha=alpha, seed=seed, freeze_embeddings=freeze_embeddings, time_budget=time_budget,
+        alpha=alpha, seed=seed, freeze_embeddings=freeze_embeddings, time_budget=time_budget, qat=qat,
     )
     params.validate()
     if eval_split is not None and eval_split == split:
@@ -136,9 +139,12 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
         if distill_from is not None:
             teacher = _teacher_logits(str(distill_from), model, train, tokenizer, max_length, bar)
         stats = finetune_in_place(model, tokenizer, train, params, teacher_logits=teacher, progress=bar)
-        after = None
+        after = after_int8 = None
         if held_out is not None and distributed.is_main():
             after = evaluation.accuracy(model, tokenizer, held_out, max_length=max_length, progress=bar)
+            if qat:
+                with simulated_int8(model, params.qat_per_channel):
+                    after_int8 = evaluation.accuracy(model, tokenizer, held_out, max_length=max_length, progress=bar)
 
     record: dict[str, Any] = {
         "schema": schema.RECOVERY,
@@ -153,6 +159,7 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
         "eval": None if held_out is None else held_out.provenance(),
         "accuracy_before": before,
         "accuracy_after": after,
+        **({"accuracy_after_int8": after_int8} if qat else {}),
         **stats,
         "total_seconds": time.perf_counter() - t_start,
     }

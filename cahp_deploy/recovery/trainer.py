@@ -18,10 +18,14 @@ Distillation (optional): with teacher logits ``t`` and student logits ``s`` the 
     alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)
 
 The T^2 factor keeps the soft-target gradients on the scale of the hard-target ones (Hinton et al., 2015).
+
+Quantization-aware (``qat``): every Linear trains under the rounding the INT8 export will apply
+(:mod:`cahp_deploy.recovery.qat`); the saved weights are the latent fp32 ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -36,6 +40,7 @@ from torch import nn
 from cahp_deploy import distributed
 from cahp_deploy.data import LabelledData, iter_batches, token_lengths
 from cahp_deploy.errors import CahpError
+from cahp_deploy.recovery.qat import simulated_int8
 from cahp_deploy.signals import model_inputs
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,8 @@ class RecoveryParams:
     seed: int = 42
     freeze_embeddings: bool = True
     time_budget: float | None = None
+    qat: bool = False
+    qat_per_channel: bool = True
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -171,7 +178,10 @@ def finetune_in_place(
     stopped_early = False
     steps = 0
     model.train()
+    restore = contextlib.ExitStack()
     try:
+        if params.qat:
+            restore.enter_context(simulated_int8(model, params.qat_per_channel))
         for epoch in range(params.epochs):
             t0 = time.perf_counter()
             batches = distributed.shard_batches(_shuffled_buckets(lengths, params.batch_size, rng), pad=True)
@@ -212,6 +222,7 @@ def finetune_in_place(
             if stopped_early:
                 break
     finally:
+        restore.close()
         for p in model.parameters():
             p.requires_grad_(saved_grad.get(id(p), True))
         model.eval()

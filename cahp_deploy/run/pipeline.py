@@ -193,12 +193,14 @@ def run(
     recover_max_examples: int | None = None,
     recover_split: str | None = None,
     distill: bool = False,
+    qat: bool = False,
     max_accuracy_drop: float | None = None,
     confirm_split: str | None = None,
     confirm_fraction: float | None = None,
     confidence: float | None = None,
     quantize: str | None = DEFAULT_QUANTIZE,
     per_channel: bool | None = None,
+    int8_max_accuracy_drop: float | None = None,
     int8_min_agreement: float | None = None,
     fp16: bool = False,
     opset: int | None = None,
@@ -223,7 +225,8 @@ def run(
     """Select, prune, recover, export (dense and pruned: optimized fp32 + INT8) and bench, into ``out``.
 
     ``recover`` fine-tunes the pruned model on ``recover_split`` (default: the selection split) for
-    ``recover_epochs``; ``distill`` adds distillation from ``model``. ``max_accuracy_drop`` (points on
+    ``recover_epochs``; ``distill`` adds distillation from ``model``; ``qat`` trains under simulated
+    dynamic INT8 (the exported INT8 graph's rounding). ``max_accuracy_drop`` (points on
     the evaluation split) replaces select/prune/recover by the CAHP budget search, decided on the upper
     confidence bound (``confidence``) of the paired drop, on decision rows only; ``confirm_split`` (or a
     held-out ``confirm_fraction`` of the evaluation split) confirms the shipped artifact on rows no
@@ -295,7 +298,11 @@ def run(
     from cahp_deploy.run import promise
 
     eval_rows = eval_data.head(eval_max_examples)
+    gate_rows = None  # the rows export's checks (and the INT8 gate) see: never the confirmation rows
     if max_accuracy_drop is not None:
+        if confirm_data is None:
+            gate_rows = promise.decision_indices(
+                len(eval_rows), promise.DEFAULT_CONFIRM_FRACTION if confirm_fraction is None else confirm_fraction, seed)
         decision, confirmation, how = promise.split_eval(
             eval_rows, confirm_data, promise.DEFAULT_CONFIRM_FRACTION if confirm_fraction is None else confirm_fraction,
             seed)
@@ -315,9 +322,10 @@ def run(
     recover_kwargs = None if not recover else _prune_none(dict(
         epochs=recover_epochs, lr=recover_lr, max_examples=recover_max_examples,
         distill_from=model if distill else None,
-    )) | (recover_options or {})
+    )) | ({"qat": True} if qat else {}) | (recover_options or {})
     export_kwargs = _prune_none(dict(
         optimize=True, quantize=quantize, per_channel=per_channel, int8_min_agreement=int8_min_agreement,
+        int8_max_accuracy_drop=int8_max_accuracy_drop, confidence=confidence, rows=gate_rows,
         fp16=fp16, opset=opset, max_examples=eval_max_examples,
         provider="cpu" if provider == "cpu" else "cuda", measure=timing,
     )) | (export_options or {})

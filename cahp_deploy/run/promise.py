@@ -42,6 +42,11 @@ CANDIDATE_VARIANTS = ("optimized", "int8", "fp32")
 DEFAULT_RECOMMENDED = "optimized"
 
 
+def decision_indices(n: int, fraction: float = DEFAULT_CONFIRM_FRACTION, seed: int = 0) -> list[int]:
+    """Indices of the decision rows :func:`split_eval` keeps of ``n`` evaluation rows (export gates on them)."""
+    return split_rows(n, fraction, seed)[0].tolist()
+
+
 def split_eval(eval_data, confirm_data=None, fraction: float = DEFAULT_CONFIRM_FRACTION, seed: int = 0):
     """(decision rows, confirmation rows, how) from the evaluation split and an optional confirm split."""
     if confirm_data is not None:
@@ -123,7 +128,7 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
             threads: int | None = None) -> dict[str, Any]:
     """Measure, choose and confirm (see the module docstring); write ``out_file`` and the manifest's
     ``recommended``. Returns the record."""
-    from cahp_deploy.exporters.manifest import load_manifest
+    from cahp_deploy.exporters import int8_mac_share, load_manifest
 
     report = json.loads((Path(report_dir) / "report.json").read_text())
     shape = headline_shape(report)
@@ -153,10 +158,11 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
     dense_p50 = _latency(report, dense_name, "fp32", shape)
     dense_int8_p50 = _latency(report, dense_name, "int8", shape)
 
-    def measure(art: Path, name: str, variant: str) -> dict[str, Any]:
+    def measure(art: Path, name: str, variant: str, manifest: dict) -> dict[str, Any]:
         got = both(art, variant)
         p50 = _latency(report, name, variant, shape)
         return {
+            "int8_mac_share": int8_mac_share(manifest, variant),
             "decision": paired_drop(ref["decision"], got["decision"], confidence).to_dict(),
             "confirmation": paired_drop(ref["confirmation"], got["confirmation"], confidence).to_dict(),
             "p50_ms": p50,
@@ -164,9 +170,9 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
             "speedup_vs_dense_int8": None if not (p50 and dense_int8_p50) else dense_int8_p50 / p50,
         }
 
-    pruned = {v: measure(pruned_art, pruned_name, v) for v in CANDIDATE_VARIANTS
+    pruned = {v: measure(pruned_art, pruned_name, v, pruned_manifest) for v in CANDIDATE_VARIANTS
               if v in (pruned_manifest.get("variants") or {}) and _latency(report, pruned_name, v, shape) is not None}
-    dense_int8 = measure(dense_art, dense_name, "int8") if dense_int8_p50 is not None \
+    dense_int8 = measure(dense_art, dense_name, "int8", dense_manifest) if dense_int8_p50 is not None \
         and "int8" in (dense_manifest.get("variants") or {}) else None
     recommended, why = choose(pruned, max_drop)
     shipped = pruned.get(recommended) if recommended else None
@@ -234,4 +240,4 @@ def _set_recommended(artifact: Path, variant: str | None, why: str) -> None:
 
 
 __all__ = ["CONFIRM_FILE", "DEFAULT_CONFIRM_FRACTION", "PARETO_PLOT", "plot_pareto", "bits", "choose", "confirm", "from_bits", "headline_shape",
-           "ort_correct", "rows_fingerprint", "split_eval"]
+           "decision_indices", "ort_correct", "rows_fingerprint", "split_eval"]

@@ -58,7 +58,9 @@ def promise_lines(confirm: dict[str, Any]) -> list[str]:
         return [f"Nothing pruned is shipped as recommended: {confirm['why']}. Ship the dense model "
                 f"(or dense INT8) instead."]
     v = confirm["variants"][rec]
-    lines = [f"Shipped: the pruned model's `{rec}` variant ({confirm['why']})."]
+    share = v.get("int8_mac_share")
+    int8 = f", {share:.0%} of its weight-MatMul MACs in INT8" if share else ""
+    lines = [f"Shipped: the pruned model's `{rec}` variant ({confirm['why']}{int8})."]
     conf = v["confirmation"]
     check = ""
     if budget is not None:
