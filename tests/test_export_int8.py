@@ -309,7 +309,7 @@ def test_a_held_out_miss_retunes_once_with_the_gap_added(monkeypatch, tmp_path):
     margins = []
     gate = Int8Gate.agreement(0.99)
 
-    def fake_tune(source, dst, feeds, gate_, labels=None, per_channel=None, margin=None, say=None):
+    def fake_tune(source, dst, feeds, gate_, labels=None, reference=None, per_channel=None, margin=None, say=None):
         margins.append(margin)
         target = gate.target(10_000, margin)
         record = {"target": target, "tuning": {"agreement": target + 0.001}, "tuning_agreement": target + 0.001,

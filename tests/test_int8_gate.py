@@ -7,7 +7,7 @@ import pytest
 
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters.int8_gate import Int8Gate, score
-from cahp_deploy.exporters.stage import int8_gate
+from cahp_deploy.exporters.stage import resolve_int8_gate as int8_gate
 
 
 def _flip(logits: np.ndarray, rows: np.ndarray, to: np.ndarray) -> np.ndarray:
@@ -56,12 +56,14 @@ def test_targets_and_retune_margins():
     agr95 = Int8Gate.agreement(0.95)
     m = agr95.retune_margin(0.96, {"agreement": 0.97}, {"agreement": 0.955})
     assert agr95.target(1, m) == pytest.approx(0.96 + 0.015, abs=1e-6)
-    # tuning rows: the bound the gate rows would show: same drop and spread, the gate's row count
-    tuned = {"drop": 0.1, "drop_se": 0.3, "n": 2000}
-    assert acc.predicted_upper(tuned) == pytest.approx(0.1 + 1.2816 * 0.3, abs=1e-3)  # gate rows unknown: as tuned
+    # tuning rows: the bound a zero drop would get on the gate rows with the tuning rows' discordance
+    tuned = {"drop": 0.9, "discordant": 40, "n": 2000}  # 2 % discordant; the (training-row) drop is not used
+    z = 1.2816
+    assert acc.predicted_upper(tuned) == pytest.approx(100 * z * (0.02 / 2000) ** 0.5, abs=1e-3)  # as many rows as tuned
     small, big = Int8Gate.accuracy(0.5, gate_rows=500), Int8Gate.accuracy(0.5, gate_rows=8000)
-    assert small.predicted_upper(tuned) == pytest.approx(0.1 + 1.2816 * 0.3 * 2, abs=1e-3)
-    assert big.predicted_upper(tuned) == pytest.approx(0.1 + 1.2816 * 0.3 / 2, abs=1e-3)
+    assert small.predicted_upper(tuned) == pytest.approx(100 * z * (0.02 / 500) ** 0.5, abs=1e-3)  # 0.81
+    assert big.predicted_upper(tuned) == pytest.approx(100 * z * (0.02 / 8000) ** 0.5, abs=1e-3)  # 0.20
+    assert big.predicted_upper({"discordant": 0, "n": 2000}) == pytest.approx(100 * z / 8000, abs=1e-4)
     assert big.met(tuned, 0.5) and not small.met(tuned, 0.5)
 
 

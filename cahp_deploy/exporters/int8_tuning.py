@@ -272,14 +272,18 @@ def _sensitivity_batches(feeds: Sequence[Feed], examples: int) -> list[int]:
 
 
 class _Search:
-    """The tuning set, the fp32 reference logits on it, and every probe's figures (the trace)."""
+    """The tuning set, the reference logits on it (the fp32 graph's unless given), and every probe's
+    figures (the trace)."""
 
-    def __init__(self, src: Path, feeds: Sequence[Feed], labels: np.ndarray | None, gate: Int8Gate, threads: int):
+    def __init__(self, src: Path, feeds: Sequence[Feed], labels: np.ndarray | None, gate: Int8Gate, threads: int,
+                 reference: Sequence[np.ndarray] | None = None):
         self.src, self.feeds, self.threads, self.gate = src, list(feeds), threads, gate
         self.fp32 = onnx.load(str(src))
         self.candidates = quantizable_nodes(self.fp32)
-        s = session(src, threads)
-        self.reference = [ort_logits(s, [f]) for f in self.feeds]
+        if reference is None:
+            s = session(src, threads)
+            reference = [ort_logits(s, [f]) for f in self.feeds]
+        self.reference = [np.asarray(r, dtype=np.float32) for r in reference]
         sizes = np.cumsum([0] + [len(r) for r in self.reference])
         self.labels = None if labels is None else [np.asarray(labels)[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
         self.trace: list[dict] = []
@@ -307,8 +311,8 @@ def _fp32_fraction(excluded: Sequence[QuantNode], candidates: Sequence[QuantNode
 
 def _target_note(gate: Int8Gate, margin: float | None) -> str:
     if gate.kind == "accuracy":
-        return ("paired accuracy drop (points, point estimate) on the tuning rows <= max drop"
-                + (f" - margin {margin}" if margin else "") + "; the gate rows then judge its upper bound")
+        return ("the upper bound a zero drop would get on the gate rows, with the tuning rows' share of discordant "
+                "rows, <= max drop" + (f" - margin {margin}" if margin else "") + "; the gate rows then judge the real drop")
     return (f"agreement >= gate + {MARGIN_STANDARD_ERRORS:g} binomial standard errors of the tuning estimate"
             if margin is None else f"agreement >= gate + margin {margin}")
 
@@ -324,6 +328,7 @@ def tune_int8(
     gate: Int8Gate,
     *,
     labels: np.ndarray | None = None,
+    reference: Sequence[np.ndarray] | None = None,
     per_channel: bool | None = None,
     margin: float | None = None,
     sensitivity_examples: int = SENSITIVITY_EXAMPLES,
@@ -332,7 +337,9 @@ def tune_int8(
 ) -> Int8Result:
     """Write ``dst``: ``src`` dynamically quantized except the fewest most sensitive nodes that meet
     ``gate``'s target (:meth:`Int8Gate.target` with ``margin``) on ``feeds`` (the tuning set), whose
-    rows are labelled ``labels`` (in feed order; needed by the accuracy gate).
+    rows are labelled ``labels`` (in feed order; needed by the accuracy gate). ``reference``: the logits
+    the gate compares against, one array per feed; default the fp32 ``src`` graph's (a quantization-
+    aware model passes its simulated-INT8 PyTorch logits: that is the model it trained).
 
     ``per_channel`` None measures per-tensor and per-channel weight scales and keeps the better;
     True/False forces one. Sensitivity is measured on about ``sensitivity_examples`` of the tuning
@@ -343,7 +350,7 @@ def tune_int8(
     started = time.perf_counter()
     if gate.needs_labels and labels is None:
         raise CahpError("the INT8 accuracy gate needs labelled tuning rows; give --data, or use --int8-min-agreement")
-    search = _Search(Path(src), feeds, labels, gate, threads)
+    search = _Search(Path(src), feeds, labels, gate, threads, reference)
     cands = search.candidates
     if not cands:
         raise CahpError(f"{src} has no MatMul with a constant weight to quantize; INT8 would be the fp32 model, drop --quantize int8")
@@ -427,7 +434,8 @@ def tune_int8(
         "tuning_agreement": shipped["agreement"],
         "tuning_logit_mse": shipped["logit_mse"],
         "tuning_examples": num_examples,
-        "tuning_reference": "the fp32 source graph in ONNX Runtime",
+        "tuning_reference": "the fp32 source graph in ONNX Runtime" if reference is None
+                            else "PyTorch with the INT8 rounding simulated (the quantization-aware model)",
         "num_candidates": len(cands),
         "num_quantized": len(cands) - len(ex_nodes),
         "excluded_nodes": [c.to_dict() for c in ex_nodes],
