@@ -100,10 +100,7 @@ def test_recover_qat_then_export_matches_the_simulated_model(tiny_models, tiny_d
     assert v["quantization_aware"] is True and v["per_channel"] is True
     assert v["tuning"]["per_channel_chosen_by"].startswith("quantization-aware recovery")
     assert v["excluded_nodes"] == []  # a gate of 0 keeps everything INT8
-    g = v["gate"]["result"]  # judged against the model QAT trained (simulated rounding), fp32 shown beside it
-    assert g["reference"].startswith("pytorch with the INT8 rounding simulated") and "agreement" in g["vs_fp32"]
-    assert v["tuning"]["tuning_reference"].startswith("PyTorch with the INT8 rounding simulated")
-    assert g["agreement"] > g["vs_fp32"]["agreement"] - 1e-9
+    assert v["gate"]["result"]["reference"] == "pytorch fp32"  # the gate is always vs the model's own fp32 graph
     match = v["qat_match"]  # export's own check: the graph is the simulated model, not the fp32 one
     assert match["vs_simulated_int8"]["mean_abs_diff"] < 0.25 * match["vs_fp32"]["mean_abs_diff"]
 

@@ -272,18 +272,14 @@ def _sensitivity_batches(feeds: Sequence[Feed], examples: int) -> list[int]:
 
 
 class _Search:
-    """The tuning set, the reference logits on it (the fp32 graph's unless given), and every probe's
-    figures (the trace)."""
+    """The tuning set, the fp32 reference logits on it, and every probe's figures (the trace)."""
 
-    def __init__(self, src: Path, feeds: Sequence[Feed], labels: np.ndarray | None, gate: Int8Gate, threads: int,
-                 reference: Sequence[np.ndarray] | None = None):
+    def __init__(self, src: Path, feeds: Sequence[Feed], labels: np.ndarray | None, gate: Int8Gate, threads: int):
         self.src, self.feeds, self.threads, self.gate = src, list(feeds), threads, gate
         self.fp32 = onnx.load(str(src))
         self.candidates = quantizable_nodes(self.fp32)
-        if reference is None:
-            s = session(src, threads)
-            reference = [ort_logits(s, [f]) for f in self.feeds]
-        self.reference = [np.asarray(r, dtype=np.float32) for r in reference]
+        s = session(src, threads)
+        self.reference = [ort_logits(s, [f]) for f in self.feeds]
         sizes = np.cumsum([0] + [len(r) for r in self.reference])
         self.labels = None if labels is None else [np.asarray(labels)[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
         self.trace: list[dict] = []
@@ -328,7 +324,6 @@ def tune_int8(
     gate: Int8Gate,
     *,
     labels: np.ndarray | None = None,
-    reference: Sequence[np.ndarray] | None = None,
     per_channel: bool | None = None,
     margin: float | None = None,
     sensitivity_examples: int = SENSITIVITY_EXAMPLES,
@@ -337,9 +332,7 @@ def tune_int8(
 ) -> Int8Result:
     """Write ``dst``: ``src`` dynamically quantized except the fewest most sensitive nodes that meet
     ``gate``'s target (:meth:`Int8Gate.target` with ``margin``) on ``feeds`` (the tuning set), whose
-    rows are labelled ``labels`` (in feed order; needed by the accuracy gate). ``reference``: the logits
-    the gate compares against, one array per feed; default the fp32 ``src`` graph's (a quantization-
-    aware model passes its simulated-INT8 PyTorch logits: that is the model it trained).
+    rows are labelled ``labels`` (in feed order; needed by the accuracy gate).
 
     ``per_channel`` None measures per-tensor and per-channel weight scales and keeps the better;
     True/False forces one. Sensitivity is measured on about ``sensitivity_examples`` of the tuning
@@ -350,7 +343,7 @@ def tune_int8(
     started = time.perf_counter()
     if gate.needs_labels and labels is None:
         raise CahpError("the INT8 accuracy gate needs labelled tuning rows; give --data, or use --int8-min-agreement")
-    search = _Search(Path(src), feeds, labels, gate, threads, reference)
+    search = _Search(Path(src), feeds, labels, gate, threads)
     cands = search.candidates
     if not cands:
         raise CahpError(f"{src} has no MatMul with a constant weight to quantize; INT8 would be the fp32 model, drop --quantize int8")
@@ -434,8 +427,7 @@ def tune_int8(
         "tuning_agreement": shipped["agreement"],
         "tuning_logit_mse": shipped["logit_mse"],
         "tuning_examples": num_examples,
-        "tuning_reference": "the fp32 source graph in ONNX Runtime" if reference is None
-                            else "PyTorch with the INT8 rounding simulated (the quantization-aware model)",
+        "tuning_reference": "the fp32 source graph in ONNX Runtime",
         "num_candidates": len(cands),
         "num_quantized": len(cands) - len(ex_nodes),
         "excluded_nodes": [c.to_dict() for c in ex_nodes],

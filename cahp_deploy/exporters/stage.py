@@ -31,7 +31,7 @@ from cahp_deploy import arch, schema
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import int8_tuning, onnx_export, optimize as ortopt, parity, quantize as quant
-from cahp_deploy.exporters.int8_gate import INT8_MAX_ACCURACY_DROP, Int8Gate, score as int8_score
+from cahp_deploy.exporters.int8_gate import INT8_MAX_ACCURACY_DROP, Int8Gate
 from cahp_deploy.exporters.manifest import VARIANT_FILES, file_records, versions, write_manifest
 from cahp_deploy.hashing import sha256_dir
 from cahp_deploy.modeling import KEPT_HEADS_FIELD, load_classifier, load_config
@@ -142,7 +142,7 @@ def _attempt(rec: dict, held_out: dict) -> dict:
 
 
 def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_record: dict | None, per_channel, margin,
-                         say, reference=None) -> tuple:
+                         say) -> tuple:
     """Tune INT8 on the tuning rows, then judge it with the gate on the held-out rows; once, retry.
 
     The search stops at the first node set that clears its target on the tuning rows, so the held-out
@@ -154,7 +154,7 @@ def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_rec
     gate = check.gate
     attempts: list[dict] = []
     while True:
-        tuned = int8_tuning.tune_int8(source, dst, feeds, gate, labels=labels, reference=reference, per_channel=per_channel,
+        tuned = int8_tuning.tune_int8(source, dst, feeds, gate, labels=labels, per_channel=per_channel,
                                       margin=margin, say=say)
         rec = {**tuned.record, "data": tune_record}
         result = check.check("int8", _session(dst))
@@ -176,7 +176,6 @@ class _Parity:
 
     def __init__(self, model, tokenizer, config, input_names, data, gate: Int8Gate | None):
         self.gate = gate
-        self.int8_reference: np.ndarray | None = None  # set for a quantization-aware model
         self.random_feeds = parity.random_feeds(input_names, config)
         self.random_ref = parity.torch_logits(model, self.random_feeds)
         self.data = data
@@ -224,11 +223,7 @@ class _Parity:
                 out["note"] = "no --data given: agreement measured on random tokens, not on real data"
             labels = self.labels if dat is not None else None
             logits, ref = (dat, self.data_ref) if dat is not None else (rnd, self.random_ref)
-            if self.int8_reference is not None:  # a quantization-aware model: its simulated INT8 logits
-                out["gate"] = {**self.gate.judge(logits, self.int8_reference, labels), "on": self.gate_rows(),
-                               "reference": QAT_REFERENCE, "vs_fp32": int8_score(logits, ref, labels)}
-            else:
-                out["gate"] = {**self.gate.judge(logits, ref, labels), "on": self.gate_rows(), "reference": "pytorch fp32"}
+            out["gate"] = {**self.gate.judge(logits, ref, labels), "on": self.gate_rows(), "reference": "pytorch fp32"}
             out["passed"] = out["gate"]["passed"]
             return out
         out["passed"] = True
@@ -345,24 +340,14 @@ def _qat(model_dir: Path) -> dict | None:
     return {"per_channel": bool(params.get("qat_per_channel", True))} if params.get("qat") else None
 
 
-QAT_REFERENCE = "pytorch with the INT8 rounding simulated (the model quantization-aware recovery trained)"
-
-
-def _simulated_int8_logits(model, feeds, per_channel: bool, joined: bool = False):
-    """PyTorch logits with every Linear computing as dynamic INT8 does: per feed, or one array."""
-    from cahp_deploy.recovery.qat import simulated_int8
-
-    with simulated_int8(model, per_channel):
-        out = [parity.torch_logits(model, [f]) for f in feeds]
-    return np.concatenate(out) if joined else out
-
-
 def _qat_match(model, check: _Parity, int8: Path, per_channel: bool, excluded: int) -> dict:
     """How closely the INT8 graph computes what the quantization-aware model computed in PyTorch
     (the same rounding simulated, :mod:`cahp_deploy.recovery.qat`), next to how far it is from fp32."""
+    from cahp_deploy.recovery.qat import simulated_int8
+
     feeds = check.data_feeds or check.random_feeds
-    simulated = check.int8_reference if check.int8_reference is not None else \
-        _simulated_int8_logits(model, feeds, per_channel, joined=True)
+    with simulated_int8(model, per_channel):
+        simulated = parity.torch_logits(model, feeds)
     got = parity.ort_logits(_session(int8), feeds)
     fp32 = check.data_ref if check.data_feeds else check.random_ref
     keep = ("num_examples", "max_abs_diff", "argmax_agreement")
@@ -523,15 +508,9 @@ def export(
             bar.update(task, description="export: int8")
             dst = tmp / VARIANT_FILES["int8"]
             tune_feeds, tune_labels = _int8_tuning_feeds(tune_rows, tokenizer, input_names, config)
-            reference = None
-            if qat is not None:  # judge INT8 against the model recovery trained: fp32 weights, INT8 rounding
-                reference = _simulated_int8_logits(model, tune_feeds, per_channel)
-                check.int8_reference = _simulated_int8_logits(model, check.data_feeds or check.random_feeds, per_channel,
-                                                              joined=True)
             tuned, rec, result = _tune_and_check_int8(
                 check, fused_source, dst, tune_feeds, tune_labels, tune_record,
                 per_channel, int8_tuning_margin, say=lambda msg: bar.update(task, description=f"export: {msg}"),
-                reference=reference,
             )
             report = result["data"] or result["random"]
             if granularity_from_qat:
