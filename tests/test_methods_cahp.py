@@ -165,8 +165,9 @@ def test_auto_stops_once_the_selection_is_stable(bert, tmp_path):
     stopped = sel.details["stopped"]
     # chunk 1 sets the selection, chunks 2 and 3 leave it unchanged: stop after 3 of 10 chunks
     assert stopped["rows_used"] == 72 == sel.details["examples_used"] and stopped["stopped_early"]
-    assert stopped["rows_available"] == 240 and "unchanged over the last 2 chunks" in stopped["why"]
+    assert stopped["rows_available"] == 240 and "stable over the last 2 chunks" in stopped["why"]
     assert [c["unchanged"] for c in stopped["checks"]] == [False, True, True]
+    assert [c["overlap"] for c in stopped["checks"]] == [None, 1.0, 1.0]
     assert stopped["checks"][-1]["mean_change"] < 1e-6
     # the selection written is the one the statistics of those 72 rows give
     full = select(MethodContext(model, tok, data.head(72), seed=7, options={"pool_size": 8, "space": "full"}))
@@ -181,6 +182,15 @@ def test_auto_reads_to_the_end_when_never_stable(bert, tmp_path):
     stopped = select(ctx).details["stopped"]
     assert stopped["rows_used"] == 60 and not stopped["stopped_early"] and "ran out" in stopped["why"]
     assert [c["rows"] for c in stopped["checks"]] == [24, 48, 60]
+
+
+def test_overlap_of_two_checks():
+    from cahp_deploy.methods.cahp import _overlap
+
+    a = (5, frozenset({(0, 1), (0, 2), (1, 0), (2, 3)}))
+    b = (6, frozenset({(0, 1), (0, 2), (1, 0), (2, 1), (2, 2)}))
+    assert _overlap(None, a) is None and _overlap(a, a) == 1.0
+    assert _overlap(a, b) == 3 / 5  # 3 shared heads over the larger set's 5
 
 
 def test_auto_needs_cahp_and_a_count_is_checked(tiny_models, tiny_data, tmp_path):
