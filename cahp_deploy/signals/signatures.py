@@ -261,8 +261,9 @@ def forward_until_attention(model: nn.Module, inputs: dict, maps: list[torch.Ten
         pass
     else:  # the last layer never ran its attention: not the graph attention_maps_only assumed
         raise CahpError("the forward pass ended without reaching the last layer's attention maps")
-    n, s = inputs["attention_mask"].shape
-    return [m if m is not None else torch.zeros(n, 0, s, s) for m in maps]
+    mask = inputs["attention_mask"]
+    n, s = mask.shape
+    return [m if m is not None else torch.zeros(n, 0, s, s, device=mask.device) for m in maps]
 
 
 def collect_signatures(
