@@ -123,3 +123,82 @@ def test_random_baseline_is_seeded(bert):
     pick = lambda seed: get_method("random")(MethodContext(model, tok, data, budget=6, seed=seed)).kept_heads  # noqa: E731
     assert pick(1) == pick(1) and pick(1) != pick(2)
     assert sum(map(len, pick(1))) == 6 and all(pick(1))
+
+
+def test_one_pass_evidence_equals_two_separate_passes(bert, evidence):
+    """collect_evidence pools the salience rows' attention maps from the salience pass's own forward
+    (one forward per row); the statistics must equal a signature pass over every row plus a separate
+    salience pass (two forwards for the salience rows)."""
+    from cahp_deploy.selection.separability import jm_profiles
+    from cahp_deploy.signals.salience import head_salience
+    from cahp_deploy.signals.signatures import collect_signatures
+
+    model, tok, data = bert
+    stats = collect_signatures(model, tok, data, pool_size=8)
+    salience = head_salience(model, tok, data, fraction=0.25)
+    np.testing.assert_array_equal(evidence.class_counts, stats.counts)
+    np.testing.assert_allclose(evidence.profiles, jm_profiles(stats.mean, stats.var, stats.counts), atol=1e-5)
+    np.testing.assert_allclose(evidence.salience, salience, atol=1e-5)
+
+
+def _repeated_data(tmp_path, rows: int, period: int):
+    """``period`` distinct rows repeated: every chunk that is a multiple of ``period`` has the same
+    statistics, so the per-class means stop changing after the first chunk."""
+    import json
+
+    from conftest import write_tiny_data
+
+    base = [json.loads(line) for line in (write_tiny_data(tmp_path / "base", n_train=period)
+                                          / "train.jsonl").read_text().splitlines()]
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(rows):
+            f.write(json.dumps(base[i % period]) + "\n")
+    return load_labelled(tmp_path, "train")
+
+
+def test_auto_stops_once_the_selection_is_stable(bert, tmp_path):
+    model, tok, _ = bert
+    data = _repeated_data(tmp_path, rows=240, period=12)
+    ctx = MethodContext(model, tok, data, seed=7,
+                        options={"pool_size": 8, "space": "full", "auto": True, "auto_chunk": 24})
+    sel = select(ctx)
+    stopped = sel.details["stopped"]
+    # chunk 1 sets the selection, chunks 2 and 3 leave it unchanged: stop after 3 of 10 chunks
+    assert stopped["rows_used"] == 72 == sel.details["examples_used"] and stopped["stopped_early"]
+    assert stopped["rows_available"] == 240 and "stable over the last 2 chunks" in stopped["why"]
+    assert [c["unchanged"] for c in stopped["checks"]] == [False, True, True]
+    assert [c["overlap"] for c in stopped["checks"]] == [None, 1.0, 1.0]
+    assert stopped["checks"][-1]["mean_change"] < 1e-6
+    # the selection written is the one the statistics of those 72 rows give
+    full = select(MethodContext(model, tok, data.head(72), seed=7, options={"pool_size": 8, "space": "full"}))
+    assert sel.kept_heads == full.kept_heads and sel.knee == full.knee
+
+
+def test_auto_reads_to_the_end_when_never_stable(bert, tmp_path):
+    model, tok, _ = bert
+    data = _repeated_data(tmp_path, rows=60, period=12)
+    ctx = MethodContext(model, tok, data, seed=7,
+                        options={"pool_size": 8, "space": "full", "auto": True, "auto_chunk": 24, "auto_patience": 5})
+    stopped = select(ctx).details["stopped"]
+    assert stopped["rows_used"] == 60 and not stopped["stopped_early"] and "ran out" in stopped["why"]
+    assert [c["rows"] for c in stopped["checks"]] == [24, 48, 60]
+
+
+def test_overlap_of_two_checks():
+    from cahp_deploy.methods.cahp import _overlap
+
+    a = (5, frozenset({(0, 1), (0, 2), (1, 0), (2, 3)}))
+    b = (6, frozenset({(0, 1), (0, 2), (1, 0), (2, 1), (2, 2)}))
+    assert _overlap(None, a) is None and _overlap(a, a) == 1.0
+    assert _overlap(a, b) == 3 / 5  # 3 shared heads over the larger set's 5
+
+
+def test_auto_needs_cahp_and_a_count_is_checked(tiny_models, tiny_data, tmp_path):
+    from conftest import cli
+
+    code, _, err = cli("select", str(tiny_models["bert"]), "--data", str(tiny_data), "--out",
+                       str(tmp_path / "s.json"), "--method", "random", "--heads", "6", "--max-examples", "auto")
+    assert code == 2 and "needs --method cahp" in err
+    code, _, err = cli("select", str(tiny_models["bert"]), "--data", str(tiny_data), "--out",
+                       str(tmp_path / "s.json"), "--max-examples", "many")
+    assert code == 2 and "neither a number of rows nor 'auto'" in err

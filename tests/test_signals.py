@@ -16,7 +16,9 @@ from cahp_deploy.signals.salience import head_salience, salience_examples
 from cahp_deploy.signals.signatures import (
     SignatureCollector,
     WelfordAccumulator,
+    attention_maps_only,
     collect_signatures,
+    forward_until_attention,
     pooled_signatures,
 )
 
@@ -162,3 +164,43 @@ def test_salience_pass_feeds_the_same_signatures(setup):
     np.testing.assert_array_equal(both.counts, plain.counts)
     np.testing.assert_allclose(both.mean, plain.mean, atol=2e-6)
     np.testing.assert_allclose(both.var, plain.var, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "electra"])
+def test_stopping_after_the_last_attention_gives_the_same_maps(setup, arch):
+    _, tok, data = setup
+    model = build_tiny_model(arch, seed=5)
+    enc = model_inputs(model, dict(tok(data.texts[:7], return_tensors="pt", padding=True)))
+    head = model.classifier if hasattr(model, "classifier") else None
+    calls = []
+    handle = head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.inference_mode():
+            full = model(**enc, output_attentions=True).attentions
+            assert calls  # the full pass reaches the classifier
+            calls.clear()
+            with attention_maps_only(model) as maps:
+                early = forward_until_attention(model, enc, maps)
+    finally:
+        handle.remove()
+    assert not calls  # ...the early-stopping one does not
+    assert len(early) == len(full)
+    for a, b in zip(early, full):
+        assert torch.equal(a, b)
+
+
+def test_signature_pass_statistics_do_not_depend_on_stopping_early(setup):
+    model, tok, data = setup
+    early = collect_signatures(model, tok, data, pool_size=POOL, batch_size=5)
+    classes = np.unique(data.labels)
+    col = SignatureCollector([4, 4, 4], classes, POOL)
+    with torch.inference_mode():  # the full forward, as before the early stop existed
+        from cahp_deploy.data import iter_batches
+
+        for _, enc, labels in iter_batches(tok, data, batch_size=5):
+            out = model(**model_inputs(model, enc), output_attentions=True)
+            col.add(out.attentions, enc["attention_mask"], labels)
+    full = col.result()
+    np.testing.assert_array_equal(early.counts, full.counts)
+    np.testing.assert_array_equal(early.mean, full.mean)
+    np.testing.assert_array_equal(early.m2, full.m2)

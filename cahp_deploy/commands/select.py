@@ -8,6 +8,20 @@ from cahp_deploy.commands._options import data_options, force_option
 from cahp_deploy.methods import REGISTRY
 
 
+class MaxExamples(click.ParamType):
+    """A positive row count, or ``auto`` (read until CAHP's selection is stable)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of rows nor 'auto'", param, ctx)
+
+
 @click.command("select")
 @click.argument("model")
 @data_options(default_split="train")
@@ -26,7 +40,8 @@ from cahp_deploy.methods import REGISTRY
               show_default=True, help="CAHP: keep each cluster's most salient head, or its medoid.")
 @click.option("--salience-fraction", type=float, default=0.25, show_default=True,
               help="Leading fraction of the split's examples used for gradient salience.")
-@click.option("--max-examples", type=int, default=None, help="Use only the first N examples of the split.")
+@click.option("--max-examples", type=MaxExamples(), default=None,
+              help="Use only the first N examples of the split; 'auto' (cahp): stop reading once the selection is stable.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of every random step.")
 @click.option("--heads", type=int, default=None, help="Budget: keep this many heads.")
 @click.option("--keep-ratio", type=float, default=None, help="Budget: keep this fraction of the heads.")
@@ -58,7 +73,7 @@ from cahp_deploy.methods import REGISTRY
 @force_option
 def command(model: str, data: str, split: str, text_column: str | None, text_pair_column: str | None,
             label_column: str, out: str, method: str, degree: int, pool_size: int, space: str,
-            representative: str, salience_fraction: float, max_examples: int | None, seed: int,
+            representative: str, salience_fraction: float, max_examples: int | str | None, seed: int,
             heads: int | None, keep_ratio: float | None, budget_from: str | None,
             allow_empty_layers: bool, force: bool, lambda_: float | None, ffn_method: str | None,
             ffn_keep_ratio: float | None, ffn_neurons: int | None, **method_options) -> None:

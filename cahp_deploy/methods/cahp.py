@@ -16,7 +16,9 @@ included, keeps at most that many heads.
 Options (``ctx.options``; defaults in :data:`DEFAULTS`): ``degree`` (knee polynomial), ``pool_size``
 (B), ``space`` (``tsne`` | ``full``), ``representative`` (``salience`` | ``medoid``),
 ``salience_fraction``, ``allow_empty_layers``, ``k``, ``batch_size`` and ``max_length`` (signature
-pass), ``salience_batch_size``.
+pass), ``salience_batch_size``, ``auto`` (``--max-examples auto``: read the split in chunks of
+``auto_chunk`` rows and stop once the selection is stable, see :func:`collect_evidence`),
+``auto_patience`` and ``auto_overlap``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     "max_length": 128,
     "salience_batch_size": 32,
+    "auto": False,
+    "auto_chunk": 1024,
+    "auto_patience": 2,
+    "auto_overlap": 0.8,
 }
 
 
@@ -67,7 +73,7 @@ def cahp_options(options: dict[str, Any] | None) -> dict[str, Any]:
     if int(opts["degree"]) < 0:
         raise CahpError(f"--degree must be 0 (no smoothing) or more, got {opts['degree']}")
     opts["degree"] = int(opts["degree"])
-    for name in ("pool_size", "batch_size", "max_length", "salience_batch_size"):
+    for name in ("pool_size", "batch_size", "max_length", "salience_batch_size", "auto_chunk", "auto_patience"):
         if int(opts[name]) < 1:
             raise CahpError(f"--{name.replace('_', '-')} must be at least 1, got {opts[name]}")
         opts[name] = int(opts[name])
@@ -79,6 +85,10 @@ def cahp_options(options: dict[str, Any] | None) -> dict[str, Any]:
         raise CahpError(f"--salience-fraction must be in (0, 1], got {opts['salience_fraction']}")
     opts["salience_fraction"] = float(opts["salience_fraction"])
     opts["allow_empty_layers"] = bool(opts["allow_empty_layers"])
+    opts["auto"] = bool(opts["auto"])
+    if not 0.0 < float(opts["auto_overlap"]) <= 1.0:
+        raise CahpError(f"auto_overlap must be in (0, 1], got {opts['auto_overlap']}")
+    opts["auto_overlap"] = float(opts["auto_overlap"])
     return opts
 
 
@@ -104,6 +114,7 @@ class CahpEvidence:
     options: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     ffn: Any = None  # FfnStats from the same passes, when a collector was attached (ctx.ffn)
+    stopped: dict[str, Any] | None = None  # --max-examples auto: where reading stopped and why
 
     @property
     def num_heads(self) -> int:
@@ -121,7 +132,11 @@ class CahpEvidence:
 
 
 def collect_evidence(ctx: MethodContext) -> CahpEvidence:
-    """Run the model once (signatures, salience) and do all of CAHP up to the knee."""
+    """Run the model once (signatures, salience) and do all of CAHP up to the knee.
+
+    With ``options["auto"]`` the split is read in chunks of ``auto_chunk`` rows and reading stops once
+    the selection is stable (:func:`_read_until_stable`); ``evidence.stopped`` says where and why.
+    """
     from cahp_deploy.signals.salience import head_salience, salience_examples
     from cahp_deploy.signals.signatures import SignatureCollector, collect_signatures
 
@@ -134,14 +149,17 @@ def collect_evidence(ctx: MethodContext) -> CahpEvidence:
     if len(classes) < 2:
         raise CahpError("CAHP compares classes: the data needs at least 2 classes")
     collector = SignatureCollector(heads, classes, opts["pool_size"])
+    if opts["auto"]:
+        return _read_until_stable(ctx, opts, collector, heads)
     timings: dict[str, float] = {}
 
-    # Salience first: its forward pass also feeds the signatures of the examples it sees, so those
-    # need no second forward. Time spent pooling them is counted under "signatures".
+    # One forward pass per row. Salience first: its forward pass also feeds the signatures of the
+    # examples it sees, so those need no second forward. Time spent pooling them is counted under
+    # "signatures".
     t = time.perf_counter()
     salience = None
     rest = ctx.data
-    if opts["representative"] == "salience" or not opts["allow_empty_layers"]:
+    if _needs_salience(opts):
         n_sal = salience_examples(len(ctx.data), opts["salience_fraction"])
         salience_fn = distributed.head_salience_over_ranks if distributed.is_distributed() else head_salience
         salience = salience_fn(ctx.model, ctx.tokenizer, ctx.data.head(n_sal), fraction=1.0,
@@ -162,21 +180,32 @@ def collect_evidence(ctx: MethodContext) -> CahpEvidence:
         if not distributed.is_main():
             raise distributed.NotMainRank
     timings["signatures"] = time.perf_counter() - t + pooled_during_salience
+    return _cluster(stats, salience, heads, opts, ctx.seed, ctx.progress, timings,
+                    ffn=ctx.ffn.result() if ctx.ffn is not None else None)
 
+
+def _needs_salience(opts: dict[str, Any]) -> bool:
+    """Salience picks the representatives, and the guard needs it to rescue an emptied layer."""
+    return opts["representative"] == "salience" or not opts["allow_empty_layers"]
+
+
+def _cluster(stats, salience: np.ndarray | None, heads: list[int], opts: dict[str, Any], seed: int, progress,
+             timings: dict[str, float], ffn: Any = None) -> CahpEvidence:
+    """Statistics -> JM profiles -> clustering space -> MSS sweep -> knee: the model-free rest of CAHP."""
+    n = sum(heads)
     t = time.perf_counter()
     profiles = jm_profiles(stats.mean, stats.var, stats.counts)
-    points = clustering_space(profiles, opts["space"], ctx.seed)
-    timings["embedding"] = time.perf_counter() - t
+    points = clustering_space(profiles, opts["space"], seed)
+    timings["embedding"] = timings.get("embedding", 0.0) + time.perf_counter() - t
 
     t = time.perf_counter()
     distances = distance_matrix(points)
-    task = ctx.progress.add_task("MSS sweep", total=n - 2) if ctx.progress is not None else None
-    sweep = mss_sweep(distances, ctx.seed,
-                      on_step=(lambda k: ctx.progress.advance(task)) if task is not None else None)
+    task = progress.add_task("MSS sweep", total=n - 2) if progress is not None else None
+    sweep = mss_sweep(distances, seed, on_step=(lambda k: progress.advance(task)) if task is not None else None)
     if task is not None:
-        ctx.progress.update(task, completed=n - 2)
+        progress.update(task, completed=n - 2)
     knee = find_knee(sweep.ks, sweep.mss, opts["degree"])
-    timings["sweep"] = time.perf_counter() - t
+    timings["sweep"] = timings.get("sweep", 0.0) + time.perf_counter() - t
 
     return CahpEvidence(
         heads_per_layer=list(heads),
@@ -188,11 +217,105 @@ def collect_evidence(ctx: MethodContext) -> CahpEvidence:
         salience=salience,
         sweep=sweep,
         knee=knee,
-        seed=int(ctx.seed),
+        seed=int(seed),
         options=opts,
         timings=timings,
-        ffn=ctx.ffn.result() if ctx.ffn is not None else None,
+        ffn=ffn,
     )
+
+
+def _overlap(a: tuple[int, frozenset] | None, b: tuple[int, frozenset]) -> float | None:
+    """Shared kept heads of two checks over the larger kept set (1.0: identical); None without ``a``."""
+    if a is None:
+        return None
+    return len(a[1] & b[1]) / max(len(a[1]), len(b[1]), 1)
+
+
+def _read_until_stable(ctx: MethodContext, opts: dict[str, Any], collector, heads: list[int]) -> CahpEvidence:
+    """``--max-examples auto``: read chunk after chunk, stop once the selection stops changing.
+
+    Each chunk of ``auto_chunk`` rows (in data order) is read as the whole split is otherwise: its
+    first ``salience_fraction`` through the salience pass (whose forward also feeds the signatures),
+    the rest through the signature pass. After each chunk the whole of CAHP is redone on the
+    statistics so far (~0.5 s for 72 heads, small next to a chunk's passes); reading stops when
+    the selection has been stable over ``auto_patience`` consecutive chunks: each time k* moved by at
+    most 1 and the kept heads overlap the previous check's by at least ``auto_overlap`` (shared
+    heads / the larger set; 1.0 asks for the identical set). Exact equality is too strict in
+    practice: on minilm-sst5 the whole-split kept set itself moves by a few heads from one 1,024-row
+    chunk to the next while k* stays within 13..16 (bench/results/select_speed/). Checks start once
+    every class has two rows (a variance needs them). The evidence returned is the last check's, so the selection written is
+    exactly the one found stable. Salience rows differ from a whole-split run (the first fraction of
+    every chunk read, not of the split), so reading to the end may cut slightly differently.
+    """
+    from cahp_deploy.signals.salience import head_salience, min_max_normalise, salience_examples
+    from cahp_deploy.signals.signatures import collect_signatures
+
+    if distributed.is_distributed():
+        raise CahpError("--max-examples auto runs in one process only; launch it without torchrun")
+    total, chunk, patience = len(ctx.data), opts["auto_chunk"], opts["auto_patience"]
+    timings = {"salience": 0.0, "signatures": 0.0, "embedding": 0.0, "sweep": 0.0}
+    salience_sum = np.zeros(sum(heads))
+    salience_rows = 0
+    history: list[dict[str, Any]] = []
+    previous, same, evidence, prev_mean = None, 0, None, None
+    why = "the split ran out before the selection was stable"
+    read = 0
+    for start in range(0, total, chunk):
+        part = ctx.data.subset(np.arange(start, min(start + chunk, total)))
+        read += len(part)
+        t, pooled_before = time.perf_counter(), collector.seconds
+        rest = part
+        if _needs_salience(opts):
+            n_sal = salience_examples(len(part), opts["salience_fraction"])
+            mean = head_salience(ctx.model, ctx.tokenizer, part.head(n_sal), fraction=1.0,
+                                 batch_size=opts["salience_batch_size"], max_length=opts["max_length"],
+                                 normalise=False, progress=ctx.progress, attention_sink=collector.add, ffn=ctx.ffn)
+            salience_sum += mean * n_sal
+            salience_rows += n_sal
+            rest = part.subset(np.arange(n_sal, len(part)))
+        pooled = collector.seconds - pooled_before
+        timings["salience"] += time.perf_counter() - t - pooled
+        t = time.perf_counter()
+        if len(rest):
+            collect_signatures(ctx.model, ctx.tokenizer, rest, batch_size=opts["batch_size"],
+                               max_length=opts["max_length"], progress=ctx.progress, collector=collector, ffn=ctx.ffn)
+        timings["signatures"] += time.perf_counter() - t + pooled
+
+        stats = collector.result()
+        if stats.counts.min() < 2 and read < total:
+            history.append({"rows": read, "knee": None, "num_heads_kept": None, "unchanged": False,
+                            "mean_change": None})
+            continue
+        salience = min_max_normalise(salience_sum / salience_rows) if salience_rows else None
+        checks: dict[str, float] = {}
+        evidence = _cluster(stats, salience, heads, opts, ctx.seed, None, checks)
+        timings["embedding"] += checks["embedding"]
+        timings["sweep"] += checks["sweep"]
+        _, _, kept, _ = _cut(evidence, evidence.knee.k, opts["representative"], opts["allow_empty_layers"])
+        key = (int(evidence.knee.k), frozenset((li, int(h)) for li, layer in enumerate(kept) for h in layer))
+        overlap = _overlap(previous, key)
+        change = None
+        if prev_mean is not None:  # largest relative change of any class's mean signature, for the record
+            norms = np.linalg.norm(prev_mean, axis=(0, 2))  # (N, C, D) -> per class
+            diffs = np.linalg.norm(stats.mean - prev_mean, axis=(0, 2))
+            change = float(np.max(diffs / np.maximum(norms, 1e-12)))
+        prev_mean = stats.mean
+        steady = overlap is not None and abs(key[0] - previous[0]) <= 1 and overlap >= opts["auto_overlap"]
+        same = same + 1 if steady else 0
+        previous = key
+        history.append({"rows": read, "knee": key[0], "num_heads_kept": len(key[1]), "overlap": overlap,
+                        "unchanged": steady, "mean_change": change,
+                        "kept_heads": [[int(h) for h in layer] for layer in kept]})
+        if same >= patience:
+            why = (f"the selection was stable over the last {patience} chunks of {chunk} rows (k* moved by at "
+                   f"most 1, kept heads overlapping by >= {opts['auto_overlap']:.2f} each time)")
+            break
+    evidence.timings = timings
+    evidence.ffn = ctx.ffn.result() if ctx.ffn is not None else None
+    evidence.stopped = {"rows_used": read, "rows_available": total, "stopped_early": read < total,
+                        "why": why, "chunk": chunk, "patience": patience, "salience_rows": salience_rows,
+                        "checks": history}
+    return evidence
 
 
 def _cut(evidence: CahpEvidence, k: int, representative: str, allow_empty: bool):
@@ -256,6 +379,9 @@ def select_at(evidence: CahpEvidence, k: int, ctx: MethodContext | None = None) 
         "class_pairs": [list(p) for p in pairs],
         "profile_dim": int(evidence.profiles.shape[1]),
     }
+    if evidence.stopped is not None:
+        details["examples_used"] = int(evidence.stopped["rows_used"])
+        details["stopped"] = evidence.stopped
     params = {key: opts[key] for key in DEFAULTS if key != "k"}
     params["k"] = opts["k"]
     return Selection(

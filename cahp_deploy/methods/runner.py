@@ -26,6 +26,9 @@ from cahp_deploy.methods import REGISTRY, MethodContext, needs_budget
 from cahp_deploy.selection.result import Selection
 from cahp_deploy.selection.topk import resolve_budget
 
+#: ``--max-examples auto``: read the split until CAHP's selection is stable (cahp.collect_evidence)
+AUTO = "auto"
+
 
 def curve_path(out: str | os.PathLike) -> Path:
     """Where the MSS plot goes: ``selection.json`` -> ``selection_mss.png`` beside it."""
@@ -159,7 +162,7 @@ def select(
     text_column: str | None = None,
     text_pair_column: str | None = None,
     label_column: str = "label",
-    max_examples: int | None = None,
+    max_examples: int | str | None = None,
     seed: int = 42,
     heads: int | None = None,
     keep_ratio: float | None = None,
@@ -173,6 +176,8 @@ def select(
 ) -> Selection | None:
     """Select heads of ``model`` on ``data[split]`` with ``method``; write ``out`` and its MSS plot.
 
+    ``max_examples``: the first N rows, or ``"auto"`` (CAHP only): read the split in chunks and stop
+    once k* and the kept heads no longer change; the selection's ``details.stopped`` says where and why.
     ``options`` are method-specific (see each method module, e.g. :data:`cahp_deploy.methods.cahp.DEFAULTS`).
     FFN neurons are selected too when any of ``ffn_method`` / ``ffn_keep_ratio`` / ``ffn_neurons`` is
     given (``ffn_method`` defaults to ``cahp`` with ``method="cahp"``, else ``gradient``; CAHP without
@@ -189,10 +194,20 @@ def select(
     run = load_method(method)
     if distributed.init_from_env() and method != "cahp":
         raise CahpError(f"--method {method} runs in one process only; launch it without torchrun (cahp is data-parallel)")
-    if max_examples is not None and int(max_examples) < 1:
-        raise CahpError(f"--max-examples must be at least 1, got {max_examples}")
+    auto = max_examples == AUTO
+    if auto and method != "cahp":
+        raise CahpError(f"--max-examples {AUTO} needs --method cahp (it stops once CAHP's selection is stable)")
+    if auto and distributed.is_distributed():
+        raise CahpError(f"--max-examples {AUTO} runs in one process only; launch it without torchrun")
+    if not auto and max_examples is not None:
+        try:
+            max_examples = int(max_examples)
+        except (TypeError, ValueError):
+            raise CahpError(f"--max-examples must be a number of rows or {AUTO!r}, got {max_examples!r}") from None
+        if max_examples < 1:
+            raise CahpError(f"--max-examples must be at least 1, got {max_examples}")
     labelled = load_labelled(data, split, text_column=text_column, text_pair_column=text_pair_column,
-                             label_column=label_column).head(max_examples)
+                             label_column=label_column).head(None if auto else max_examples)
     net, tokenizer = load_classifier(model)
     if is_pruned(net.config):
         raise CahpError(f"{model} is already pruned; run select on the dense model it came from")
@@ -204,6 +219,8 @@ def select(
     if budget is None and needs_budget(method):
         raise CahpError(f"--method {method} needs a budget: give --heads, --keep-ratio or --budget-from")
     options = dict(options or {})
+    if auto:
+        options["auto"] = True
     ffn = _ffn_request(net.config, method, ffn_method, ffn_keep_ratio, ffn_neurons, options)
     if ffn is not None and distributed.is_distributed():
         raise CahpError("FFN neuron selection runs in one process only for now; launch it without torchrun")
