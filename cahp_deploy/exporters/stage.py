@@ -50,7 +50,7 @@ INT8_RANDOM_TUNING_SHAPES: tuple[tuple[int, int], ...] = ((16, 16), (16, 32), (1
 
 
 def resolve_int8_gate(max_accuracy_drop: float | None, min_agreement: float | None, rows: int | None = None,
-              confidence: float = DEFAULT_CONFIDENCE, gate_rows: int | None = None) -> tuple[Int8Gate, str | None]:
+                      confidence: float = DEFAULT_CONFIDENCE, gate_rows: int | None = None) -> tuple[Int8Gate, str | None]:
     """The INT8 gate from the user's options, and a note when it is not the one they would expect.
 
     ``rows``: the fewer of the labelled tuning and gate rows (None: no labelled data); ``gate_rows``:
@@ -162,8 +162,8 @@ def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_rec
         attempts.append(_attempt(rec, held_out))
         if held_out["passed"] or attempts[1:] or margin is not None:  # passed, retried once, or the user chose
             rec["attempts"] = attempts
-            figure = (f"a drop of {rec['tuning']['drop']:+.2f} points" if gate.kind == "accuracy"
-                      else f"agreement {rec['tuning']['agreement']:.2%}")
+            figure = (f"a predicted gate-row bound of {gate.predicted_upper(rec['tuning']):+.2f} points"
+                      if gate.kind == "accuracy" else f"agreement {rec['tuning']['agreement']:.2%}")
             where = (tune_record or {}).get("report_on") or check.gate_rows()
             _gate_int8(held_out, where, {"figure": figure, "on": (tune_record or {}).get("on")})
             return tuned, rec, result
