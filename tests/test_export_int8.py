@@ -367,3 +367,38 @@ def test_default_gate_is_the_paired_accuracy_drop_on_held_out_rows(outlier_bert,
     with pytest.raises(CahpError, match=r"300 labelled rows cannot bound an INT8 accuracy drop of 0\.1 points"):
         export(outlier_bert, tmp_path / "art2", quantize="int8", data=data_300, measure=False, int8_max_accuracy_drop=0.1)
     assert not (tmp_path / "art2").exists()
+
+
+# ----------------------------------------------------------------------------- smoothing
+
+
+def test_smoothing_is_exact_in_fp32_and_tames_outlier_channels(tmp_path):
+    """Mul(x, 1/s) before each MatMul and s-scaled weights: the same fp32 function, and per-tensor
+    INT8 no longer has its scale set by the 400-valued channels."""
+    from cahp_deploy.exporters.smoothing import smooth
+
+    src, feeds = _outlier_graph(tmp_path / "g.onnx", benign=2)
+    smoothed, record = smooth(onnx.load(str(src)), feeds, 0.75)
+    onnx.save(smoothed, str(tmp_path / "s.onnx"))
+    ref = parity.ort_logits(int8_tuning.session(src), feeds)
+    assert np.abs(parity.ort_logits(int8_tuning.session(tmp_path / "s.onnx"), feeds) - ref).max() <= 1e-3 * np.abs(ref).max()
+    assert record["nodes"] == 4 and sum(n.op_type == "Mul" for n in smoothed.graph.node) == 4
+
+    def int8_agreement(path):
+        quant.quantize_int8(path, tmp_path / "q.onnx", per_channel=False)
+        got = parity.ort_logits(int8_tuning.session(tmp_path / "q.onnx"), feeds)
+        return float((got.argmax(1) == ref.argmax(1)).mean())
+
+    assert int8_agreement(tmp_path / "s.onnx") > int8_agreement(src) + 0.1
+    with pytest.raises(CahpError, match="--int8-smooth 1.5"):
+        smooth(onnx.load(str(src)), feeds, 1.5)
+
+
+def test_export_with_smoothing_records_it(outlier_bert, data, tmp_path):
+    art = export(outlier_bert, tmp_path / "art", quantize="int8", data=data, measure=False, int8_smooth=0.75,
+                 int8_min_agreement=0.99)
+    v = load_manifest(art)["variants"]["int8"]
+    assert v["smoothing"]["alpha"] == 0.75 and v["smoothing"]["nodes"] > 0 and v["smoothing"]["parity"]["passed"]
+    assert any(n.op_type == "Mul" and n.name.endswith("_smooth") for n in onnx.load(str(variant_path(art, "int8"))).graph.node)
+    with pytest.raises(CahpError, match="needs --quantize int8"):
+        export(outlier_bert, tmp_path / "art2", int8_smooth=0.75, measure=False)

@@ -26,7 +26,7 @@ from how often INT8 changes whether a row is right (the discordant rows), not fr
 
 So the prediction is ``z * sqrt(discordant share) / sqrt(gate_rows)``, the bound of a zero drop with
 the tuning rows' discordance on the gate's rows; a real drop shows on the gate rows, and a miss
-there tightens the target for one more search. Pure numpy: no ONNX Runtime here.
+there shrinks the target by the overshoot's factor for one more search. Pure numpy: no ONNX Runtime here.
 """
 
 from __future__ import annotations
@@ -140,9 +140,10 @@ class Int8Gate:
     def retune_margin(self, target: float, tuning: dict, held_out: dict) -> float:
         """The margin for a second search after the gate rows rejected the first: the target moved
         by the gap between what the tuning rows promised and what the gate rows measured."""
-        if self.kind == ACCURACY:  # lower the target by how far the held-out bound overshot
-            overshoot = held_out["drop_upper"] - self.max_drop
-            return (self.max_drop - target) + max(overshoot, 0.0) + 1e-6
+        if self.kind == ACCURACY:  # shrink the target by the factor the held-out bound overshot
+            # (the predicted bound is >= 0, so subtracting the overshoot could ask for the impossible)
+            factor = min(1.0, self.max_drop / held_out["drop_upper"]) if held_out["drop_upper"] > 0 else 1.0
+            return self.max_drop - target * factor + 1e-6
         gap = tuning["agreement"] - held_out["agreement"]
         return target - self.min_agreement + max(gap, 0.0) + 1e-9
 

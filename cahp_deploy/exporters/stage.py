@@ -396,6 +396,7 @@ def export(
     int8_tuning_margin: float | None = None,
     max_examples: int | None = None,
     rows: Sequence[int] | None = None,
+    int8_smooth: float | None = None,
 ) -> Path:
     """Export ``model_dir`` (dense or pruned classifier) to a parity-checked ONNX artifact dir ``out``.
 
@@ -426,6 +427,8 @@ def export(
         margin), two binomial standard errors for the agreement gate.
     max_examples : check parity (and the INT8 gate) on the first N rows of ``split`` only (None: all;
         the rows ``bench --max-examples`` scores).
+    int8_smooth : SmoothQuant-style smoothing of every MatMul input before INT8, with this alpha
+        (:mod:`cahp_deploy.exporters.smoothing`; None: off). The smoothed fp32 graph is parity-checked.
     rows : check parity and gate INT8 on these rows (indices, after ``max_examples``) of ``split``
         only: ``run`` keeps its confirmation rows out of every decision this way.
 
@@ -436,6 +439,8 @@ def export(
     model_dir = Path(model_dir)
     out = check_output_path(out, force)
     _check_options(quantize, per_channel, fp16, opset, provider, int8_tuning_examples, int8_tuning_margin)
+    if int8_smooth is not None and (quantize != "int8" or not 0.0 <= float(int8_smooth) <= 1.0):
+        raise CahpError(f"--int8-smooth {int8_smooth} needs --quantize int8 and an alpha in [0, 1] (0.75 measured best)")
     config = load_config(model_dir)
     pruning = _read_pruning(model_dir)
     qat = _qat(model_dir) if quantize == "int8" else None
@@ -508,8 +513,19 @@ def export(
             bar.update(task, description="export: int8")
             dst = tmp / VARIANT_FILES["int8"]
             tune_feeds, tune_labels = _int8_tuning_feeds(tune_rows, tokenizer, input_names, config)
+            int8_source, smoothing = fused_source, None
+            if int8_smooth is not None:
+                import onnx
+
+                from cahp_deploy.exporters.smoothing import smooth
+
+                bar.update(task, description="export: int8 smoothing")
+                smoothed, smoothing = smooth(onnx.load(str(fused_source)), tune_feeds, int8_smooth)
+                int8_source = scratch / "smoothed.onnx"
+                onnx.save(smoothed, str(int8_source))
+                smoothing["parity"] = check.check("optimized", _session(int8_source))  # exact in fp32, or raise
             tuned, rec, result = _tune_and_check_int8(
-                check, fused_source, dst, tune_feeds, tune_labels, tune_record,
+                check, int8_source, dst, tune_feeds, tune_labels, tune_record,
                 per_channel, int8_tuning_margin, say=lambda msg: bar.update(task, description=f"export: {msg}"),
             )
             report = result["data"] or result["random"]
@@ -518,7 +534,7 @@ def export(
             variants["int8"] = {
                 "file": dst.name, "source": "optimized" if fused_source != plain else "fp32",
                 "per_channel": tuned.per_channel, "weight_type": "int8", "activation_type": "uint8 (dynamic)",
-                "quantization_aware": qat is not None,
+                "quantization_aware": qat is not None, "smoothing": smoothing,
                 "excluded_nodes": rec["excluded_nodes"], "fp32_mac_fraction": rec["fp32_mac_fraction"],
                 "int8_mac_fraction": rec["int8_mac_fraction"],
                 "gate": {**gate.to_dict(), **({"note": gate_note} if gate_note else {}), "tuning_rows": tune_record["on"], "gate_rows": tune_record.get("report_on", result["gate"]["on"]),
