@@ -7,10 +7,8 @@ ART_DIR is an artifact made by ``cahp-deploy export --quantize int8 --data DATA`
 ``model_optimized.onnx``:
 
 * ``dynamic per-tensor`` / ``dynamic per-channel``: every weight MatMul INT8 (ORT quantize_dynamic);
-* ``smooth a=<alpha> per-channel``: SmoothQuant-style migration before dynamic INT8. BERT is post-LN:
-  the LayerNorm that feeds an FFN also feeds the residual, so the per-channel scale cannot be folded
-  into it; it becomes an explicit ``Mul(x, 1/s)`` before the MatMul (``W`` rows times ``s``), with
-  ``s_j = max|x_j|^a / max|W_j|^(1-a)`` from 1,024 train rows;
+* ``smooth a=<alpha> per-channel``: :mod:`cahp_deploy.exporters.smoothing` (an explicit ``Mul`` before
+  each MatMul: BERT is post-LN) with 1,024 train rows, then dynamic per-channel INT8;
 * ``static QDQ`` (``--static``): ORT quantize_static, MinMax calibration on 256 train rows, QDQ format.
 
 Accuracy is through ONNX Runtime on each split (all rows), paired against the fp32 optimized graph
@@ -31,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.numpy_helper as nh
 from transformers import AutoConfig, AutoTokenizer
 
 from cahp_deploy.data import load_labelled
 from cahp_deploy.exporters import int8_tuning, load_manifest, parity, variant_path
 from cahp_deploy.exporters import quantize as quant
 from cahp_deploy.exporters.optimize import time_graphs
+from cahp_deploy.exporters.smoothing import smooth
 from cahp_deploy.paired import correct, paired_drop
 
 SHAPES = ((1, 128), (32, 128))
@@ -48,49 +46,6 @@ def _feeds(tok, cfg, names, data, split, n=None, seed=0):
     if n is not None and n < len(d):
         d = d.subset(np.sort(np.random.default_rng(seed).choice(len(d), size=n, replace=False)))
     return parity.data_feeds(tok, d, names, cfg, limit=None)
-
-
-def _input_absmax(model: onnx.ModelProto, feeds, tensors) -> dict[str, np.ndarray]:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for t in tensors:
-        m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    s = int8_tuning.session(m)
-    names = [o.name for o in s.get_outputs()]
-    inputs = {i.name for i in s.get_inputs()}
-    out: dict[str, np.ndarray] = {}
-    for f in feeds:
-        got = dict(zip(names, s.run(None, {k: v for k, v in f.items() if k in inputs})))
-        for t in tensors:
-            a = np.abs(got[t]).reshape(-1, got[t].shape[-1]).max(0)
-            out[t] = a if t not in out else np.maximum(out[t], a)
-    return out
-
-
-def smooth(model: onnx.ModelProto, feeds, alpha: float) -> onnx.ModelProto:
-    """The graph with ``Mul(x, 1/s)`` before every MatMul / fused Attention and ``W`` rows scaled by ``s``."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    inits = {t.name: t for t in m.graph.initializer}
-    cands = {c.name: c for c in int8_tuning.quantizable_nodes(model) if c.op_type != "Gemm"}
-    by_name = {n.name: n for n in m.graph.node}
-    amax = _input_absmax(model, feeds, sorted({by_name[c].input[0] for c in cands}))
-    nodes = []
-    for n in m.graph.node:
-        if n.name in cands:
-            c = cands[n.name]
-            w = nh.to_array(inits[c.weight]).astype(np.float32)
-            a = np.maximum(amax[n.input[0]], 1e-5)
-            s = np.clip(a ** alpha / np.maximum(np.abs(w).max(1), 1e-5) ** (1 - alpha), 1e-2, 1e2).astype(np.float32)
-            inits[c.weight].CopyFrom(nh.from_array((w * s[:, None]).astype(np.float32), c.weight))
-            m.graph.initializer.append(nh.from_array((1 / s).astype(np.float32), f"{n.name}_smooth_inv"))
-            nodes.append(onnx.helper.make_node("Mul", [n.input[0], f"{n.name}_smooth_inv"], [f"{n.name}_smoothed"],
-                                               name=f"{n.name}_smooth"))
-            n.input[0] = f"{n.name}_smoothed"
-        nodes.append(n)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    return m
 
 
 def static_qdq(src: Path, dst: Path, feeds) -> None:
@@ -151,7 +106,7 @@ def main() -> None:
     calib = _feeds(tok, cfg, names, args.data, "train", 1024)[0]
     for alpha in [float(a) for a in args.alphas.split(",") if a]:
         sm = scratch / f"smooth_{alpha}.onnx"
-        onnx.save(smooth(fp32, calib, alpha), str(sm))
+        onnx.save(smooth(fp32, calib, alpha)[0], str(sm))
         dst = scratch / f"smooth_{alpha}_pc.onnx"
         quant.quantize_int8(sm, dst, per_channel=True)
         graphs[f"smooth a={alpha} + dynamic per-channel"] = dst
