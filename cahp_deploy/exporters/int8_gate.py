@@ -38,7 +38,7 @@ import numpy as np
 from scipy.stats import norm
 
 from cahp_deploy.errors import CahpError
-from cahp_deploy.paired import DEFAULT_CONFIDENCE, correct, paired_drop
+from cahp_deploy.paired import DEFAULT_CONFIDENCE, PairedDrop, correct, paired_drop
 
 #: default accuracy gate: the INT8 graph may lose at most this many points (upper confidence bound)
 INT8_MAX_ACCURACY_DROP = 0.5
@@ -57,11 +57,14 @@ def score(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None =
         "logit_mse": float(((logits - reference) ** 2).mean()),
     }
     if labels is not None:
-        pd = paired_drop(correct(reference, labels), correct(logits, labels), confidence)
-        out.update({"accuracy": round(pd.new_accuracy, 4), "reference_accuracy": round(pd.ref_accuracy, 4),
-                    "drop": round(pd.drop, 4), "drop_upper": round(pd.upper, 4),
-                    "discordant": pd.ref_only + pd.new_only, "n": pd.n})
+        out.update(_drop_figures(paired_drop(correct(reference, labels), correct(logits, labels), confidence)))
     return out
+
+
+def _drop_figures(pd: PairedDrop) -> dict:
+    return {"accuracy": round(pd.new_accuracy, 4), "reference_accuracy": round(pd.ref_accuracy, 4),
+            "drop": round(pd.drop, 4), "drop_upper": round(pd.upper, 4),
+            "discordant": pd.ref_only + pd.new_only, "n": pd.n}
 
 
 @dataclass(frozen=True)
@@ -151,9 +154,11 @@ class Int8Gate:
         """The gate on held-out rows: every figure, the paired drop (with labels), and ``passed``."""
         if self.needs_labels and labels is None:
             raise CahpError("the INT8 accuracy gate needs labelled rows; give --data, or use --int8-min-agreement")
-        out: dict = {"gate": self.describe(), "kind": self.kind, **score(logits, reference, labels, self.confidence)}
-        if labels is not None:
-            out["paired_drop"] = paired_drop(correct(reference, labels), correct(logits, labels), self.confidence).to_dict()
+        out: dict = {"gate": self.describe(), "kind": self.kind, **score(logits, reference)}
+        if labels is not None:  # one paired drop: its figures and the whole record
+            pd = paired_drop(correct(reference, labels), correct(logits, labels), self.confidence)
+            out.update(_drop_figures(pd))
+            out["paired_drop"] = pd.to_dict()
         if self.kind == ACCURACY:
             out["passed"] = out["drop_upper"] <= self.max_drop + 1e-9
         else:

@@ -54,7 +54,7 @@ import onnx
 
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import quantize as quant
-from cahp_deploy.exporters.int8_gate import MARGIN_STANDARD_ERRORS, Int8Gate, score
+from cahp_deploy.exporters.int8_gate import ACCURACY, MARGIN_STANDARD_ERRORS, Int8Gate, score
 from cahp_deploy.exporters.parity import Feed, ort_logits
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def _fp32_fraction(excluded: Sequence[QuantNode], candidates: Sequence[QuantNode
 
 
 def _target_note(gate: Int8Gate, margin: float | None) -> str:
-    if gate.kind == "accuracy":
+    if gate.kind == ACCURACY:
         return ("the upper bound a zero drop would get on the gate rows, with the tuning rows' share of discordant "
                 "rows, <= max drop" + (f" - margin {margin}" if margin else "") + "; the gate rows then judge the real drop")
     return (f"agreement >= gate + {MARGIN_STANDARD_ERRORS:g} binomial standard errors of the tuning estimate"
@@ -413,6 +413,7 @@ def tune_int8(
         shipped = search.probe(write_shipped, "shipped file (quantize_dynamic, nodes_to_exclude)",
                                {"fp32_nodes": excluded, "num_fp32": len(excluded)})
     ex_nodes = [by_name[n] for n in excluded]
+    fp32_fraction = _fp32_fraction(ex_nodes, cands)
     record = {
         "method": "ORT dynamic INT8; leave-one-in sensitivity (logit MSE); bisection over the ranked nodes",
         "weight_type": "int8 (symmetric)",
@@ -432,8 +433,8 @@ def tune_int8(
         "num_candidates": len(cands),
         "num_quantized": len(cands) - len(ex_nodes),
         "excluded_nodes": [c.to_dict() for c in ex_nodes],
-        "fp32_mac_fraction": _fp32_fraction(ex_nodes, cands),
-        "int8_mac_fraction": round(1.0 - _fp32_fraction(ex_nodes, cands), 4),
+        "fp32_mac_fraction": fp32_fraction,
+        "int8_mac_fraction": round(1.0 - fp32_fraction, 4),
         "mac_fraction_note": "weight-MatMul multiply-adds left in fp32 over all quantizable ones, at sequence length 128 "
                              "(Gemm once per sequence); attention score products (QK^T, PV) are fp32 in every variant",
         "always_fp32": not_quantized(search.fp32, mixer.unquantized),

@@ -60,7 +60,7 @@ def smooth(model: onnx.ModelProto, feeds: Sequence[Feed], alpha: float, threads:
     inits = {t.name: t for t in m.graph.initializer}
     by_name = {n.name: n for n in m.graph.node}
     amax = _input_absmax(model, feeds, sorted({by_name[c].input[0] for c in cands}), threads)
-    nodes, scales = [], {}
+    nodes = []
     for n in m.graph.node:
         if n.name in cands:
             c = cands[n.name]
@@ -72,11 +72,10 @@ def smooth(model: onnx.ModelProto, feeds: Sequence[Feed], alpha: float, threads:
             nodes.append(onnx.helper.make_node("Mul", [n.input[0], f"{n.name}_smooth_inv"], [f"{n.name}_smoothed"],
                                                name=f"{n.name}_smooth"))
             n.input[0] = f"{n.name}_smoothed"
-            scales[n.name] = {"max": float(s.max()), "min": float(s.min())}
         nodes.append(n)
     del m.graph.node[:]
     m.graph.node.extend(nodes)
-    return m, {"alpha": float(alpha), "nodes": len(scales), "scale_range": list(SCALE_RANGE),
+    return m, {"alpha": float(alpha), "nodes": len(cands), "scale_range": list(SCALE_RANGE),
                "calibration": "max |x| per input channel over the INT8 tuning rows"}
 
 

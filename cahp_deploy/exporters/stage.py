@@ -31,7 +31,7 @@ from cahp_deploy import arch, schema
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import int8_tuning, onnx_export, optimize as ortopt, parity, quantize as quant
-from cahp_deploy.exporters.int8_gate import INT8_MAX_ACCURACY_DROP, Int8Gate
+from cahp_deploy.exporters.int8_gate import ACCURACY, INT8_MAX_ACCURACY_DROP, Int8Gate
 from cahp_deploy.exporters.manifest import VARIANT_FILES, file_records, versions, write_manifest
 from cahp_deploy.hashing import sha256_dir
 from cahp_deploy.modeling import KEPT_HEADS_FIELD, load_classifier, load_config
@@ -123,7 +123,7 @@ def _gate_close(variant: str, result: dict, atol: float, where: str) -> None:
 
 def _gate_int8(result: dict, where: str, tuned: dict) -> None:
     if not result["passed"]:
-        if result["kind"] == "accuracy":
+        if result["kind"] == ACCURACY:
             pd = result["paired_drop"]
             got = (f"accuracy drop {pd['drop']:+.2f} points, {pd['confidence']:.0%} upper bound {pd['upper']:+.2f} "
                    f"({pd['ref_only']} rows only fp32 gets right, {pd['new_only']} only INT8)")
@@ -163,7 +163,7 @@ def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_rec
         if held_out["passed"] or attempts[1:] or margin is not None:  # passed, retried once, or the user chose
             rec["attempts"] = attempts
             figure = (f"a predicted gate-row bound of {gate.predicted_upper(rec['tuning']):+.2f} points"
-                      if gate.kind == "accuracy" else f"agreement {rec['tuning']['agreement']:.2%}")
+                      if gate.kind == ACCURACY else f"agreement {rec['tuning']['agreement']:.2%}")
             where = (tune_record or {}).get("report_on") or check.gate_rows()
             _gate_int8(held_out, where, {"figure": figure, "on": (tune_record or {}).get("on")})
             return tuned, rec, result
@@ -332,7 +332,9 @@ def _read_pruning(model_dir: Path) -> dict | None:
 def _qat(model_dir: Path) -> dict | None:
     """The quantization-aware recovery that made ``model_dir``, if any (its ``recovery.json``): INT8
     then uses the weight granularity the model was trained for."""
-    p = model_dir / "recovery.json"
+    from cahp_deploy.recovery.recover import RECOVERY_FILE
+
+    p = model_dir / RECOVERY_FILE
     try:
         params = json.loads(p.read_text()).get("params", {}) if p.is_file() else {}
     except ValueError:
