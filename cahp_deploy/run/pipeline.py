@@ -309,6 +309,12 @@ def run(
     else:  # nothing is decided on the evaluation rows: measure there (and on --confirm-split if given)
         decision, confirmation = eval_rows, confirm_data if confirm_data is not None else eval_rows
         how = f"split {confirm_split!r}" if confirm_data is not None else "the evaluation rows"
+    if quantize == "int8":  # export's INT8 gate options, checked now rather than after select and recovery
+        from cahp_deploy.exporters.parity import MAX_DATA_EXAMPLES
+        from cahp_deploy.exporters.stage import resolve_int8_gate
+
+        n_gate = min(len(decision), MAX_DATA_EXAMPLES)
+        resolve_int8_gate(int8_max_accuracy_drop, int8_min_agreement, n_gate, confidence or DEFAULT_CONFIDENCE, n_gate)
     if recover and recover_split != select_split:
         check_labels(load_labelled(data, recover_split, **columns), num_labels, min_classes=2)
     check_provider(provider)
