@@ -294,10 +294,10 @@ def test_bad_int8_options(outlier_bert, data, tmp_path, capsys):
     assert "two different INT8 gates" in _cli_error(["export", str(outlier_bert), "--out", out, "--quantize", "int8", *both], capsys)
     err = _cli_error(["export", str(outlier_bert), "--out", out, "--quantize", "int8", "--int8-max-accuracy-drop", "1"], capsys)
     assert "needs labelled rows" in err
-    # 48 gate rows cannot bound a 0.5-point drop (that needs 257): asked for explicitly, an error up front
+    # 48 gate rows cannot bound a 0.5-point drop (that needs 392): asked for explicitly, an error up front
     err = _cli_error(["export", str(outlier_bert), "--out", out, "--quantize", "int8", "--int8-max-accuracy-drop", "0.5",
                       "--data", str(data), "--no-timing"], capsys)
-    assert "48 labelled rows cannot bound an INT8 accuracy drop of 0.5 points" in err and ">= 257" in err
+    assert "48 labelled rows cannot bound an INT8 accuracy drop of 0.5 points" in err and ">= 392" in err
     assert not Path(out).exists()
 
 
@@ -309,7 +309,9 @@ def test_a_held_out_miss_retunes_once_with_the_gap_added(monkeypatch, tmp_path):
     margins = []
     gate = Int8Gate.agreement(0.99)
 
-    def fake_tune(source, dst, feeds, gate_, labels=None, reference=None, per_channel=None, margin=None, say=None):
+    def fake_tune(source, dst, feeds, gate_, labels=None, reference=None, per_channel=None, margin=None, say=None,
+                  search_nodes=True):
+        assert search_nodes  # the agreement gate has no every-candidate-INT8 look
         margins.append(margin)
         target = gate.target(10_000, margin)
         record = {"target": target, "tuning": {"agreement": target + 0.001}, "tuning_agreement": target + 0.001,
@@ -323,7 +325,7 @@ def test_a_held_out_miss_retunes_once_with_the_gap_added(monkeypatch, tmp_path):
         def gate_rows(self):
             return "rows"
 
-        def check(self, variant, session):
+        def check(self, variant, session, gate_=None):
             agreement = 0.98 if self.misses else 0.993
             self.misses -= 1
             return {"gate": {"kind": "agreement", "gate": gate.describe(), "agreement": agreement,
@@ -342,30 +344,85 @@ def test_a_held_out_miss_retunes_once_with_the_gap_added(monkeypatch, tmp_path):
         stage._tune_and_check_int8(FakeCheck(1), tmp_path, tmp_path, [], None, {"on": "t"}, None, 0.001, say=lambda m: None)
 
 
+def test_the_accuracy_gate_looks_at_every_candidate_int8_first(monkeypatch, tmp_path):
+    """Look 0 judges the all-INT8 graph at 95 % (half of the 10 % error rate); a miss searches with
+    the measured granularity and judges at 97.5 %, then retunes once at 97.5 %."""
+    from cahp_deploy.exporters import stage
+
+    gate = Int8Gate.accuracy(0.5, confidence=0.9)
+    calls = []
+
+    def fake_tune(source, dst, feeds, gate_, labels=None, per_channel=None, margin=None, say=None, search_nodes=True):
+        calls.append({"search": search_nodes, "confidence": gate_.confidence, "per_channel": per_channel, "margin": margin})
+        record = {"target": gate_.target(2048, margin), "tuning": {"drop": 0.0, "drop_upper": 0.3, "discordant": 5, "n": 2048},
+                  "excluded_nodes": [] if not search_nodes else [1], "granularity": {"per_channel": {}},
+                  "per_channel_chosen_by": "measurement (higher tuning agreement)" if per_channel is None else "user"}
+        return type("Tuned", (), {"record": record, "per_channel": True})()
+
+    class FakeCheck:
+        def __init__(self, uppers):
+            self.uppers, self.gate, self.seen = list(uppers), gate, []
+
+        def gate_rows(self):
+            return "rows"
+
+        def check(self, variant, session, gate_=None):
+            self.seen.append(gate_.confidence)
+            upper = self.uppers.pop(0)
+            return {"gate": {"kind": "accuracy", "gate": gate_.describe(), "drop": 0.1, "drop_upper": upper,
+                             "passed": upper <= 0.5, "paired_drop": {"drop": 0.1, "upper": upper, "confidence": gate_.confidence,
+                                                                     "ref_only": 3, "new_only": 2}}}
+
+    monkeypatch.setattr(stage.int8_tuning, "tune_int8", fake_tune)
+    monkeypatch.setattr(stage, "_session", lambda path: None)
+    run = lambda check, margin=None: stage._tune_and_check_int8(check, tmp_path, tmp_path, [], None, {"on": "t"}, None,
+                                                                 margin, say=lambda m: None)
+    _, rec, _ = run(FakeCheck([0.4]))  # every candidate INT8 passes: no search
+    assert calls == [{"search": False, "confidence": pytest.approx(0.95), "per_channel": None, "margin": None}]
+    assert [(a["graph"], a["confidence"], a["passed"]) for a in rec["attempts"]] == [("every candidate INT8", 0.95, True)]
+    calls.clear()
+    check = FakeCheck([0.7, 0.45])
+    _, rec, _ = run(check)  # a miss: the search runs with the granularity the first look measured
+    assert [c["search"] for c in calls] == [False, True] and calls[1]["per_channel"] is True
+    assert check.seen == pytest.approx([0.95, 0.975])
+    assert rec["per_channel_chosen_by"].startswith("measurement") and [a["passed"] for a in rec["attempts"]] == [False, True]
+    calls.clear()
+    with pytest.raises(CahpError, match=r"INT8 gate failed on rows: .* 97\.5% upper bound \+0\.55"):  # three misses: the last look raises
+        run(FakeCheck([0.7, 0.6, 0.55]))
+    assert [c["confidence"] for c in calls] == pytest.approx([0.95, 0.975, 0.975]) and calls[2]["margin"] is not None
+    calls.clear()
+    with pytest.raises(CahpError):  # a user-chosen margin: two looks, no retune
+        run(FakeCheck([0.7, 0.6]), margin=0.1)
+    assert len(calls) == 2
+
+
 # ----------------------------------------------------------------------------- the accuracy gate, end to end
 
 
 @pytest.fixture(scope="module")
-def data_300(tmp_path_factory) -> Path:
-    """Enough rows (>= 257) for the default 0.5-point accuracy gate to be able to pass."""
-    return write_tiny_data(tmp_path_factory.mktemp("int8-data-300"), n_train=300, n_val=300, seed=1)
+def data_400(tmp_path_factory) -> Path:
+    """Enough rows (>= 392) for every look of the default 0.5-point accuracy gate to be able to pass."""
+    return write_tiny_data(tmp_path_factory.mktemp("int8-data-400"), n_train=400, n_val=400, seed=1)
 
 
-def test_default_gate_is_the_paired_accuracy_drop_on_held_out_rows(outlier_bert, data_300, tmp_path):
-    art = export(outlier_bert, tmp_path / "art", quantize="int8", per_channel=False, data=data_300, measure=False)
+def test_default_gate_is_the_paired_accuracy_drop_on_held_out_rows(outlier_bert, data_400, tmp_path):
+    art = export(outlier_bert, tmp_path / "art", quantize="int8", per_channel=False, data=data_400, measure=False)
     v = load_manifest(art)["variants"]["int8"]
     g = v["gate"]
     assert g["kind"] == "accuracy" and g["max_drop_points"] == 0.5 and g["confidence"] == 0.9 and "note" not in g
     assert g["tuning_rows"].endswith("[train]") and g["gate_rows"].endswith("[validation]")
     res = g["result"]
     pd = res["paired_drop"]
-    assert res["passed"] and pd["n"] == 300 and pd["upper"] <= 0.5
+    assert res["passed"] and pd["n"] == 400 and pd["upper"] <= 0.5
     assert res["drop_upper"] == pytest.approx(pd["upper"], abs=1e-3) and res["agreement"] == v["agreement"]["report"]
+    looks = v["tuning"]["attempts"]  # the first look is every candidate INT8, at 95 %; the one that passed is the last
+    assert looks[0]["graph"] == "every candidate INT8" and looks[0]["confidence"] == 0.95 and looks[-1]["passed"]
+    assert pd["confidence"] == pytest.approx(looks[-1]["confidence"]) and [x["confidence"] for x in g["looks"]] == [0.95, 0.975, 0.975]
     assert g["tuning"]["drop"] <= 0.5 and v["tuning"]["target"] == 0.5
     assert v["int8_mac_fraction"] == pytest.approx(1 - v["fp32_mac_fraction"]) and v["int8_mac_fraction"] > 0.5
-    # a budget no INT8 graph can keep on these rows (a bound below what 300 rows can show): one line, nothing written
-    with pytest.raises(CahpError, match=r"300 labelled rows cannot bound an INT8 accuracy drop of 0\.1 points"):
-        export(outlier_bert, tmp_path / "art2", quantize="int8", data=data_300, measure=False, int8_max_accuracy_drop=0.1)
+    # a budget no INT8 graph can keep on these rows (a bound below what 400 rows can show): one line, nothing written
+    with pytest.raises(CahpError, match=r"400 labelled rows cannot bound an INT8 accuracy drop of 0\.1 points"):
+        export(outlier_bert, tmp_path / "art2", quantize="int8", data=data_400, measure=False, int8_max_accuracy_drop=0.1)
     assert not (tmp_path / "art2").exists()
 
 

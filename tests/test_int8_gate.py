@@ -67,14 +67,38 @@ def test_targets_and_retune_margins():
     assert big.met(tuned, 0.5) and not small.met(tuned, 0.5)
 
 
+def test_looks_share_the_error_rate():
+    """Bonferroni over the looks at the gate rows: the shares add up to the whole error rate, the
+    first look (every candidate INT8) gets half of it; the agreement gate has none to spend."""
+    from cahp_deploy.exporters.int8_gate import LOOK_SHARES, LOOKS
+
+    gate = Int8Gate.accuracy(0.5, confidence=0.9)
+    assert sum(LOOK_SHARES) == pytest.approx(1.0) and len(LOOKS) == len(LOOK_SHARES)
+    assert [gate.look(k).confidence for k in range(3)] == pytest.approx([0.95, 0.975, 0.975])
+    assert sum(1 - gate.look(k).confidence for k in range(3)) == pytest.approx(1 - gate.confidence)
+    assert gate.look(0).max_drop == 0.5 and gate.look(0).gate_rows == gate.gate_rows
+    assert [x["confidence"] for x in gate.to_dict()["looks"]] == pytest.approx([0.95, 0.975, 0.975])
+    agr = Int8Gate.agreement(0.99)
+    assert agr.look(0) is agr
+    # a later look judges the same drop at a higher confidence: a wider bound
+    n, labels = 1000, np.random.default_rng(3).integers(0, 2, 1000)
+    truth = np.eye(2)[labels]
+    lost, won = np.arange(0, 20), np.arange(20, 36)  # INT8 gets 20 rows wrong that fp32 gets right, wins 16
+    reference, new = _flip(truth, won, 1 - labels[won]), _flip(truth, lost, 1 - labels[lost])
+    first, later = gate.look(0).judge(new, reference, labels), gate.look(1).judge(new, reference, labels)
+    assert first["drop"] == later["drop"] == pytest.approx(0.4) and first["discordant"] == 36
+    assert first["drop_upper"] < later["drop_upper"]
+
+
 def test_rows_needed_and_the_fallback():
-    assert Int8Gate.accuracy(0.5).rows_needed() == 257  # z(0.9) = 1.2816: 128.2 / 0.5
-    assert Int8Gate.accuracy(1.0, confidence=0.95).rows_needed() == 165
+    # every look must be able to pass: z at the strictest look's confidence, 1 - 0.1 / 4 = 0.975
+    assert Int8Gate.accuracy(0.5).rows_needed() == 392  # z(0.975) = 1.96: 196.0 / 0.5
+    assert Int8Gate.accuracy(1.0, confidence=0.95).rows_needed() == 225  # z(0.9875) = 2.2414
     assert Int8Gate.agreement(0.99).rows_needed() == 1
     gate, note = int8_gate(None, None, rows=2000)
     assert gate.kind == "accuracy" and gate.max_drop == 0.5 and note is None
     gate, note = int8_gate(None, None, rows=100)  # too few: the default falls back, and says why
-    assert gate.kind == "agreement" and gate.min_agreement == 0.99 and "needs >= 257" in note
+    assert gate.kind == "agreement" and gate.min_agreement == 0.99 and "needs >= 392" in note
     with pytest.raises(CahpError, match="100 labelled rows cannot bound"):
         int8_gate(0.5, None, rows=100)
     assert int8_gate(None, None, rows=None)[0].min_agreement == 0.90  # random tokens

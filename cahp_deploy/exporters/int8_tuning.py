@@ -330,6 +330,7 @@ def tune_int8(
     sensitivity_examples: int = SENSITIVITY_EXAMPLES,
     threads: int = TUNING_THREADS,
     say: Callable[[str], None] = lambda msg: None,
+    search_nodes: bool = True,
 ) -> Int8Result:
     """Write ``dst``: ``src`` dynamically quantized except the fewest most sensitive nodes that meet
     ``gate``'s target (:meth:`Int8Gate.target` with ``margin``) on ``feeds`` (the tuning set), whose
@@ -338,7 +339,8 @@ def tune_int8(
     ``per_channel`` None measures per-tensor and per-channel weight scales and keeps the better;
     True/False forces one. Sensitivity is measured on about ``sensitivity_examples`` of the tuning
     rows (every k-th batch), bisection and the shipped file on all of them. ``say`` receives one-line
-    progress messages. Raises :class:`CahpError` when the graph has nothing to quantize, or when the
+    progress messages. ``search_nodes`` False skips steps 3-4: every candidate INT8, whatever the tuning
+    rows say (the gate rows judge it). Raises :class:`CahpError` when the graph has nothing to quantize, or when the
     target needs every candidate in fp32 (INT8 would then be the fp32 model).
     """
     started = time.perf_counter()
@@ -378,7 +380,7 @@ def tune_int8(
         ranked: list[dict] = []
         excluded: list[str] = []
         subset = _sensitivity_batches(search.feeds, sensitivity_examples)
-        if not gate.met(full, target):
+        if search_nodes and not gate.met(full, target):
             # 3: leave-one-in sensitivity: only this node INT8, logit MSE vs fp32
             for k, c in enumerate(cands, 1):
                 say(f"int8: sensitivity {k}/{len(cands)}")
@@ -415,7 +417,8 @@ def tune_int8(
     ex_nodes = [by_name[n] for n in excluded]
     fp32_fraction = _fp32_fraction(ex_nodes, cands)
     record = {
-        "method": "ORT dynamic INT8; leave-one-in sensitivity (logit MSE); bisection over the ranked nodes",
+        "method": ("ORT dynamic INT8; leave-one-in sensitivity (logit MSE); bisection over the ranked nodes" if search_nodes
+                   else "ORT dynamic INT8 of every candidate (no search)"),
         "weight_type": "int8 (symmetric)",
         "activation_type": "uint8 (dynamic, per tensor per batch)",
         "op_types": list(CANDIDATE_OPS),
