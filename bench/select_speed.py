@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--max-examples", default=None, help="N or auto; default: the whole train split")
     parser.add_argument("--accuracy", action="store_true", help="also the head-masked accuracy of the kept set")
     parser.add_argument("--label", default=None, help="a name for this run (default: model and rows)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="precision of the model's evidence passes (select --precision)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     model, data = SHARED / "models" / args.model, SHARED / "data" / args.data
@@ -101,7 +103,8 @@ def main() -> None:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         sel = select(model, data, Path(tmp) / "selection.json", split="train",
-                     max_examples=max_examples, seed=42, show_progress=False)
+                     max_examples=max_examples, seed=42, show_progress=False,
+                     options={"precision": args.precision})
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
     load_after = os.getloadavg()
@@ -124,6 +127,7 @@ def main() -> None:
         "selection_timings": {k: round(v, 2) for k, v in sel.timings.items()},
         "peak_rss_mb": peak_rss,
         "rss_end_mb": round(mem.rss / 2**20, 1),
+        "precision": sel.params.get("precision", args.precision),
         "knee": sel.knee,
         "num_heads_kept": sel.num_heads_kept,
         "kept_heads": sel.kept_heads,

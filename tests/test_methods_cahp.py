@@ -21,7 +21,7 @@ def bert(tiny_models, tiny_data):
 @pytest.fixture(scope="module")
 def evidence(bert):
     model, tok, data = bert
-    return collect_evidence(MethodContext(model, tok, data, seed=7, options={"pool_size": 8}))
+    return collect_evidence(MethodContext(model, tok, data, seed=7, options={"pool_size": 8, "precision": "fp32"}))
 
 
 def ctx_for(bert, **kw):
@@ -139,6 +139,22 @@ def test_one_pass_evidence_equals_two_separate_passes(bert, evidence):
     np.testing.assert_array_equal(evidence.class_counts, stats.counts)
     np.testing.assert_allclose(evidence.profiles, jm_profiles(stats.mean, stats.var, stats.counts), atol=1e-5)
     np.testing.assert_allclose(evidence.salience, salience, atol=1e-5)
+
+
+def test_bf16_evidence_is_close_to_fp32_and_recorded(bert, evidence):
+    """bf16 autocast runs the model only: counts are exact, profiles and salience move by bf16 noise
+    (a few per cent of their range)."""
+    model, tok, data = bert
+    bf16 = collect_evidence(MethodContext(model, tok, data, seed=7, options={"pool_size": 8, "precision": "bf16"}))
+    assert bf16.options["precision"] == "bf16" and evidence.options["precision"] == "fp32"
+    assert bf16.profiles.dtype == evidence.profiles.dtype and np.isfinite(bf16.profiles).all()
+    np.testing.assert_array_equal(bf16.class_counts, evidence.class_counts)
+    scale = np.abs(evidence.profiles).max()
+    assert np.abs(bf16.profiles - evidence.profiles).max() < 0.05 * scale
+    assert not np.array_equal(bf16.profiles, evidence.profiles)  # it did run in bf16
+    assert np.corrcoef(bf16.salience, evidence.salience)[0, 1] > 0.95
+    with pytest.raises(CahpError, match="--precision must be one of auto, bf16, fp32"):
+        cahp_options({"precision": "fp16"})
 
 
 def _repeated_data(tmp_path, rows: int, period: int):

@@ -38,6 +38,10 @@ class MaxExamples(click.ParamType):
               help="CAHP: cluster a 2-D t-SNE of the head profiles (the paper) or the profiles themselves.")
 @click.option("--representative", type=click.Choice(["salience", "medoid"]), default="salience",
               show_default=True, help="CAHP: keep each cluster's most salient head, or its medoid.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="fp32", show_default=True,
+              help="CAHP: precision of the model's evidence passes. bf16 (auto: where the CPU/GPU has it natively) "
+                   "runs them ~2.5x faster but moved the selection on minilm-sst5 (k* 15 vs 14, 10 of 15 heads "
+                   "shared); statistics stay float64.")
 @click.option("--salience-fraction", type=float, default=0.25, show_default=True,
               help="Leading fraction of the split's examples used for gradient salience.")
 @click.option("--max-examples", type=MaxExamples(), default=None,
@@ -73,7 +77,7 @@ class MaxExamples(click.ParamType):
 @force_option
 def command(model: str, data: str, split: str, text_column: str | None, text_pair_column: str | None,
             label_column: str, out: str, method: str, degree: int, pool_size: int, space: str,
-            representative: str, salience_fraction: float, max_examples: int | str | None, seed: int,
+            representative: str, precision: str, salience_fraction: float, max_examples: int | str | None, seed: int,
             heads: int | None, keep_ratio: float | None, budget_from: str | None,
             allow_empty_layers: bool, force: bool, lambda_: float | None, ffn_method: str | None,
             ffn_keep_ratio: float | None, ffn_neurons: int | None, **method_options) -> None:
@@ -90,6 +94,7 @@ def command(model: str, data: str, split: str, text_column: str | None, text_pai
         seed=seed, heads=heads, keep_ratio=keep_ratio, budget_from=budget_from,
         options={
             "degree": degree, "pool_size": pool_size, "space": space, "representative": representative,
+            "precision": precision,
             "salience_fraction": salience_fraction, "allow_empty_layers": allow_empty_layers,
             "lambda": lambda_, **method_options,
         },

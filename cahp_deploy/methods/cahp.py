@@ -18,7 +18,8 @@ Options (``ctx.options``; defaults in :data:`DEFAULTS`): ``degree`` (knee polyno
 ``salience_fraction``, ``allow_empty_layers``, ``k``, ``batch_size`` and ``max_length`` (signature
 pass), ``salience_batch_size``, ``auto`` (``--max-examples auto``: read the split in chunks of
 ``auto_chunk`` rows and stop once the selection is stable, see :func:`collect_evidence`),
-``auto_patience`` and ``auto_overlap``.
+``auto_patience`` and ``auto_overlap``, ``precision`` of the model's passes (``auto`` | ``bf16`` |
+``fp32``, :mod:`cahp_deploy.signals.precision`; the resolved one is recorded).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from cahp_deploy.selection.representatives import (
 )
 from cahp_deploy.selection.result import Selection
 from cahp_deploy.selection.separability import class_pairs, jm_profiles
+from cahp_deploy.signals.precision import PRECISIONS
 
 #: CAHP's passes over the data also feed ``ctx.ffn`` (FFN neuron evidence), see MethodContext.
 FEEDS_FFN = True
@@ -51,6 +53,7 @@ FEEDS_FFN = True
 DEFAULTS: dict[str, Any] = {
     "degree": DEFAULT_DEGREE,
     "pool_size": 32,
+    "precision": "fp32",
     "space": "tsne",
     "representative": "salience",
     "salience_fraction": 0.25,
@@ -89,6 +92,8 @@ def cahp_options(options: dict[str, Any] | None) -> dict[str, Any]:
     if not 0.0 < float(opts["auto_overlap"]) <= 1.0:
         raise CahpError(f"auto_overlap must be in (0, 1], got {opts['auto_overlap']}")
     opts["auto_overlap"] = float(opts["auto_overlap"])
+    if opts["precision"] not in PRECISIONS:
+        raise CahpError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts['precision']!r}")
     return opts
 
 
@@ -137,8 +142,8 @@ def collect_evidence(ctx: MethodContext) -> CahpEvidence:
     With ``options["auto"]`` the split is read in chunks of ``auto_chunk`` rows and reading stops once
     the selection is stable (:func:`_read_until_stable`); ``evidence.stopped`` says where and why.
     """
-    from cahp_deploy.signals.salience import head_salience, salience_examples
-    from cahp_deploy.signals.signatures import SignatureCollector, collect_signatures
+    from cahp_deploy.signals.precision import evidence_precision, resolve_precision
+    from cahp_deploy.signals.signatures import SignatureCollector
 
     opts = cahp_options(ctx.options)
     heads = arch.heads_per_layer(ctx.model)
@@ -149,8 +154,19 @@ def collect_evidence(ctx: MethodContext) -> CahpEvidence:
     if len(classes) < 2:
         raise CahpError("CAHP compares classes: the data needs at least 2 classes")
     collector = SignatureCollector(heads, classes, opts["pool_size"])
-    if opts["auto"]:
-        return _read_until_stable(ctx, opts, collector, heads)
+    device = next(ctx.model.parameters()).device.type
+    opts["precision"] = resolve_precision(opts["precision"], device)
+    with evidence_precision(opts["precision"], device):  # the model's passes only; statistics stay float64
+        if opts["auto"]:
+            return _read_until_stable(ctx, opts, collector, heads)
+        return _evidence_passes(ctx, opts, collector, heads)
+
+
+def _evidence_passes(ctx: MethodContext, opts: dict[str, Any], collector, heads: list[int]) -> CahpEvidence:
+    """One pass over the split: salience rows (whose forward also feeds signatures), then the rest."""
+    from cahp_deploy.signals.salience import head_salience, salience_examples
+    from cahp_deploy.signals.signatures import collect_signatures
+
     timings: dict[str, float] = {}
 
     # One forward pass per row. Salience first: its forward pass also feeds the signatures of the

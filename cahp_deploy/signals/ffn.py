@@ -31,6 +31,7 @@ from torch import nn
 from cahp_deploy import arch
 from cahp_deploy.errors import CahpError
 from cahp_deploy.gates import NeuronGates
+from cahp_deploy.signals.precision import full_precision
 from cahp_deploy.signals.signatures import WelfordAccumulator, class_index
 
 #: features per neuron and example: mean over real tokens, value at the first real token
@@ -105,7 +106,7 @@ class FfnCollector:
 
     def _on_activation(self, layer: int, act: torch.Tensor) -> None:
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(act.device.type):  # the pass may run in bf16
             a = act.detach().float()
             mean = (a * self._mask).sum(dim=1) / self._mask.sum(dim=1).clamp_min(1.0)
             first = a[torch.arange(a.shape[0]), self._first]
@@ -118,7 +119,8 @@ class FfnCollector:
         if any(f is None for f in self._features):
             raise CahpError("the FFN hooks saw no activations in this batch; is the model's FFN where arch.py says?")
         index = class_index(self.classes, labels)
-        self.acc.update(torch.cat(self._features, dim=1), torch.as_tensor(index))
+        with full_precision(self._mask.device.type):
+            self.acc.update(torch.cat(self._features, dim=1), torch.as_tensor(index))
         if gate_grads is not None:
             self.salience += torch.cat([g.abs().sum(dim=0) for g in gate_grads]).to(torch.float64)
             self.salience_examples += len(labels)

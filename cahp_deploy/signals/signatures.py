@@ -32,6 +32,7 @@ from cahp_deploy import arch
 from cahp_deploy.data import LabelledData, iter_batches
 from cahp_deploy.errors import CahpError
 from cahp_deploy.signals import model_inputs
+from cahp_deploy.signals.precision import full_precision
 
 
 @dataclass
@@ -191,8 +192,8 @@ class SignatureCollector:
         if not attentions or attentions[0] is None:
             raise CahpError("the model returned no attention probabilities; load it with eager attention")
         index = class_index(self.classes, labels)
-        with torch.no_grad():
-            sig = pooled_signatures([a.detach() for a in attentions], attention_mask, self.pool_size)
+        with torch.no_grad(), full_precision(attentions[0].device.type):  # the maps may come from a bf16 pass
+            sig = pooled_signatures([a.detach().float() for a in attentions], attention_mask, self.pool_size)
             self.acc.update(sig, torch.as_tensor(index))
         self.seconds += time.perf_counter() - start
 
