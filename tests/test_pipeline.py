@@ -51,6 +51,11 @@ def test_layout_and_record(first_run, tiny_data):
     assert record["stages"]["select"]["inputs"]["data"] == {"train.jsonl": _sha(tiny_data / "train.jsonl")}
     assert record["eval_split"] == "validation" and record["select_split"] == "train"
     assert result["report"] == str(out / "report" / "report.md")
+    # INT8 is exported (the default), so recovery trained under its rounding, and export used that granularity
+    (recovery,) = [json.loads(p.read_text()) for p in out.rglob("recovery.json")]
+    assert recovery["params"]["qat"]
+    pruned = json.loads((out / "artifacts/pruned/manifest.json").read_text())
+    assert pruned["variants"]["int8"]["quantization_aware"] and "qat_match" in pruned["variants"]["int8"]
 
 
 def _sha(path):

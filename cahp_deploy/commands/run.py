@@ -58,7 +58,9 @@ def run_options(f):
         click.option("--recover-max-examples", default=None, type=int, help="Recover on a seeded random subset of N rows."),
         click.option("--recover-split", default=None, help="Split recovery trains on [the selection split]."),
         click.option("--distill", is_flag=True, help="Recovery also distils from the dense MODEL (KL on its logits)."),
-        click.option("--qat", is_flag=True, help="Recovery is quantization-aware: it trains under the rounding of the INT8 export."),
+        click.option("--qat/--no-qat", default=None,
+                     help="Recovery is quantization-aware: it trains under the rounding of the INT8 export "
+                          "[on when INT8 is exported: the pruned INT8 graph then keeps every MatMul INT8; ~2x recovery time]."),
         click.option("--max-accuracy-drop", default=None, type=float,
                      help="Accuracy budget in points: start at CAHP's knee and add heads (bisection over the cluster "
                           "sweep) until the upper confidence bound of the recovered model's paired drop vs dense, on "
