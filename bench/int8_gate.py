@@ -56,6 +56,8 @@ def main() -> None:
             "int8_mac_share": int8_mac_share(m, "int8"), "excluded_nodes": len(v["excluded_nodes"]),
             "gate": {k: gate.get(k) for k in ("kind", "rule", "gate_rows", "num_gate_rows", "note")},
             "gate_result": {k: (gate.get("result") or {}).get(k) for k in ("drop", "drop_upper", "agreement", "passed", "reference")},
+            "looks": [{k: a.get(k) for k in ("graph", "confidence", "held_out", "passed", "num_fp32")}
+                      for a in v["tuning"].get("attempts", [])],
             "held_out": {"fp32_accuracy": round(pd.ref_accuracy, 2), "int8_accuracy": round(pd.new_accuracy, 2),
                          "int8_drop": round(pd.drop, 2), "ci90": [round(pd.low, 2), round(pd.high, 2)],
                          "agreement": round(float((fp32.argmax(1) == int8.argmax(1)).mean()), 4)},
