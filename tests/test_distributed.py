@@ -75,6 +75,33 @@ def test_one_process_is_untouched(monkeypatch):
     assert distributed.sum_over_ranks([v])[0] is v
 
 
+def _save_ffn_evidence(model_dir: str, data_dir: str, path: str | None) -> dict[str, np.ndarray] | None:
+    """CAHP's evidence pass with the FFN collector attached; the (merged) FFN statistics, saved to ``path``.
+
+    Every rank calls it; under 2 ranks only rank 0 gets the statistics (the others return None).
+    """
+    from cahp_deploy.data import load_labelled
+    from cahp_deploy.methods.base import MethodContext
+    from cahp_deploy.methods.cahp import collect_evidence
+    from cahp_deploy.modeling import load_classifier
+    from cahp_deploy.signals.ffn import FfnCollector
+
+    model, tok = load_classifier(model_dir)
+    data = load_labelled(data_dir, "train")
+    with FfnCollector(model, data.classes) as ffn:
+        ctx = MethodContext(model=model, tokenizer=tok, data=data, budget=None, seed=0, options=OPTS, progress=None,
+                            ffn=ffn)
+        try:
+            stats = collect_evidence(ctx).ffn
+        except distributed.NotMainRank:
+            return None
+    arrays = {"counts": stats.counts, "mean": stats.mean, "m2": stats.m2, "salience": stats.salience,
+              "salience_examples": np.array(stats.salience_examples)}
+    if path is not None:
+        np.savez(path, **arrays)
+    return arrays
+
+
 def _worker(rank: int, port: int, model_dir: str, pruned_dir: str, data_dir: str, out: str) -> None:
     """One of 2 ranks, as torchrun would start it (the environment is all a launcher provides)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
@@ -92,6 +119,13 @@ def _worker(rank: int, port: int, model_dir: str, pruned_dir: str, data_dir: str
     assert (sel is None) == (rank != 0)
     with pytest.raises(CahpError, match="one process only"):
         select(model_dir, data_dir, f"{out}/random.json", method="random", heads=4, show_progress=False)
+
+    # Heads and FFN neurons from the same sharded passes: CAHP's neurons (per layer knee) and gradient's.
+    for name, ffn in (("ffn_cahp", dict(ffn_method="cahp")), ("ffn_gradient", dict(ffn_method="gradient",
+                                                                                    ffn_keep_ratio=0.5))):
+        sel = select(model_dir, data_dir, f"{out}/{name}.json", seed=0, options=OPTS, show_progress=False, **ffn)
+        assert (sel is None) == (rank != 0)
+    _save_ffn_evidence(model_dir, data_dir, f"{out}/ffn_stats.npz" if rank == 0 else None)
 
     # The raw statistics, merged: rank 0 keeps them for the comparison with one process.
     model, tok = load_classifier(model_dir)
@@ -140,7 +174,40 @@ def test_two_ranks_select_what_one_process_selects(two_ranks, tiny_models, tiny_
     assert two["details"]["class_counts"] == one.details["class_counts"] == [20, 20, 20]
     assert two["knee"] == one.knee
     assert not (out / "random.json").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["recovered", "selection.json", "selection_mss.png", "stats.npz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ffn_cahp.json", "ffn_cahp_mss.png", "ffn_gradient.json", "ffn_gradient_mss.png", "ffn_stats.npz",
+        "recovered", "selection.json", "selection_mss.png", "stats.npz"]
+
+
+@pytest.mark.parametrize("name, ffn", [("ffn_cahp", dict(ffn_method="cahp")),
+                                       ("ffn_gradient", dict(ffn_method="gradient", ffn_keep_ratio=0.5))])
+def test_two_ranks_keep_the_neurons_one_process_keeps(name, ffn, two_ranks, tiny_models, tiny_data, tmp_path):
+    """FFN neuron selection data-parallel: the same heads and the same neurons as one process."""
+    from cahp_deploy.methods.runner import select
+
+    out, _ = two_ranks
+    one = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, options=OPTS, show_progress=False,
+                 **ffn)
+    two = json.loads((out / f"{name}.json").read_text())
+    assert two["kept_heads"] == one.kept_heads
+    assert two["kept_neurons"] == one.kept_neurons
+    assert 0 < sum(map(len, one.kept_neurons)) < 3 * 64  # a real choice: some neurons go, some stay
+    assert two["ffn"]["evidence_pass"] == one.ffn["evidence_pass"] == "shared with the heads"
+    assert two["ffn"]["salience_examples"] == one.ffn["salience_examples"] == 15
+    if ffn["ffn_method"] == "cahp":
+        assert two["ffn"]["layer_knees"] == one.ffn["layer_knees"]
+
+
+def test_merged_ffn_statistics_equal_one_process(two_ranks, tiny_models, tiny_data):
+    """Per-class FFN activation moments (Chan merge) and FFN salience (summed) of 2 ranks: one process's."""
+    out, _ = two_ranks
+    one = _save_ffn_evidence(str(tiny_models["bert"]), str(tiny_data), None)
+    two = np.load(out / "ffn_stats.npz")
+    np.testing.assert_array_equal(two["counts"], one["counts"])
+    assert int(two["salience_examples"]) == int(one["salience_examples"]) == 15
+    for key in ("mean", "m2", "salience"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-6, atol=1e-12)
+    assert np.all(one["salience"] > 0) and np.all(one["m2"] > 0)  # evidence that is there to compare
 
 
 def test_merged_statistics_equal_one_process(two_ranks, tiny_models, tiny_data):
