@@ -247,12 +247,99 @@ def test_two_ranks_recover_a_loadable_trained_model(two_ranks, tiny_data):
     assert record["accuracy_after"] >= record["accuracy_before"] + 0.3  # it learns the planted task
 
 
-def test_run_refuses_under_a_launcher(monkeypatch, tiny_models, tiny_data, tmp_path):
-    """`run`'s export and bench stages are one-process: under torchrun it says so and writes nothing."""
+def test_run_refuses_a_baseline_under_a_launcher_before_joining(monkeypatch, tiny_models, tiny_data, tmp_path):
+    """Checked before the process group is joined (none exists here), so every rank fails alike at once."""
     from cahp_deploy.errors import CahpError
     from cahp_deploy.run.pipeline import run
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(CahpError, match="not data-parallel"):
-        run(tiny_models["bert"], tiny_data, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    with pytest.raises(CahpError, match="--method random runs in one process only"):
+        run(tiny_models["bert"], tiny_data, tmp_path / "run", method="random", heads=4)
+    assert not (tmp_path / "run").exists() and not distributed.is_distributed()
+
+
+#: `run` on the tiny model: 1 recovery epoch, one tiny bench cell, no INT8
+RUN = dict(select_options=OPTS, recover_epochs=1, seed=0, batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2,
+           warmup=1, traffic=False, timing=False, variants=("optimized",), quantize=None)
+
+
+def _join(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def _run_worker(rank: int, port: int, model_dir: str, data_dir: str, out: str) -> None:
+    """`run` on 2 ranks: plainly (heads and FFN neurons), then a budget search that rank 0 gives up."""
+    _join(rank, port)
+    from cahp_deploy.errors import CahpError
+    from cahp_deploy.run.pipeline import run
+
+    result = run(model_dir, data_dir, f"{out}/run", ffn_keep_ratio=0.5, **RUN)
+    assert (result is None) == (rank != 0)
+    # No head count meets a budget of 0 points on this untrained model: 4 candidates are recovered on both
+    # ranks, then rank 0 fails and its error stops the other rank too, in one line.
+    with pytest.raises(CahpError) as e:
+        run(model_dir, data_dir, f"{out}/search", max_accuracy_drop=0.0, **RUN)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("rank 0 stopped: no head count meets" if rank else "no head count meets")
+    distributed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_models, tiny_data, tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("distributed_run")
+    mp.spawn(_run_worker, args=(_free_port(), str(tiny_models["bert"]), str(tiny_data), str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_run_under_a_launcher_selects_as_one_process_and_ships_a_loadable_artifact(two_rank_runs, tiny_models,
+                                                                                   tiny_data, tmp_path):
+    from cahp_deploy.methods.runner import select
+    from cahp_deploy.modeling import load_classifier
+    from cahp_deploy.predict import predict
+
+    out = two_rank_runs / "run"
+    record = json.loads((out / "run.json").read_text())
+    assert list(record["stages"]) == ["select", "prune", "recover", "export-dense", "export-pruned", "bench", "confirm"]
+    assert all(stage["status"] == "done" for stage in record["stages"].values())
+    assert not [p for p in two_rank_runs.rglob(".*")]  # no temp dir left by any rank
+    one = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, options=OPTS, show_progress=False,
+                 ffn_keep_ratio=0.5)
+    two = json.loads((out / "selection.json").read_text())
+    assert (two["kept_heads"], two["kept_neurons"]) == (one.kept_heads, one.kept_neurons)
+    assert json.loads((out / "recovered" / "recovery.json").read_text())["world_size"] == 2
+    # the shipped artifact is the recovered model: its probabilities are PyTorch's
+    texts = ["alpha beta gamma", "a b c d e f"]
+    results = predict(out / "artifacts" / "pruned", texts, variant="optimized")
+    net, tok = load_classifier(out / "recovered")
+    with torch.no_grad():
+        probs = torch.softmax(net(**tok(texts, padding=True, return_tensors="pt")).logits, -1).numpy()
+    np.testing.assert_allclose([list(r.scores.values()) for r in results], probs, atol=1e-4)
+    assert (out / "summary.md").is_file()
+
+
+def test_budget_search_under_a_launcher_tries_what_one_process_tries(two_rank_runs, tiny_models, tiny_data, tmp_path):
+    """Rank 0 decided each next candidate; both ranks recovered it; the error left no model behind."""
+    from cahp_deploy.errors import CahpError
+    from cahp_deploy.methods.runner import select
+    from cahp_deploy.run.budget_search import CandidateResult, search_k
+
+    search = json.loads((two_rank_runs / "search" / "search" / "search.json").read_text())
+    # one process's knee, and the candidates a search from it tries when every one fails
+    knee = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, options=OPTS,
+                  show_progress=False).knee
+    expected: list[int] = []
+    with pytest.raises(CahpError):
+        search_k(list(range(knee, 13)), lambda k: expected.append(k) or CandidateResult(k, 0.0), 1.0, 0.0)
+    tried = [c["k"] for c in search["tried"]]
+    assert search["knee"]["k"] == knee and tried == expected and len(tried) >= 3 and search["chosen_k"] is None
+    assert "no head count meets" in search["error"]
+    for k in tried:
+        assert json.loads((two_rank_runs / "search" / "search" / f"k{k:03d}" / "recovery.json").read_text())[
+            "world_size"] == 2
+    assert not list((two_rank_runs / "search").glob("search/k*/model"))
+    assert not (two_rank_runs / "search" / "artifacts").exists()
