@@ -172,6 +172,7 @@ def test_two_ranks_select_what_one_process_selects(two_ranks, tiny_models, tiny_
     assert two["kept_heads"] == one.kept_heads
     np.testing.assert_allclose(np.concatenate(two["scores"]), np.concatenate(one.scores), rtol=1e-6, atol=1e-12)
     assert two["details"]["class_counts"] == one.details["class_counts"] == [20, 20, 20]
+    assert (two["provenance"]["world_size"], one.provenance["world_size"]) == (2, 1)
     assert two["knee"] == one.knee
     assert not (out / "random.json").exists()
     assert sorted(p.name for p in out.iterdir()) == [
@@ -343,3 +344,36 @@ def test_budget_search_under_a_launcher_tries_what_one_process_tries(two_rank_ru
             "world_size"] == 2
     assert not list((two_rank_runs / "search").glob("search/k*/model"))
     assert not (two_rank_runs / "search" / "artifacts").exists()
+
+
+def test_accelerate_launch_runs_select_on_two_ranks(tiny_models, tiny_data, tmp_path):
+    """`accelerate launch --multi_gpu` on a CPU host: accelerate's torchrun launcher, gloo between the ranks.
+
+    (`--cpu --num_processes 2` would start one process: accelerate's multi-CPU launcher is mpirun.)
+    """
+    pytest.importorskip("accelerate")
+    import shutil
+    import subprocess
+    import sys
+
+    from cahp_deploy.methods.runner import select
+
+    accelerate, cli = shutil.which("accelerate"), shutil.which("cahp-deploy")
+    if accelerate is None or cli is None:
+        pytest.skip("the accelerate and cahp-deploy commands are not on PATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "two.json"
+    proc = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", str(_free_port()), cli, "select", str(tiny_models["bert"]),
+         "--data", str(tiny_data), "--seed", "0", "--ffn-keep-ratio", "0.5", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.splitlines()) == 1 and "wrote" in proc.stdout  # rank 0 reports, the other is silent
+    two = json.loads(out.read_text())
+    assert two["provenance"]["world_size"] == 2
+    one = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, ffn_keep_ratio=0.5,
+                 show_progress=False)
+    assert (two["kept_heads"], two["kept_neurons"]) == (one.kept_heads, one.kept_neurons)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "one_mss.png", "two.json", "two_mss.png"]

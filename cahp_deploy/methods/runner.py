@@ -243,6 +243,7 @@ def select(
         "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
         "model_sha256": sha256_dir(model) if Path(model).is_dir() else None,
         **labelled.provenance(),
+        "world_size": distributed.world_size(),  # ranks whose passes made the evidence (launched: several)
     })
 
     existed = out.exists()
