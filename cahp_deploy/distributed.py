@@ -1,4 +1,4 @@
-"""Data-parallel ``select`` and ``recover`` on torch.distributed: everything rank-aware lives here.
+"""Data-parallel ``select``, ``recover`` and ``run`` on torch.distributed: everything rank-aware lives here.
 
 Why on torch.distributed: the jobs people already launch (``torchrun``, ``accelerate launch``) set
 ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_from_env`
@@ -17,6 +17,9 @@ Merges (:func:`merge_welford`, :func:`sum_over_ranks`) all-gather the per-rank s
 in rank order, so every rank ends with the same numbers. Only rank 0 (:func:`is_main`) clusters and
 writes; the others raise :class:`NotMainRank` out of the method, which the stage turns into a
 silent exit 0.
+
+``run`` under a launcher: rank 0 walks the stages and sends each data-parallel call to the other
+ranks (:func:`leading`, :func:`collective`, :func:`serve`, :func:`release`).
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ def demo_data_hashes() -> dict[str, str]:
 
 def demo(out: str | os.PathLike, *, seed: int = 0, force: bool = False, console=None, **run_options) -> dict:
     """Fine-tune the packaged encoder on the packaged set, then ``run`` on it, all into ``out``."""
-    from cahp_deploy.demo.finetune import EPOCHS, base_encoder_path, finetune
     from cahp_deploy import distributed
+    from cahp_deploy.demo.finetune import EPOCHS, base_encoder_path, finetune
     from cahp_deploy.run.pipeline import RunRecord, check_run_dir, run
 
     if distributed.launched():

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cahp_deploy import arch
+from cahp_deploy import arch, distributed
 from cahp_deploy.errors import CahpError
 from cahp_deploy.gates import NeuronGates
 from cahp_deploy.signals.signatures import WelfordAccumulator, class_index
@@ -131,8 +131,6 @@ class FfnCollector:
         Moments merge exactly (Chan et al., rank order), salience and its example count are summed in
         rank order, so every rank holds what one process fed every batch would, to float64 rounding.
         """
-        from cahp_deploy import distributed
-
         if not distributed.is_distributed():
             return
         distributed.merge_welford([self.acc])
