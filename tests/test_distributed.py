@@ -278,6 +278,10 @@ def _run_worker(rank: int, port: int, model_dir: str, data_dir: str, out: str) -
 
     result = run(model_dir, data_dir, f"{out}/run", ffn_keep_ratio=0.5, **RUN)
     assert (result is None) == (rank != 0)
+    again = run(model_dir, data_dir, f"{out}/run", ffn_keep_ratio=0.5, **RUN)  # resumes: rank 0 skips every stage
+    assert (again is None) == (rank != 0)
+    if rank == 0:
+        assert {s["status"] for s in again["run"]["stages"].values()} == {"skipped"}
     # No head count meets a budget of 0 points on this untrained model: 4 candidates are recovered on both
     # ranks, then rank 0 fails and its error stops the other rank too, in one line.
     with pytest.raises(CahpError) as e:
