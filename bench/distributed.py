@@ -6,12 +6,14 @@ Two measurements, each one process and then 2 ranks (``torchrun --nproc_per_node
   selections identical, and the wall of each (CLI process start to exit, imports included); then
   (``sst5-one-thread``) one process with 1 thread, since a 2-thread process on a loaded machine loses
   much to thread contention.
+* ``sst5-ffn``: the same with FFN neurons (``--ffn-method cahp --ffn-keep-ratio 0.5``), one process
+  with 1 thread against 2 ranks: identical kept heads and neurons?, and the walls.
 * ``merge``: (one process with 1 thread, as each rank, so both run the same float32 kernels) a BERT-base-sized model (12 layers x 12 heads, hidden 768, random weights) over the
   first N sst5 train rows: the merged per-head, per-class signature statistics (counts, mean, M2) and
   gradient salience of 2 ranks against one process, as max relative differences, and whether
   ``select`` keeps the same heads.
 
-Usage: python bench/distributed.py [sst5|sst5-one-thread|merge|all] [--max-examples N] [--merge-examples 96]
+Usage: python bench/distributed.py [sst5|sst5-one-thread|sst5-ffn|merge|all] [--max-examples N] [--merge-examples 96]
 The load average is written next to every timing (the machine is shared).
 """
 
@@ -81,6 +83,33 @@ def sst5(max_examples: int | None) -> dict:
         written = sorted(p.name for p in tmp.iterdir())
         return {"num_examples": max_examples or 8544, "one_process_2_threads": one, "two_ranks_1_thread_each": two,
                 "files_written": written, **_compare_selections(tmp / "one.json", tmp / "two.json")}
+
+
+def sst5_ffn(max_examples: int | None) -> dict:
+    """Heads and FFN neurons (``--ffn-method cahp --ffn-keep-ratio 0.5``): 2 ranks against one process,
+    both with 1 thread per process (one process with 2 threads loses much to contention on 2 busy cores)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        extra = ["--max-examples", str(max_examples)] if max_examples else []
+        base = ["select", str(MODEL), "--data", str(DATA), "--split", "train", "--seed", "42",
+                "--ffn-method", "cahp", "--ffn-keep-ratio", "0.5", *extra]
+        one = _timed([CLI, *base, "--out", str(tmp / "one.json")], _env(1))
+        two = _timed([*_torchrun(2), CLI, *base, "--out", str(tmp / "two.json")], _env(1))
+        written = sorted(p.name for p in tmp.iterdir())
+        a, b = json.loads((tmp / "one.json").read_text()), json.loads((tmp / "two.json").read_text())
+        sal_a, sal_b = np.asarray(a["ffn"]["salience_per_layer"]), np.asarray(b["ffn"]["salience_per_layer"])
+        return {
+            "num_examples": max_examples or 8544, "ffn": "--ffn-method cahp --ffn-keep-ratio 0.5",
+            "one_process_1_thread": one, "two_ranks_1_thread_each": two, "files_written": written,
+            **_compare_selections(tmp / "one.json", tmp / "two.json"),
+            "kept_neurons_identical": a["kept_neurons"] == b["kept_neurons"],
+            "num_neurons_kept": [sum(map(len, a["kept_neurons"])), sum(map(len, b["kept_neurons"]))],
+            "neurons_per_layer_kept": [len(n) for n in a["kept_neurons"]],
+            "ffn_salience_examples": [a["ffn"]["salience_examples"], b["ffn"]["salience_examples"]],
+            "ffn_salience_per_layer_max_rel_diff_as_written": _rel(sal_a, sal_b),  # rounded to 6 decimals there
+            "ffn_evidence_pass": [a["ffn"]["evidence_pass"], b["ffn"]["evidence_pass"]],
+            "world_size": [a["provenance"].get("world_size"), b["provenance"].get("world_size")],
+        }
 
 
 def sst5_one_thread() -> dict:
@@ -179,7 +208,8 @@ def main() -> None:
         stats_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", choices=["sst5", "sst5-one-thread", "merge", "all"], default="all")
+    parser.add_argument("what", nargs="?", choices=["sst5", "sst5-one-thread", "sst5-ffn", "merge", "all"],
+                        default="all")
     parser.add_argument("--max-examples", type=int, default=None, help="sst5 rows (default: all 8,544)")
     parser.add_argument("--merge-examples", type=int, default=96, help="rows for the BERT-base-sized merge")
     args = parser.parse_args()
@@ -196,6 +226,10 @@ def main() -> None:
         print(json.dumps(res, indent=1))
     if args.what in ("sst5-one-thread", "all"):
         print(json.dumps(sst5_one_thread()["one_process_1_thread"], indent=1))
+    if args.what in ("sst5-ffn", "all"):
+        res = sst5_ffn(args.max_examples)
+        (OUT / "select_ffn_minilm_sst5.json").write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in res.items() if k != "kept_heads"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Data-parallel ``select`` and ``recover`` on torch.distributed: everything rank-aware lives here.
+"""Data-parallel ``select``, ``recover`` and ``run`` on torch.distributed: everything rank-aware lives here.
 
 Why on torch.distributed: the jobs people already launch (``torchrun``, ``accelerate launch``) set
 ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_from_env`
@@ -17,14 +17,19 @@ Merges (:func:`merge_welford`, :func:`sum_over_ranks`) all-gather the per-rank s
 in rank order, so every rank ends with the same numbers. Only rank 0 (:func:`is_main`) clusters and
 writes; the others raise :class:`NotMainRank` out of the method, which the stage turns into a
 silent exit 0.
+
+``run`` under a launcher: rank 0 walks the stages and sends each data-parallel call to the other
+ranks (:func:`leading`, :func:`collective`, :func:`serve`, :func:`release`).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +38,7 @@ import torch.distributed as dist
 from cahp_deploy.errors import CahpError
 
 _ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+T = TypeVar("T")
 
 
 class NotMainRank(Exception):
@@ -185,9 +191,103 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+# --------------------------------------------------------------------------------------------------
+# `run` under a launcher: rank 0 drives every stage; the other ranks serve its collective calls.
+
+_serving = False  # on rank 0: the other ranks are in serve(), waiting for its next call
+
+
+def _broadcast(message: tuple) -> tuple:
+    box = [message]
+    dist.broadcast_object_list(box, src=0, device=device() if device().type == "cuda" else None)
+    return box[0]
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    text = str(e).strip().splitlines()
+    return text[0] if isinstance(e, CahpError) and text else f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+@contextlib.contextmanager
+def leading() -> Iterator[None]:
+    """Rank 0 of a multi-rank ``run``: the other ranks serve its :func:`collective` calls inside this block.
+
+    They are let go by :func:`release` (as soon as no collective stage is left, so that they do not
+    wait out the process-group timeout while rank 0 exports and benchmarks) or at the end of the block.
+    An error on rank 0 stops them too, each with rank 0's message in one line. Elsewhere a no-op.
+    """
+    global _serving
+    if not (is_distributed() and is_main()):
+        yield
+        return
+    _serving = True
+    try:
+        yield
+    except BaseException as e:
+        if _serving:
+            _serving = False
+            with contextlib.suppress(Exception):  # a rank already gone must not hide rank 0's own error
+                _broadcast(("stop", _one_line(e)))
+        raise
+    release()
+
+
+def release() -> None:
+    """Rank 0: no collective stage is left; the serving ranks return from :func:`serve` (a no-op elsewhere)."""
+    global _serving
+    if _serving:
+        _serving = False
+        _broadcast(("stop", None))
+
+
+def collective(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on every rank: what rank 0 calls, the serving ranks call too.
+
+    Why rank 0 sends the call rather than every rank walking the stages itself: which stage runs at
+    all (a rerun skips what is up to date) and which budget-search candidate comes next are decided
+    by rank 0 from its files and measurements; sending the call is one rule that keeps the ranks in
+    step for every path. ``fn`` must be a module-level function (it is pickled by name) that takes
+    part in the collectives itself (``select``, ``recover``); on the serving ranks it returns nothing
+    that is used (they raise :class:`NotMainRank` or return after rank 0 wrote). In one process, or
+    outside :func:`leading`, this is the plain call.
+    """
+    if _serving:
+        _broadcast(("call", fn, args, kwargs))
+    return fn(*args, **kwargs)
+
+
+def serve() -> None:
+    """Ranks other than 0 of a multi-rank ``run``: make each call rank 0 sends until it releases them.
+
+    Raises a one-line :class:`CahpError` when rank 0 stopped on an error, or when a call failed here
+    (the same inputs fail on rank 0 too, which then stops; this rank waits for that, then raises).
+    """
+    failed: CahpError | None = None
+    while True:
+        message = _broadcast(("", None))
+        if message[0] == "stop":
+            if failed is not None:
+                raise failed
+            if message[1] is not None:
+                raise CahpError(f"rank 0 stopped: {message[1]}")
+            return
+        if failed is not None:  # rank 0 went on where this rank failed: stop rather than diverge
+            raise failed
+        _, fn, args, kwargs = message
+        try:
+            fn(*args, **kwargs)
+        except NotMainRank:
+            pass
+        except CahpError as e:
+            failed = e
+
+
 __all__ = [
-    "NotMainRank", "any_rank", "barrier", "device", "head_salience_over_ranks", "init_from_env", "is_distributed", "is_main", "launched",
-    "merge_welford", "rank", "shard_batches", "shard_examples", "shutdown", "sum_over_ranks", "world_size",
+    "NotMainRank", "any_rank", "barrier", "collective", "device", "head_salience_over_ranks", "init_from_env",
+    "is_distributed", "is_main", "launched", "leading", "merge_welford", "rank", "release", "serve",
+    "shard_batches", "shard_examples", "shutdown", "sum_over_ranks", "world_size",
 ]
 
 

@@ -75,6 +75,33 @@ def test_one_process_is_untouched(monkeypatch):
     assert distributed.sum_over_ranks([v])[0] is v
 
 
+def _save_ffn_evidence(model_dir: str, data_dir: str, path: str | None) -> dict[str, np.ndarray] | None:
+    """CAHP's evidence pass with the FFN collector attached; the (merged) FFN statistics, saved to ``path``.
+
+    Every rank calls it; under 2 ranks only rank 0 gets the statistics (the others return None).
+    """
+    from cahp_deploy.data import load_labelled
+    from cahp_deploy.methods.base import MethodContext
+    from cahp_deploy.methods.cahp import collect_evidence
+    from cahp_deploy.modeling import load_classifier
+    from cahp_deploy.signals.ffn import FfnCollector
+
+    model, tok = load_classifier(model_dir)
+    data = load_labelled(data_dir, "train")
+    with FfnCollector(model, data.classes) as ffn:
+        ctx = MethodContext(model=model, tokenizer=tok, data=data, budget=None, seed=0, options=OPTS, progress=None,
+                            ffn=ffn)
+        try:
+            stats = collect_evidence(ctx).ffn
+        except distributed.NotMainRank:
+            return None
+    arrays = {"counts": stats.counts, "mean": stats.mean, "m2": stats.m2, "salience": stats.salience,
+              "salience_examples": np.array(stats.salience_examples)}
+    if path is not None:
+        np.savez(path, **arrays)
+    return arrays
+
+
 def _worker(rank: int, port: int, model_dir: str, pruned_dir: str, data_dir: str, out: str) -> None:
     """One of 2 ranks, as torchrun would start it (the environment is all a launcher provides)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
@@ -92,6 +119,13 @@ def _worker(rank: int, port: int, model_dir: str, pruned_dir: str, data_dir: str
     assert (sel is None) == (rank != 0)
     with pytest.raises(CahpError, match="one process only"):
         select(model_dir, data_dir, f"{out}/random.json", method="random", heads=4, show_progress=False)
+
+    # Heads and FFN neurons from the same sharded passes: CAHP's neurons (per layer knee) and gradient's.
+    for name, ffn in (("ffn_cahp", dict(ffn_method="cahp")), ("ffn_gradient", dict(ffn_method="gradient",
+                                                                                    ffn_keep_ratio=0.5))):
+        sel = select(model_dir, data_dir, f"{out}/{name}.json", seed=0, options=OPTS, show_progress=False, **ffn)
+        assert (sel is None) == (rank != 0)
+    _save_ffn_evidence(model_dir, data_dir, f"{out}/ffn_stats.npz" if rank == 0 else None)
 
     # The raw statistics, merged: rank 0 keeps them for the comparison with one process.
     model, tok = load_classifier(model_dir)
@@ -138,9 +172,43 @@ def test_two_ranks_select_what_one_process_selects(two_ranks, tiny_models, tiny_
     assert two["kept_heads"] == one.kept_heads
     np.testing.assert_allclose(np.concatenate(two["scores"]), np.concatenate(one.scores), rtol=1e-6, atol=1e-12)
     assert two["details"]["class_counts"] == one.details["class_counts"] == [20, 20, 20]
+    assert (two["provenance"]["world_size"], one.provenance["world_size"]) == (2, 1)
     assert two["knee"] == one.knee
     assert not (out / "random.json").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["recovered", "selection.json", "selection_mss.png", "stats.npz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ffn_cahp.json", "ffn_cahp_mss.png", "ffn_gradient.json", "ffn_gradient_mss.png", "ffn_stats.npz",
+        "recovered", "selection.json", "selection_mss.png", "stats.npz"]
+
+
+@pytest.mark.parametrize("name, ffn", [("ffn_cahp", dict(ffn_method="cahp")),
+                                       ("ffn_gradient", dict(ffn_method="gradient", ffn_keep_ratio=0.5))])
+def test_two_ranks_keep_the_neurons_one_process_keeps(name, ffn, two_ranks, tiny_models, tiny_data, tmp_path):
+    """FFN neuron selection data-parallel: the same heads and the same neurons as one process."""
+    from cahp_deploy.methods.runner import select
+
+    out, _ = two_ranks
+    one = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, options=OPTS, show_progress=False,
+                 **ffn)
+    two = json.loads((out / f"{name}.json").read_text())
+    assert two["kept_heads"] == one.kept_heads
+    assert two["kept_neurons"] == one.kept_neurons
+    assert 0 < sum(map(len, one.kept_neurons)) < 3 * 64  # a real choice: some neurons go, some stay
+    assert two["ffn"]["evidence_pass"] == one.ffn["evidence_pass"] == "shared with the heads"
+    assert two["ffn"]["salience_examples"] == one.ffn["salience_examples"] == 15
+    if ffn["ffn_method"] == "cahp":
+        assert two["ffn"]["layer_knees"] == one.ffn["layer_knees"]
+
+
+def test_merged_ffn_statistics_equal_one_process(two_ranks, tiny_models, tiny_data):
+    """Per-class FFN activation moments (Chan merge) and FFN salience (summed) of 2 ranks: one process's."""
+    out, _ = two_ranks
+    one = _save_ffn_evidence(str(tiny_models["bert"]), str(tiny_data), None)
+    two = np.load(out / "ffn_stats.npz")
+    np.testing.assert_array_equal(two["counts"], one["counts"])
+    assert int(two["salience_examples"]) == int(one["salience_examples"]) == 15
+    for key in ("mean", "m2", "salience"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-6, atol=1e-12)
+    assert np.all(one["salience"] > 0) and np.all(one["m2"] > 0)  # evidence that is there to compare
 
 
 def test_merged_statistics_equal_one_process(two_ranks, tiny_models, tiny_data):
@@ -180,12 +248,136 @@ def test_two_ranks_recover_a_loadable_trained_model(two_ranks, tiny_data):
     assert record["accuracy_after"] >= record["accuracy_before"] + 0.3  # it learns the planted task
 
 
-def test_run_refuses_under_a_launcher(monkeypatch, tiny_models, tiny_data, tmp_path):
-    """`run`'s export and bench stages are one-process: under torchrun it says so and writes nothing."""
+def test_run_refuses_a_baseline_under_a_launcher_before_joining(monkeypatch, tiny_models, tiny_data, tmp_path):
+    """Checked before the process group is joined (none exists here), so every rank fails alike at once."""
     from cahp_deploy.errors import CahpError
     from cahp_deploy.run.pipeline import run
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(CahpError, match="not data-parallel"):
-        run(tiny_models["bert"], tiny_data, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    with pytest.raises(CahpError, match="--method random runs in one process only"):
+        run(tiny_models["bert"], tiny_data, tmp_path / "run", method="random", heads=4)
+    assert not (tmp_path / "run").exists() and not distributed.is_distributed()
+
+
+#: `run` on the tiny model: 1 recovery epoch, one tiny bench cell, no INT8
+RUN = dict(select_options=OPTS, recover_epochs=1, seed=0, batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2,
+           warmup=1, traffic=False, timing=False, variants=("optimized",), quantize=None)
+
+
+def _join(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def _run_worker(rank: int, port: int, model_dir: str, data_dir: str, out: str) -> None:
+    """`run` on 2 ranks: plainly (heads and FFN neurons), then a budget search that rank 0 gives up."""
+    _join(rank, port)
+    from cahp_deploy.errors import CahpError
+    from cahp_deploy.run.pipeline import run
+
+    result = run(model_dir, data_dir, f"{out}/run", ffn_keep_ratio=0.5, **RUN)
+    assert (result is None) == (rank != 0)
+    again = run(model_dir, data_dir, f"{out}/run", ffn_keep_ratio=0.5, **RUN)  # resumes: rank 0 skips every stage
+    assert (again is None) == (rank != 0)
+    if rank == 0:
+        assert {s["status"] for s in again["run"]["stages"].values()} == {"skipped"}
+    # No head count meets a budget of 0 points on this untrained model: 4 candidates are recovered on both
+    # ranks, then rank 0 fails and its error stops the other rank too, in one line.
+    with pytest.raises(CahpError) as e:
+        run(model_dir, data_dir, f"{out}/search", max_accuracy_drop=0.0, **RUN)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("rank 0 stopped: no head count meets" if rank else "no head count meets")
+    distributed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_models, tiny_data, tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("distributed_run")
+    mp.spawn(_run_worker, args=(_free_port(), str(tiny_models["bert"]), str(tiny_data), str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_run_under_a_launcher_selects_as_one_process_and_ships_a_loadable_artifact(two_rank_runs, tiny_models,
+                                                                                   tiny_data, tmp_path):
+    from cahp_deploy.methods.runner import select
+    from cahp_deploy.modeling import load_classifier
+    from cahp_deploy.predict import predict
+
+    out = two_rank_runs / "run"
+    record = json.loads((out / "run.json").read_text())
+    assert list(record["stages"]) == ["select", "prune", "recover", "export-dense", "export-pruned", "bench", "confirm"]
+    assert all(stage["status"] == "skipped" for stage in record["stages"].values())  # the resumed run's record
+    assert not [p for p in two_rank_runs.rglob(".*")]  # no temp dir left by any rank
+    one = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, options=OPTS, show_progress=False,
+                 ffn_keep_ratio=0.5)
+    two = json.loads((out / "selection.json").read_text())
+    assert (two["kept_heads"], two["kept_neurons"]) == (one.kept_heads, one.kept_neurons)
+    assert json.loads((out / "recovered" / "recovery.json").read_text())["world_size"] == 2
+    # the shipped artifact is the recovered model: its probabilities are PyTorch's
+    texts = ["alpha beta gamma", "a b c d e f"]
+    results = predict(out / "artifacts" / "pruned", texts, variant="optimized")
+    net, tok = load_classifier(out / "recovered")
+    with torch.no_grad():
+        probs = torch.softmax(net(**tok(texts, padding=True, return_tensors="pt")).logits, -1).numpy()
+    np.testing.assert_allclose([list(r.scores.values()) for r in results], probs, atol=1e-4)
+    assert (out / "summary.md").is_file()
+
+
+def test_budget_search_under_a_launcher_tries_what_one_process_tries(two_rank_runs, tiny_models, tiny_data, tmp_path):
+    """Rank 0 decided each next candidate; both ranks recovered it; the error left no model behind."""
+    from cahp_deploy.errors import CahpError
+    from cahp_deploy.methods.runner import select
+    from cahp_deploy.run.budget_search import CandidateResult, search_k
+
+    search = json.loads((two_rank_runs / "search" / "search" / "search.json").read_text())
+    # one process's knee, and the candidates a search from it tries when every one fails
+    knee = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, options=OPTS,
+                  show_progress=False).knee
+    expected: list[int] = []
+    with pytest.raises(CahpError):
+        search_k(list(range(knee, 13)), lambda k: expected.append(k) or CandidateResult(k, 0.0), 1.0, 0.0)
+    tried = [c["k"] for c in search["tried"]]
+    assert search["knee"]["k"] == knee and tried == expected and len(tried) >= 3 and search["chosen_k"] is None
+    assert "no head count meets" in search["error"]
+    for k in tried:
+        assert json.loads((two_rank_runs / "search" / "search" / f"k{k:03d}" / "recovery.json").read_text())[
+            "world_size"] == 2
+    assert not list((two_rank_runs / "search").glob("search/k*/model"))
+    assert not (two_rank_runs / "search" / "artifacts").exists()
+
+
+def test_accelerate_launch_runs_select_on_two_ranks(tiny_models, tiny_data, tmp_path):
+    """`accelerate launch --multi_gpu` on a CPU host: accelerate's torchrun launcher, gloo between the ranks.
+
+    (`--cpu --num_processes 2` would start one process: accelerate's multi-CPU launcher is mpirun.)
+    """
+    pytest.importorskip("accelerate")
+    import shutil
+    import subprocess
+    import sys
+
+    from cahp_deploy.methods.runner import select
+
+    accelerate, cli = shutil.which("accelerate"), shutil.which("cahp-deploy")
+    if accelerate is None or cli is None:
+        pytest.skip("the accelerate and cahp-deploy commands are not on PATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "two.json"
+    proc = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", str(_free_port()), cli, "select", str(tiny_models["bert"]),
+         "--data", str(tiny_data), "--seed", "0", "--ffn-keep-ratio", "0.5", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.splitlines()) == 1 and "wrote" in proc.stdout  # rank 0 reports, the other is silent
+    two = json.loads(out.read_text())
+    assert two["provenance"]["world_size"] == 2
+    one = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, ffn_keep_ratio=0.5,
+                 show_progress=False)
+    assert (two["kept_heads"], two["kept_neurons"]) == (one.kept_heads, one.kept_neurons)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "one_mss.png", "two.json", "two_mss.png"]

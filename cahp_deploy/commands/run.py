@@ -119,4 +119,6 @@ def command(model, data, out, quantize, **options):
     passive_omp_threads()
     from cahp_deploy.run.pipeline import print_result, run
 
-    print_result(run(model, data, out, quantize=None if quantize == "none" else quantize, **options))
+    result = run(model, data, out, quantize=None if quantize == "none" else quantize, **options)
+    if result is not None:  # None: a rank other than 0 of a launched run, which reports nothing
+        print_result(result)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cahp_deploy.demo import data_dir
+from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_dir, sha256_file
 
 #: Demo-sized settings: short sentences, so short sequences; small grids so the whole demo takes
@@ -38,9 +39,12 @@ def demo_data_hashes() -> dict[str, str]:
 
 def demo(out: str | os.PathLike, *, seed: int = 0, force: bool = False, console=None, **run_options) -> dict:
     """Fine-tune the packaged encoder on the packaged set, then ``run`` on it, all into ``out``."""
+    from cahp_deploy import distributed
     from cahp_deploy.demo.finetune import EPOCHS, base_encoder_path, finetune
     from cahp_deploy.run.pipeline import RunRecord, check_run_dir, run
 
+    if distributed.launched():
+        raise CahpError("demo runs in one process; launch it without torchrun (`run` is data-parallel)")
     if console is None:
         from rich.console import Console
 

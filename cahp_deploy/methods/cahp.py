@@ -192,6 +192,8 @@ def _evidence_passes(ctx: MethodContext, opts: dict[str, Any], collector, heads:
                                max_length=opts["max_length"], progress=ctx.progress, collector=collector, ffn=ctx.ffn)
     if distributed.is_distributed():  # exact merge of every rank's statistics; only rank 0 goes on
         distributed.merge_welford([collector.acc])
+        if ctx.ffn is not None:  # the FFN neurons' moments and salience, from the same sharded passes
+            ctx.ffn.merge_over_ranks()
         stats = collector.result()
         if not distributed.is_main():
             raise distributed.NotMainRank

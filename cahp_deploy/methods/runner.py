@@ -183,7 +183,7 @@ def select(
     given (``ffn_method`` defaults to ``cahp`` with ``method="cahp"``, else ``gradient``; CAHP without
     an amount finds one per layer from its knee). Returns the :class:`Selection` that was written.
     Launched as several ranks (torchrun), CAHP's
-    evidence is collected data-parallel (:mod:`cahp_deploy.distributed`); rank 0 writes and returns
+    evidence (heads and FFN neurons) is collected data-parallel (:mod:`cahp_deploy.distributed`); rank 0 writes and returns
     the selection, the other ranks write nothing and return None.
     """
     from cahp_deploy.modeling import is_pruned, load_classifier
@@ -222,8 +222,6 @@ def select(
     if auto:
         options["auto"] = True
     ffn = _ffn_request(net.config, method, ffn_method, ffn_keep_ratio, ffn_neurons, options)
-    if ffn is not None and distributed.is_distributed():
-        raise CahpError("FFN neuron selection runs in one process only for now; launch it without torchrun")
 
     start = time.perf_counter()
     quiet = not distributed.is_main() or show_progress is False
@@ -245,6 +243,7 @@ def select(
         "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
         "model_sha256": sha256_dir(model) if Path(model).is_dir() else None,
         **labelled.provenance(),
+        "world_size": distributed.world_size(),  # ranks whose passes made the evidence (launched: several)
     })
 
     existed = out.exists()

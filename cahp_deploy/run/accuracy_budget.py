@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from cahp_deploy import distributed
 from cahp_deploy.atomic import atomic_dir, atomic_file
 from cahp_deploy.run.budget_search import CandidateResult, SearchResult, search_k
 from cahp_deploy.errors import CahpError
@@ -109,10 +110,6 @@ def _load_dense(settings: SearchSettings):
 
 def collect(settings: SearchSettings, root: Path):
     """CAHP's evidence, from ``root/evidence.pkl`` when it was made from these inputs."""
-    from cahp_deploy.methods.base import MethodContext
-    from cahp_deploy.methods.cahp import collect_evidence
-    from cahp_deploy.progress import make_progress
-
     key = settings.evidence_key()
     path = root / EVIDENCE_FILE
     if path.is_file():
@@ -125,20 +122,37 @@ def collect(settings: SearchSettings, root: Path):
             log.warning("ignoring unreadable %s", path)
     settings.say("search: collecting CAHP evidence (signatures, salience, cluster sweep"
                  + (", FFN neurons)" if settings.ffn_keep_ratio is not None else ")"))
-    net, tokenizer = _load_dense(settings)
-    with make_progress() as progress, contextlib.ExitStack() as stack:
-        ffn = None
-        if settings.ffn_keep_ratio is not None:
-            from cahp_deploy.signals.ffn import FfnCollector
-
-            ffn = stack.enter_context(FfnCollector(net, np.unique(settings.select_data.labels)))
-        ctx = MethodContext(model=net, tokenizer=tokenizer, data=settings.select_data, budget=None,
-                            seed=settings.seed, options=dict(settings.cahp_options), progress=progress, ffn=ffn)
-        evidence = collect_evidence(ctx)
+    evidence = distributed.collective(collect_evidence_of, settings.model, settings.select_data, settings.seed,
+                                      dict(settings.cahp_options), settings.ffn_keep_ratio is not None)
     with atomic_file(path, force=True) as tmp:
         with open(tmp, "wb") as f:
             pickle.dump({"key": key, "evidence": evidence}, f)
     return evidence
+
+
+def collect_evidence_of(model: str, select_data, seed: int, cahp_options: dict[str, Any], ffn: bool):
+    """CAHP's evidence of ``model`` on ``select_data`` (with FFN statistics when ``ffn``).
+
+    Module-level, with plain arguments, so that a launched ``run`` can send it to every rank
+    (:func:`cahp_deploy.distributed.collective`); ranks other than 0 raise ``NotMainRank`` once their
+    statistics are merged into rank 0's.
+    """
+    from cahp_deploy.methods.base import MethodContext
+    from cahp_deploy.methods.cahp import collect_evidence
+    from cahp_deploy.modeling import load_classifier
+    from cahp_deploy.progress import make_progress
+
+    net, tokenizer = load_classifier(model)
+    with make_progress(disable=True if not distributed.is_main() else None) as progress, \
+            contextlib.ExitStack() as stack:
+        collector = None
+        if ffn:
+            from cahp_deploy.signals.ffn import FfnCollector
+
+            collector = stack.enter_context(FfnCollector(net, np.unique(select_data.labels)))
+        ctx = MethodContext(model=net, tokenizer=tokenizer, data=select_data, budget=None, seed=seed,
+                            options=cahp_options, progress=progress, ffn=collector)
+        return collect_evidence(ctx)
 
 
 def candidate_ks(knee: int, num_heads: int) -> list[int]:
@@ -210,8 +224,8 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
         else:
             # accuracy is measured here, on the decision rows, not by recover()
             final = tmp / "recovered"
-            rec = recovery.recover(
-                pruned, settings.data, final, split=settings.recover_split,
+            rec = distributed.collective(  # launched: every rank trains, rank 0 writes
+                recovery.recover, pruned, settings.data, final, split=settings.recover_split,
                 seed=settings.seed, **settings.columns, **settings.recover,
             )
             after = _correct(final, settings.eval_data)
@@ -404,4 +418,5 @@ def plot_tradeoff(record: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["SearchSettings", "candidate_ks", "chosen_model", "collect", "measure_candidate", "plot_tradeoff", "search"]
+__all__ = ["SearchSettings", "candidate_ks", "chosen_model", "collect", "collect_evidence_of", "measure_candidate",
+           "plot_tradeoff", "search"]

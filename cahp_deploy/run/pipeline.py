@@ -221,7 +221,7 @@ def run(
     bench_options: dict[str, Any] | None = None,
     force: bool = False,
     console=None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Select, prune, recover, export (dense and pruned: optimized fp32 + INT8) and bench, into ``out``.
 
     ``recover`` fine-tunes the pruned model on ``recover_split`` (default: the selection split) for
@@ -242,6 +242,11 @@ def run(
 
     Everything the user can get wrong (paths, splits, columns, labels, provider, an ``out`` that is
     not a run dir) is checked before any stage starts; nothing is written then.
+
+    Launched as several ranks (``torchrun ... cahp-deploy run``), select's evidence and recovery (each
+    budget-search candidate's too) run data-parallel on every rank; rank 0 alone decides, prunes,
+    exports, benchmarks and writes (:func:`cahp_deploy.distributed.collective`). The other ranks write
+    nothing, are let go once no data-parallel stage is left, and return None.
     """
     from cahp_deploy.bench.providers import check_provider
     from cahp_deploy.data import check_labels, load_labelled
@@ -249,8 +254,9 @@ def run(
 
     from cahp_deploy import distributed
 
-    if distributed.launched():  # its export and bench stages are one-process: say so, do not race ranks
-        raise CahpError("run is not data-parallel: launch `select` and `recover` under torchrun, then run the rest in one process")
+    if distributed.launched() and method != "cahp":  # checked before joining: every rank fails alike
+        raise CahpError(f"--method {method} runs in one process only; launch run without torchrun "
+                        "(cahp is data-parallel)")
     model, data, out = str(model), str(data), Path(out)
     recover_split = recover_split or select_split
     if select_split == eval_split:
@@ -345,6 +351,14 @@ def run(
         max_examples=eval_max_examples, seed=seed,
     )) | (bench_options or {})
 
+    # Everything above ran on every rank, so bad input failed on each alike before any rank joined; the
+    # barrier keeps rank 0 from creating OUT before every rank has checked it (a group made earlier in
+    # the same process joins no rendezvous).
+    if distributed.init_from_env():
+        distributed.barrier()
+        if not distributed.is_main():
+            distributed.serve()  # select's and recover's collectives, as rank 0 calls them; writes nothing
+            return None
     existed = out.exists()
     try:
         record = RunRecord(out, force, say=console.print)
@@ -356,7 +370,8 @@ def run(
             confidence=DEFAULT_CONFIDENCE if confidence is None else float(confidence),
             ffn_keep_ratio=ffn_keep_ratio, ffn_method=ffn_method or "cahp",
         )
-        result = _run_stages(record, model, data, out, plan)
+        with distributed.leading():
+            result = _run_stages(record, model, data, out, plan)
     except BaseException:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # failed before the first stage finished: leave no empty dir behind
@@ -406,14 +421,15 @@ class _Plan:
 
 def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, model_hash: str):
     """The plain path: one selection, pruned, then recovered unless --no-recover. Returns (model dir, stage)."""
-    from cahp_deploy import pruning, recovery
+    from cahp_deploy import distributed, pruning, recovery
     from cahp_deploy.methods import runner
 
     select_in = {"model_sha256": model_hash, "data": plan.select_data.file_hashes, "options": plan.select_kwargs}
     selection = out / SELECTION_FILE
     record.stage(
         "select", select_in, selection,
-        lambda overwrite: runner.select(model, data, selection, force=overwrite, **plan.select_kwargs),
+        lambda overwrite: distributed.collective(runner.select, model, data, selection, force=overwrite,
+                                                 **plan.select_kwargs),
     )
     pruned = out / PRUNED_DIR
     record.stage(
@@ -435,8 +451,8 @@ def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, p
             "teacher_sha256": model_hash if plan.recover_kwargs.get("distill_from") else None,
         },
         recovered,
-        lambda overwrite: recovery.recover(
-            pruned, data, recovered, split=plan.recover_split, eval_split=plan.eval_data.split,
+        lambda overwrite: distributed.collective(
+            recovery.recover, pruned, data, recovered, split=plan.recover_split, eval_split=plan.eval_data.split,
             eval_max_examples=plan.eval_max_examples, seed=plan.select_kwargs.get("seed", 42),
             force=overwrite, **plan.columns, **plan.recover_kwargs,
         ),
@@ -524,7 +540,7 @@ def _eval_inputs(plan: _Plan) -> dict[str, Any]:
 
 def _run_stages(record: RunRecord, model: str, data: str, out: Path, plan: _Plan) -> dict[str, Any]:
     from cahp_deploy import bench as bench_stage
-    from cahp_deploy import exporters
+    from cahp_deploy import distributed, exporters
 
     model_hash = model_sha256(model)
     record.data.update(
@@ -541,6 +557,7 @@ def _run_stages(record: RunRecord, model: str, data: str, out: Path, plan: _Plan
         for name in ("select", "prune", "recover"):
             record.stages.pop(name, None)
         final_model = _search(record, model, data, out, plan, model_hash)
+    distributed.release()  # launched: the other ranks' part (select's evidence, recovery) is over
     final_sha = sha256_dir(final_model)
     record.data["final_model"] = str(final_model.relative_to(out))
 

@@ -29,7 +29,7 @@ class Selection:
     details : method-specific evidence (fitted polynomial, knee fallback, rescued layers, ...).
     params : the options the method ran with.
     timings : seconds per phase.
-    provenance : model path and hash, data file hashes, split, number of examples.
+    provenance : model path and hash, data file hashes, split, number of examples, ranks (``world_size``).
     kept_neurons : per layer, the kept FFN neuron indices (original numbering, ascending), or None
         when the FFN is not pruned.
     neurons_per_layer : FFN neurons per layer in the dense model (None when the FFN is not pruned).

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cahp_deploy import arch
+from cahp_deploy import arch, distributed
 from cahp_deploy.errors import CahpError
 from cahp_deploy.gates import NeuronGates
 from cahp_deploy.signals.precision import full_precision
@@ -127,6 +127,20 @@ class FfnCollector:
         self._features = [None] * len(self.neurons)
         self.seconds += time.perf_counter() - start
 
+    def merge_over_ranks(self) -> None:
+        """Fold every rank's statistics into each rank's (data-parallel ``select``; a no-op in one process).
+
+        Moments merge exactly (Chan et al., rank order), salience and its example count are summed in
+        rank order, so every rank holds what one process fed every batch would, to float64 rounding.
+        """
+        if not distributed.is_distributed():
+            return
+        distributed.merge_welford([self.acc])
+        total, examples = distributed.sum_over_ranks(
+            [self.salience, torch.tensor([float(self.salience_examples)], dtype=torch.float64)])
+        self.salience = total
+        self.salience_examples = int(examples.item())
+
     def result(self) -> FfnStats:
         return FfnStats(
             classes=self.classes,
@@ -137,9 +151,6 @@ class FfnCollector:
             salience=self.salience.numpy().copy() if self.salience_examples else None,
             salience_examples=int(self.salience_examples),
         )
-
-
-
 
 
 def collect_ffn_stats(
