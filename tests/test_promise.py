@@ -54,6 +54,21 @@ def test_choose_ships_the_fastest_measured_variant_within_the_budget():
     assert promise.choose({"int8": _variant(0.1, None)}, 1.0)[0] is None  # untimed: never chosen
 
 
+def test_ship_is_the_fastest_artifact_within_the_budget_dense_int8_included():
+    pruned = {"optimized": _variant(0.8, 300.0), "int8": _variant(0.9, 200.0)}
+    rec, why = promise.choose(pruned, 1.0)
+    assert rec == "int8"
+    slower, faster, missing = _variant(0.3, 250.0), _variant(0.3, 150.0), _variant(1.2, 100.0)
+    assert promise.ship(pruned, rec, why, slower, 1.0) == {"artifact": "pruned", "variant": "int8", "why": why}
+    shipped = promise.ship(pruned, rec, why, faster, 1.0)
+    assert shipped["artifact"] == "dense" and shipped["variant"] == "int8" and "150.0 vs 200.0 ms" in shipped["why"]
+    assert promise.ship(pruned, rec, why, missing, 1.0)["artifact"] == "pruned"  # its bound misses the budget
+    assert promise.ship(pruned, rec, why, faster, None)["artifact"] == "pruned"  # no budget: nothing to judge by
+    nothing, why0 = promise.choose(pruned, 0.5)
+    assert promise.ship(pruned, nothing, why0, _variant(0.3, 250.0), 0.5)["why"].endswith("no pruned variant keeps it")
+    assert promise.ship(pruned, nothing, why0, missing, 0.5)["artifact"] is None
+
+
 def _confirm(conf_upper: float, int8_faster: bool) -> dict:
     v = _variant(0.5, 100.0)
     v["confirmation"] = {**v["confirmation"], "drop": 0.9, "upper": conf_upper}
@@ -79,6 +94,15 @@ def test_the_words_say_plainly_when_the_confirmation_misses_or_dense_int8_wins()
                              "confirmation_rows": {"how": "x"}})
     assert nothing == ["Nothing pruned is shipped as recommended: no pruned variant passes. Ship the dense model "
                        "(or dense INT8) instead."]
+    dense = _confirm(conf_upper=0.95, int8_faster=True)
+    dense["dense_int8"].update(speedup_vs_dense_fp32=3.0, int8_mac_share=1.0)
+    dense["shipped"] = {"artifact": "dense", "variant": "int8", "why": "dense INT8 keeps the budget", "path": "OUT/artifacts/dense"}
+    lines = promise_lines(dense)
+    assert lines[0].startswith("Shipped: the dense model's INT8 variant, not a pruned one (dense INT8 keeps the budget, "
+                               "100% of its weight-MatMul MACs in INT8; `OUT/artifacts/dense`)")
+    assert "3.00x vs dense fp32" in lines[2]
+    assert lines[3] == ("Plainly: at this budget quantizing the dense model beats pruning it; the pruned model's best "
+                        "variant within the budget, `optimized`, runs 2.40x vs dense fp32.")
 
 
 @pytest.mark.parametrize("args, match", [

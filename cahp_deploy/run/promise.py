@@ -11,8 +11,10 @@ points on SST-5 validation and lost 3.5 on test. So:
    search's candidates, and here the choice of the shipped precision.
 3. **The shipped variant is measured, not estimated** (:func:`confirm`): of the pruned artifact's
    variants that were benchmarked, the fastest at the headline shape (bench's own latency) whose
-   drop against dense passes on the decision rows becomes the manifest's ``recommended``; dense INT8,
-   the honest competitor, is measured beside it.
+   drop against dense passes on the decision rows becomes the manifest's ``recommended``. Dense INT8,
+   the honest competitor, is measured beside it and judged by the same rule; when it keeps the budget
+   and is faster than the pruned pick (or no pruned variant keeps it), *it* is what the run ships
+   (:func:`ship`; ``confirm.json``'s ``shipped``), and the summary says so first.
 4. **Confirmation**: every variant's drop (and the dense INT8's) is measured again through ONNX Runtime
    on the confirmation rows and written, with its interval, to ``OUT/confirm.json``; summary.md says
    plainly when the confirmation misses the budget.
@@ -123,6 +125,31 @@ def choose(variants: dict[str, dict[str, Any]], max_drop: float | None) -> tuple
     return pick, f"fastest measured of {', '.join(sorted(passing))} (within {max_drop:g} points on the decision rows)"
 
 
+DENSE, PRUNED = "dense", "pruned"
+
+
+def ship(pruned: dict[str, dict[str, Any]], recommended: str | None, why: str, dense_int8: dict[str, Any] | None,
+         max_drop: float | None) -> dict[str, Any]:
+    """What the run ships: ``{"artifact": "pruned" | "dense" | None, "variant", "why"}``.
+
+    The pruned pick (:func:`choose`), unless dense INT8 keeps the budget on the decision rows by the
+    same rule and is faster at the headline shape, or nothing pruned keeps it: the shipped choice is
+    the fastest measured artifact within the budget, whichever model it comes from.
+    """
+    pick = pruned.get(recommended) if recommended else None
+    out = {"artifact": PRUNED if pick is not None else None, "variant": recommended, "why": why}
+    if max_drop is None or dense_int8 is None or dense_int8.get("p50_ms") is None:
+        return out
+    if dense_int8["decision"]["upper"] > max_drop + 1e-9:
+        return out
+    if pick is not None and pick["p50_ms"] <= dense_int8["p50_ms"]:
+        return out
+    because = ("no pruned variant keeps it" if pick is None else
+               f"faster than the pruned model's `{recommended}` ({dense_int8['p50_ms']:.1f} vs {pick['p50_ms']:.1f} ms)")
+    return {"artifact": DENSE, "variant": "int8",
+            "why": f"dense INT8 keeps the budget of {max_drop:g} points on the decision rows and is {because}"}
+
+
 def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confirmation, how: str,
             max_drop: float | None, out_file: Path, confidence: float = DEFAULT_CONFIDENCE,
             threads: int | None = None) -> dict[str, Any]:
@@ -175,7 +202,8 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
     dense_int8 = measure(dense_art, dense_name, "int8", dense_manifest) if dense_int8_p50 is not None \
         and "int8" in (dense_manifest.get("variants") or {}) else None
     recommended, why = choose(pruned, max_drop)
-    shipped = pruned.get(recommended) if recommended else None
+    shipping = ship(pruned, recommended, why, dense_int8, max_drop)
+    shipped = dense_int8 if shipping["artifact"] == DENSE else pruned.get(recommended) if recommended else None
     record = {
         "shape": shape, "confidence": confidence, "max_drop_points": max_drop,
         "decision_rows": {"num_examples": len(decision), "split": decision.split},
@@ -183,9 +211,11 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
         "reference": "dense fp32 artifact (model.onnx), ONNX Runtime",
         "dense_fp32_p50_ms": dense_p50, "dense_int8": dense_int8, "variants": pruned,
         "recommended": recommended, "why": why,
+        "shipped": {**shipping, "path": None if shipping["artifact"] is None
+                    else str(dense_art if shipping["artifact"] == DENSE else pruned_art)},
         "confirmed": None if shipped is None or max_drop is None
         else bool(shipped["confirmation"]["upper"] <= max_drop + 1e-9),
-        "dense_int8_faster": None if shipped is None or dense_int8 is None
+        "dense_int8_faster": None if shipping["artifact"] != PRUNED or dense_int8 is None
         else bool(dense_int8["p50_ms"] < shipped["p50_ms"]),
     }
     with atomic_file(out_file, force=True) as tmp:
@@ -204,12 +234,14 @@ def plot_pareto(record: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     points = [("dense fp32", 1.0, {"drop": 0.0, "low": 0.0, "high": 0.0}, False)]
+    shipped = record.get("shipped") or {"artifact": PRUNED, "variant": record.get("recommended")}
     if record.get("dense_int8") and record["dense_int8"].get("speedup_vs_dense_fp32"):
         points.append(("dense int8", record["dense_int8"]["speedup_vs_dense_fp32"],
-                       record["dense_int8"]["confirmation"], False))
+                       record["dense_int8"]["confirmation"], shipped["artifact"] == DENSE))
     for v, r in record["variants"].items():
         if r.get("speedup_vs_dense_fp32"):
-            points.append((f"pruned {v}", r["speedup_vs_dense_fp32"], r["confirmation"], v == record["recommended"]))
+            points.append((f"pruned {v}", r["speedup_vs_dense_fp32"], r["confirmation"],
+                           shipped["artifact"] == PRUNED and v == shipped["variant"]))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, x, d, shipped in points:
         y = -d["drop"]
@@ -239,5 +271,6 @@ def _set_recommended(artifact: Path, variant: str | None, why: str) -> None:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-__all__ = ["CONFIRM_FILE", "DEFAULT_CONFIRM_FRACTION", "PARETO_PLOT", "plot_pareto", "bits", "choose", "confirm", "from_bits", "headline_shape",
-           "decision_indices", "ort_correct", "rows_fingerprint", "split_eval"]
+__all__ = ["CONFIRM_FILE", "DEFAULT_CONFIRM_FRACTION", "DENSE", "PARETO_PLOT", "PRUNED", "plot_pareto", "bits", "choose",
+           "confirm", "from_bits", "headline_shape", "decision_indices", "ort_correct", "rows_fingerprint", "ship",
+           "split_eval"]

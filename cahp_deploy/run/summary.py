@@ -54,13 +54,16 @@ def promise_lines(confirm: dict[str, Any]) -> list[str]:
     rec = confirm.get("recommended")
     budget = confirm.get("max_drop_points")
     rows = confirm["confirmation_rows"]
-    if rec is None:
+    shipped = confirm.get("shipped") or {"artifact": "pruned" if rec else None, "variant": rec}
+    if shipped["artifact"] is None:
         return [f"Nothing pruned is shipped as recommended: {confirm['why']}. Ship the dense model "
                 f"(or dense INT8) instead."]
-    v = confirm["variants"][rec]
+    dense = shipped["artifact"] == "dense"
+    v = confirm["dense_int8"] if dense else confirm["variants"][rec]
     share = v.get("int8_mac_share")
     int8 = f", {share:.0%} of its weight-MatMul MACs in INT8" if share else ""
-    lines = [f"Shipped: the pruned model's `{rec}` variant ({confirm['why']}{int8})."]
+    lines = [f"Shipped: the dense model's INT8 variant, not a pruned one ({shipped['why']}{int8}; "
+             f"`{shipped['path']}`)." if dense else f"Shipped: the pruned model's `{rec}` variant ({confirm['why']}{int8})."]
     conf = v["confirmation"]
     check = ""
     if budget is not None:
@@ -76,6 +79,14 @@ def promise_lines(confirm: dict[str, Any]) -> list[str]:
     speed = f"Measured speed at {_shape(confirm['shape'])}: {v['speedup_vs_dense_fp32']:.2f}x vs dense fp32" \
         if v.get("speedup_vs_dense_fp32") else "Speed: not measured at the headline shape"
     di = confirm.get("dense_int8")
+    if dense:
+        best = confirm["variants"].get(rec) if rec else None
+        lines.append(speed + ".")
+        lines.append("Plainly: at this budget quantizing the dense model beats pruning it" + (
+            f"; the pruned model's best variant within the budget, `{rec}`, runs {best['speedup_vs_dense_fp32']:.2f}x "
+            f"vs dense fp32" if best is not None and best.get("speedup_vs_dense_fp32") else
+            "; no pruned variant kept the budget on the decision rows") + ".")
+        return lines
     if di is not None and v.get("speedup_vs_dense_int8"):
         speed += (f", {v['speedup_vs_dense_int8']:.2f}x vs dense INT8 (the honest competitor: "
                   f"{_drop_words(di['confirmation'])} on its own)")
