@@ -148,6 +148,13 @@ def test_run_cli_with_impossible_budget_stops_in_one_line_without_artifact(plant
     record = json.loads((out / "search" / "search.json").read_text())
     assert record["chosen_k"] is None and record["tried"][-1]["k"] == 16  # it did try the dense-sized one
     assert not list((out / "search").glob("k*/model"))  # no candidate model left behind
+    # the dir is a run dir: a rerun (here the same budget) resumes and reuses every candidate recovered
+    assert (out / "run.json").is_file()
+    code, _, err = cli(
+        "run", dense, "--data", data, "--out", out, "--max-accuracy-drop", "0", "--recover-epochs", "2",
+        "--recover-lr", "0.5", "--no-timing", "--batch", "1", "--seq", "16", "--no-traffic",
+    )
+    assert code != 0 and err.count("done before, reused") == len(record["tried"]), err
 
 
 def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhaustive, tmp_path):

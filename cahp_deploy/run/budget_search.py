@@ -164,8 +164,8 @@ def search_k(
             raise CahpError(
                 f"no head count meets --max-accuracy-drop {max_drop:g}: even k={ks[-1]} reaches "
                 f"{100 * last.accuracy:.2f}% against the dense {100 * dense_accuracy:.2f}%{bound} "
-                f"(best tried: k={best.k} at {100 * best.accuracy:.2f}%); allow a larger drop, "
-                "recover for more epochs, or keep the dense model"
+                f"(best tried: k={best.k} at {100 * best.accuracy:.2f}%); allow a larger drop (rerun into the same "
+                "--out: the candidates already recovered are reused), recover for more epochs, or ship dense INT8"
             )
         fail, step = i, step * 2
     # Bisect: ks[fail] fails, ks[ok] passes.

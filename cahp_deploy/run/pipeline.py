@@ -360,6 +360,7 @@ def run(
             distributed.serve()  # select's and recover's collectives, as rank 0 calls them; writes nothing
             return None
     existed = out.exists()
+    record = None
     try:
         record = RunRecord(out, force, say=console.print)
         plan = _Plan(
@@ -375,6 +376,8 @@ def run(
     except BaseException:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # failed before the first stage finished: leave no empty dir behind
+        elif record is not None and out.is_dir() and not record.path.is_file():
+            record.save()  # work left behind (a failed search's recovered candidates): a rerun resumes there
         raise
     return result
 
