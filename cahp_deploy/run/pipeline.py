@@ -229,7 +229,8 @@ def run(
     dynamic INT8 (the exported INT8 graph's rounding); None (default): on when INT8 is exported,
     because measured on minilm-sst5's knee (15 heads) the recovered model's INT8 graph then passes the
     accuracy gate with every MatMul INT8 (2.71x vs dense fp32 at b32x128; 0.05 points *above* its fp32 on
-    test), where plain recovery's keeps 95 % of the MACs fp32 (1.31x) at the same test accuracy. ``max_accuracy_drop`` (points on
+    test), where plain recovery's keeps 95 % of the MACs fp32 (1.31x) at the same test accuracy.
+    ``max_accuracy_drop`` (points on
     the evaluation split) replaces select/prune/recover by the CAHP budget search, decided on the upper
     confidence bound (``confidence``) of the paired drop, on decision rows only; ``confirm_split`` (or a
     held-out ``confirm_fraction`` of the evaluation split) confirms the shipped artifact on rows no
