@@ -45,7 +45,7 @@ from cahp_deploy.selection.representatives import (
 )
 from cahp_deploy.selection.result import Selection
 from cahp_deploy.selection.separability import class_pairs, jm_profiles
-from cahp_deploy.signals.precision import PRECISIONS
+from cahp_deploy.signals.precision import check_precision
 
 #: CAHP's passes over the data also feed ``ctx.ffn`` (FFN neuron evidence), see MethodContext.
 FEEDS_FFN = True
@@ -92,8 +92,7 @@ def cahp_options(options: dict[str, Any] | None) -> dict[str, Any]:
     if not 0.0 < float(opts["auto_overlap"]) <= 1.0:
         raise CahpError(f"auto_overlap must be in (0, 1], got {opts['auto_overlap']}")
     opts["auto_overlap"] = float(opts["auto_overlap"])
-    if opts["precision"] not in PRECISIONS:
-        raise CahpError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts['precision']!r}")
+    check_precision(opts["precision"])
     return opts
 
 

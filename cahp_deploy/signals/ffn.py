@@ -119,8 +119,7 @@ class FfnCollector:
         if any(f is None for f in self._features):
             raise CahpError("the FFN hooks saw no activations in this batch; is the model's FFN where arch.py says?")
         index = class_index(self.classes, labels)
-        with full_precision(self._mask.device.type):
-            self.acc.update(torch.cat(self._features, dim=1), torch.as_tensor(index))
+        self.acc.update(torch.cat(self._features, dim=1), torch.as_tensor(index))
         if gate_grads is not None:
             self.salience += torch.cat([g.abs().sum(dim=0) for g in gate_grads]).to(torch.float64)
             self.salience_examples += len(labels)

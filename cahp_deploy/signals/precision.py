@@ -39,10 +39,15 @@ def bf16_native(device_type: str = "cpu") -> bool:
         return False
 
 
-def resolve_precision(precision: str, device_type: str = "cpu") -> str:
-    """``auto`` -> ``bf16`` where native, else ``fp32``; an explicit choice is kept (checked)."""
+def check_precision(precision: str) -> None:
+    """A :class:`CahpError` unless ``precision`` is one of :data:`PRECISIONS`."""
     if precision not in PRECISIONS:
         raise CahpError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def resolve_precision(precision: str, device_type: str = "cpu") -> str:
+    """``auto`` -> ``bf16`` where native, else ``fp32``; an explicit choice is kept (checked)."""
+    check_precision(precision)
     if precision == "auto":
         return "bf16" if bf16_native(device_type) else "fp32"
     return precision
@@ -61,4 +66,4 @@ def full_precision(device_type: str = "cpu") -> contextlib.AbstractContextManage
     return torch.autocast(device_type, enabled=False)
 
 
-__all__ = ["PRECISIONS", "bf16_native", "evidence_precision", "full_precision", "resolve_precision"]
+__all__ = ["PRECISIONS", "bf16_native", "check_precision", "evidence_precision", "full_precision", "resolve_precision"]
