@@ -15,6 +15,7 @@ import random
 import pytest
 
 from cahp_deploy.run import accuracy_budget
+from cahp_deploy.run.budget_search import ladder
 
 from conftest import _FILLER, _WORDS, build_tiny_model, tokenizer_dir
 
@@ -60,7 +61,7 @@ def planted(tmp_path_factory):
     return root, data, dense
 
 
-def settings_for(data, dense, max_drop, recover=RECOVER):
+def settings_for(data, dense, max_drop, recover=RECOVER, choice_data=None, search_step=None):
     from cahp_deploy.data import load_labelled
     from cahp_deploy.run.pipeline import model_sha256
 
@@ -68,7 +69,7 @@ def settings_for(data, dense, max_drop, recover=RECOVER):
         model=str(dense), data=str(data), model_sha256=model_sha256(dense),
         select_data=load_labelled(data, "train"), eval_data=load_labelled(data, "validation"),
         recover_split="train", columns=COLUMNS, seed=0, cahp_options={}, recover=recover,
-        eval_max_examples=None, max_drop=max_drop,
+        eval_max_examples=None, max_drop=max_drop, choice_data=choice_data, search_step=search_step,
     )
 
 
@@ -88,8 +89,9 @@ def exhaustive(planted):
     search_root = root / "search"
     search_root.mkdir()
     evidence = accuracy_budget.collect(settings, search_root)
-    ks = accuracy_budget.candidate_ks(evidence.knee.k, evidence.num_heads)
-    assert ks[0] == evidence.knee.k and ks[-1] == 16  # from the knee to every head
+    rungs = ladder(evidence.knee.k, evidence.num_heads)  # 16 heads: a rung per head
+    assert rungs == list(range(16, evidence.knee.k - 1, -1))
+    ks = rungs[::-1]
     from cahp_deploy.paired import correct
 
     net, tok = load_classifier(dense)
@@ -115,7 +117,7 @@ def test_search_picks_the_smallest_k_whose_drop_bound_meets_the_budget(planted, 
     assert record["chosen_k"] == ks[j] and record["error"] is None
     assert record["dense_accuracy"] == pytest.approx(dense_acc)
     tried = [c["k"] for c in record["tried"]]
-    assert tried[0] == ks[0] and len(tried) < len(ks)  # the knee first, and not every k
+    assert tried == ks[j - 1:][::-1] and record["stopped_at"] == ks[j - 1]  # every head down to the first miss
     for c in record["tried"]:  # each candidate tried reports both accuracies, its drop, its time and its size
         assert c["accuracy_after"] == pytest.approx(table[c["k"]]) and 0 <= c["accuracy_before"] <= 1
         assert c["drop"]["upper"] == pytest.approx(upper[c["k"]]) and c["drop"]["upper"] >= c["drop"]["drop"]
@@ -163,18 +165,19 @@ def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhau
     _, data, dense = planted
     _, ks, dense_acc, table, _ = exhaustive
     out = tmp_path / "run"
-    result = run(dense, data, out, max_accuracy_drop=100.0, recover_epochs=1, recover_lr=1e-4,
+    result = run(dense, data, out, max_accuracy_drop=100.0, search_step=8, recover_epochs=1, recover_lr=1e-4,
                  recover_options={"batch_size": 16, "freeze_embeddings": False}, seed=0, timing=False,
                  batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1, traffic=False,
                  variants=("optimized",))
     record = json.loads((out / "run.json").read_text())
     assert list(record["stages"]) == ["search", "export-dense", "export-pruned", "bench", "confirm"]
     search = json.loads((out / "search" / "search.json").read_text())
-    assert search["chosen_k"] == ks[0] and len(search["tried"]) == 1  # any accuracy will do: the knee
+    # any accuracy will do: every rung passes, down to the knee
+    assert search["chosen_k"] == ks[0] and [c["k"] for c in search["tried"]] == ladder(ks[0], 16, 8)
     manifest = json.loads((out / "artifacts" / "pruned" / "manifest.json").read_text())
-    assert sum(len(h) for h in manifest["kept_heads"]) == search["tried"][0]["details"]["heads_kept"]
+    assert sum(len(h) for h in manifest["kept_heads"]) == search["tried"][-1]["details"]["heads_kept"]
     text = (out / "summary.md").read_text()
-    assert text.splitlines()[4].startswith("- Shipped: the pruned model's `optimized` variant (fastest measured of ")
+    assert text.splitlines()[4].startswith("- Shipped: the pruned model's `optimized` variant (fastest measured artifact")
     assert "the budget of 100 points HOLDS" in text and "within 100 points of dense" in text
     confirm = json.loads((out / "confirm.json").read_text())
     assert manifest["recommended"] == confirm["recommended"] == "optimized"
@@ -186,3 +189,25 @@ def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhau
     assert manifest["parity_data"]["num_examples"] == 54 and "the rest held out" in manifest["parity_data"]["rows"]
     assert "before recovery" in text and "Accuracy budget search" in text and "tradeoff.png" in text
     assert result["summary"]["search"]["chosen_k"] == ks[0]
+
+
+def test_a_candidate_recovery_made_worse_is_judged_only_pruned(planted, tmp_path):
+    """Recovery at a learning rate that wrecks the model, on 100 of the 150 train rows: compared on the
+    50 rows it did not train on, the only-pruned version wins, is judged, and is the model kept; at
+    k = 16 (every head) that is the dense model itself, so its drop is exactly zero."""
+    from cahp_deploy.data import load_labelled
+    from cahp_deploy.recovery import unused_rows
+
+    _, data, dense = planted
+    wreck = dict(RECOVER, lr=0.5, max_examples=100)
+    choice = unused_rows(load_labelled(data, "train"), 100, 0, accuracy_budget.CHOICE_ROWS)
+    assert len(choice) == 50
+    record = accuracy_budget.search(settings_for(data, dense, 5.0, wreck, choice, search_step=8), tmp_path / "s")
+    first = record["tried"][0]
+    assert first["k"] == 16 and first["judged"] == "pruned" and first["drop"]["drop"] == 0.0
+    choice_record = first["details"]["choice"]
+    assert choice_record["rows"] == 50 and choice_record["accuracy_pruned"] > choice_record["accuracy_recovered"]
+    assert record["choice_rows"] == {"split": "train", "num_examples": 50}
+    assert [c["k"] for c in record["tried"]][:2] == [16, 8]  # the ladder with a step of 8
+    model = accuracy_budget.chosen_model(tmp_path / "s")
+    assert not (model / "recovery.json").is_file() and (model.parent / "recovery.json").is_file()

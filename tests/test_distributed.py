@@ -331,17 +331,18 @@ def test_budget_search_under_a_launcher_tries_what_one_process_tries(two_rank_ru
     """Rank 0 decided each next candidate; both ranks recovered it; the error left no model behind."""
     from cahp_deploy.errors import CahpError
     from cahp_deploy.methods.runner import select
-    from cahp_deploy.run.budget_search import CandidateResult, search_k
+    from cahp_deploy.run.budget_search import CandidateResult, ladder, search_k
 
     search = json.loads((two_rank_runs / "search" / "search" / "search.json").read_text())
-    # one process's knee, and the candidates a search from it tries when every one fails
+    # one process's knee and ladder, and the candidates a search down it tries when every one fails
     knee = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, options=OPTS,
                   show_progress=False).knee
     expected: list[int] = []
     with pytest.raises(CahpError):
-        search_k(list(range(knee, 13)), lambda k: expected.append(k) or CandidateResult(k, 0.0), 1.0, 0.0)
+        search_k(ladder(knee, 12), lambda k: expected.append(k) or CandidateResult(k, 0.0), 1.0, 0.0)
     tried = [c["k"] for c in search["tried"]]
-    assert search["knee"]["k"] == knee and tried == expected and len(tried) >= 3 and search["chosen_k"] is None
+    assert search["knee"]["k"] == knee and search["candidates_k"] == ladder(knee, 12)
+    assert tried == expected == [12] and search["chosen_k"] is None  # every head first: it misses, the search stops
     assert "no head count meets" in search["error"]
     for k in tried:
         assert json.loads((two_rank_runs / "search" / "search" / f"k{k:03d}" / "recovery.json").read_text())[

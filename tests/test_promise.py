@@ -44,29 +44,36 @@ def _variant(upper: float, p50: float | None, drop: float = 0.0) -> dict:
     return {"decision": d, "confirmation": d, "p50_ms": p50}
 
 
-def test_choose_ships_the_fastest_measured_variant_within_the_budget():
-    variants = {"optimized": _variant(0.8, 300.0), "int8": _variant(1.4, 200.0), "fp32": _variant(0.8, 320.0)}
-    assert promise.choose(variants, 1.0)[0] == "optimized"  # int8 is faster but its bound misses
-    assert promise.choose(variants, 1.5)[0] == "int8"
-    assert promise.choose(variants, 0.5) == (None, promise.choose(variants, 0.5)[1])
-    assert "no pruned variant" in promise.choose(variants, 0.5)[1]
-    assert promise.choose(variants, None)[0] == "optimized"  # no budget: the fp32-exact graph
-    assert promise.choose({"int8": _variant(0.1, None)}, 1.0)[0] is None  # untimed: never chosen
+def test_ship_tests_in_order_of_latency_from_the_fp32_exact_graph_and_stops_at_the_first_miss():
+    pruned = {"optimized": _variant(0.8, 300.0), "int8": _variant(1.4, 200.0), "fp32": _variant(0.8, 320.0)}
+    got = promise.ship(pruned, None, 1.0)
+    assert (got["artifact"], got["variant"], got["recommended"]) == ("pruned", "optimized", "optimized")
+    assert [(t["variant"], t["passed"]) for t in got["tested"]] == [("optimized", True), ("int8", False)]  # fp32: slower
+    assert promise.ship(pruned, None, 1.5)["variant"] == "int8"
+    nothing = promise.ship(pruned, None, 0.5)
+    assert nothing["artifact"] is None and nothing["recommended"] is None and "misses 0.5 points" in nothing["why"]
+    free = promise.ship(pruned, None, None)
+    assert free["variant"] == "optimized" and free["tested"] == []  # no budget: the fp32-exact graph
+    assert promise.ship({"int8": _variant(0.1, None)}, None, 1.0)["artifact"] is None  # untimed: never shipped
+    assert promise.ship({"fp32": _variant(0.1, 320.0)}, None, 1.0)["variant"] == "fp32"  # no optimized: the slowest
 
 
 def test_ship_is_the_fastest_artifact_within_the_budget_dense_int8_included():
     pruned = {"optimized": _variant(0.8, 300.0), "int8": _variant(0.9, 200.0)}
-    rec, why = promise.choose(pruned, 1.0)
-    assert rec == "int8"
     slower, faster, missing = _variant(0.3, 250.0), _variant(0.3, 150.0), _variant(1.2, 100.0)
-    assert promise.ship(pruned, rec, why, slower, 1.0) == {"artifact": "pruned", "variant": "int8", "why": why}
-    shipped = promise.ship(pruned, rec, why, faster, 1.0)
-    assert shipped["artifact"] == "dense" and shipped["variant"] == "int8" and "150.0 vs 200.0 ms" in shipped["why"]
-    assert promise.ship(pruned, rec, why, missing, 1.0)["artifact"] == "pruned"  # its bound misses the budget
-    assert promise.ship(pruned, rec, why, faster, None)["artifact"] == "pruned"  # no budget: nothing to judge by
-    nothing, why0 = promise.choose(pruned, 0.5)
-    assert promise.ship(pruned, nothing, why0, _variant(0.3, 250.0), 0.5)["why"].endswith("no pruned variant keeps it")
-    assert promise.ship(pruned, nothing, why0, missing, 0.5)["artifact"] is None
+    got = promise.ship(pruned, slower, 1.0)  # optimized 300 -> dense int8 250 -> pruned int8 200: all pass
+    assert (got["artifact"], got["variant"], got["recommended"]) == ("pruned", "int8", "int8")
+    assert [t["artifact"] for t in got["tested"]] == ["pruned", "dense", "pruned"]
+    got = promise.ship(pruned, faster, 1.0)
+    assert (got["artifact"], got["variant"], got["recommended"]) == ("dense", "int8", "int8")
+    assert "dense int8 150.0 ms passes" in got["why"]
+    got = promise.ship(pruned, missing, 1.0)  # dense int8 is the fastest, and misses: the pruned int8 before it
+    assert (got["artifact"], got["variant"]) == ("pruned", "int8") and got["tested"][-1]["passed"] is False
+    got = promise.ship({"optimized": _variant(0.8, 300.0), "int8": _variant(0.9, 120.0)}, _variant(1.2, 200.0), 1.0)
+    assert (got["artifact"], got["variant"]) == ("pruned", "optimized")  # dense int8 misses first: no further look
+    assert promise.ship(pruned, faster, None)["artifact"] == "pruned"  # no budget: nothing to judge by
+    slow_dense = promise.ship(pruned, _variant(0.3, 400.0), 1.0)
+    assert all(t["artifact"] == "pruned" for t in slow_dense["tested"])  # slower than the pruned graph: not tested
 
 
 def _confirm(conf_upper: float, int8_faster: bool) -> dict:

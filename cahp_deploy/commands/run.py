@@ -62,10 +62,13 @@ def run_options(f):
                      help="Recovery is quantization-aware: it trains under the rounding of the INT8 export "
                           "[on when INT8 is exported: the pruned INT8 graph then keeps every MatMul INT8; ~2x recovery time]."),
         click.option("--max-accuracy-drop", default=None, type=float,
-                     help="Accuracy budget in points: start at CAHP's knee and add heads (bisection over the cluster "
-                          "sweep) until the upper confidence bound of the recovered model's paired drop vs dense, on "
-                          "--eval-split's decision rows, is within P; the shipped variant is then confirmed on rows no "
-                          "decision saw."),
+                     help="Accuracy budget in points: test a ladder of head counts from every head down to CAHP's "
+                          "knee, in order, while the upper confidence bound of each candidate's paired drop vs dense, "
+                          "on --eval-split's decision rows, is within P (recovered, or only pruned when that is better "
+                          "on recovery rows it did not train on); ship the fastest measured artifact that keeps it, "
+                          "confirmed on rows no decision saw."),
+        click.option("--search-step", default=None, type=int,
+                     help="With --max-accuracy-drop: heads between the ladder's rungs [about a twelfth of the heads]."),
         click.option("--confirm-split", default=None,
                      help="Split that confirms the shipped artifact on rows no decision saw [a held-out part of --eval-split]."),
         click.option("--confirm-fraction", default=None, type=float,

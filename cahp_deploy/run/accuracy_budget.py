@@ -7,10 +7,17 @@ candidate is kept. With ``ffn_keep_ratio`` every candidate also keeps that share
 
 CAHP's evidence (signatures, profiles, the cluster sweep, the knee) is collected once. Each candidate
 k is a cut of that sweep (:func:`cahp_deploy.methods.cahp.select_at`, guard included), pruned,
-recovered and measured on the evaluation split; :func:`cahp_deploy.run.budget_search.search_k` decides
-which k to try (the knee first, then galloping and bisection towards more heads), so a search costs
-a handful of recoveries, not one per k. The last candidate is k = N: every head kept, the dense-sized
-model, recovered like the others.
+recovered and measured on the evaluation split; :func:`cahp_deploy.run.budget_search.search_k` tests
+a ladder of k fixed in advance, from every head (k = N, the dense-sized model) down towards the knee,
+and stops at the first rung that misses, so a search costs a few recoveries and its many looks at
+the decision rows do not inflate the chance of a false pass.
+
+**Recovered or only pruned?** Recovery on a small sample can make a near-dense candidate *worse*
+(measured on MNLI: unrecovered k=65 scored 67.30%, recovered 66.45%, dense 66.95%). Each candidate
+is therefore measured both ways on ``choice_data``, rows of the recovery split the fine-tune did not
+train on (:func:`cahp_deploy.recovery.unused_rows`), and the better version is the one judged and
+kept. Those rows are never decision rows, so choosing costs the budget's test nothing. When recovery
+trains on the whole split there are no such rows and the recovered version is judged.
 
 Layout of ``OUT/search/`` (a candidate done is never redone while its inputs are unchanged, so an
 interrupted search resumes where it stopped)::
@@ -20,7 +27,7 @@ interrupted search resumes where it stopped)::
     evidence.pkl       CAHP's evidence (so a resumed search does not run the model again)
     k015/              one dir per candidate (k = clusters; the guard may keep a few heads more)
         selection.json  candidate.json  pruning.json  recovery.json
-        model/         the candidate's final model (recovered, or only pruned with --no-recover);
+        model/         the candidate's judged model (recovered, or only pruned: see above);
                        removed for the candidates not chosen once the search is over
 
 Accuracy here is PyTorch's, on the *decision rows* (``eval_data``: the evaluation split, or its part
@@ -45,7 +52,7 @@ import numpy as np
 
 from cahp_deploy import distributed
 from cahp_deploy.atomic import atomic_dir, atomic_file
-from cahp_deploy.run.budget_search import CandidateResult, SearchResult, search_k
+from cahp_deploy.run.budget_search import RULE, CandidateResult, SearchResult, ladder, search_k
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_json
 from cahp_deploy.paired import DEFAULT_CONFIDENCE, paired_drop
@@ -58,6 +65,8 @@ TRADEOFF_PLOT = "tradeoff.png"
 EVIDENCE_FILE = "evidence.pkl"
 CANDIDATE_FILE = "candidate.json"
 MODEL_DIR = "model"
+#: recovery-split rows (at most) a candidate's recovered and only-pruned versions are compared on
+CHOICE_ROWS = 1000
 
 
 @dataclass
@@ -84,6 +93,8 @@ class SearchSettings:
     confidence: float = DEFAULT_CONFIDENCE
     ffn_keep_ratio: float | None = None
     ffn_method: str = "cahp"
+    choice_data: Any = None  # LabelledData: recovery-split rows recovery does not train on (or None)
+    search_step: int | None = None  # heads between the ladder's rungs (None: about N / 12)
 
     def evidence_key(self) -> str:
         return sha256_json({
@@ -99,6 +110,8 @@ class SearchSettings:
             "eval_split": self.eval_data.split, "eval_rows": len(self.eval_data),
             "eval_rows_sha256": rows_fingerprint(self.eval_data), "ffn_keep_ratio": self.ffn_keep_ratio,
             "ffn_method": self.ffn_method if self.ffn_keep_ratio is not None else None,
+            "choice_rows_sha256": None if self.choice_data is None or self.recover is None
+            else rows_fingerprint(self.choice_data),
         })
 
 
@@ -155,13 +168,8 @@ def collect_evidence_of(model: str, select_data, seed: int, cahp_options: dict[s
         return collect_evidence(ctx)
 
 
-def candidate_ks(knee: int, num_heads: int) -> list[int]:
-    """Every k from the knee up to N (every head its own cluster: the dense-sized candidate)."""
-    return list(range(max(1, int(knee)), int(num_heads) + 1))
-
-
 def _correct(model_dir: Path, eval_data) -> np.ndarray:
-    """Per-row correctness of a model dir (PyTorch) on the decision rows."""
+    """Per-row correctness of a model dir (PyTorch) on ``eval_data``."""
     from cahp_deploy import evaluation
     from cahp_deploy.modeling import load_classifier
     from cahp_deploy.paired import correct
@@ -219,7 +227,7 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
         record["accuracy_before"] = float(before.mean())
         record["correct_before"] = bits(before)
         if settings.recover is None:
-            record["accuracy_after"] = None
+            record["accuracy_after"], record["judged"] = None, PRUNED
             final = pruned
         else:
             # accuracy is measured here, on the decision rows, not by recover()
@@ -232,7 +240,10 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
             record["accuracy_after"] = float(after.mean())
             record["correct_after"] = bits(after)
             record["recovery_seconds"] = rec["total_seconds"]
+            record["judged"], record["choice"] = _judge(pruned, final, settings.choice_data)
             shutil.copy2(final / recovery.RECOVERY_FILE, tmp / recovery.RECOVERY_FILE)
+            if record["judged"] == PRUNED:
+                pruned, final = final, pruned
             shutil.rmtree(pruned)
         shutil.copy2(final / "pruning.json", tmp / "pruning.json")  # the numbers outlive the model
         final.rename(tmp / MODEL_DIR)
@@ -242,6 +253,20 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
             json.dump(record, f, indent=2)
             f.write("\n")
     return record
+
+
+RECOVERED, PRUNED = "recovered", "pruned"
+
+
+def _judge(pruned: Path, recovered: Path, choice_data) -> tuple[str, dict[str, Any] | None]:
+    """Which version of a candidate the budget judges: the more accurate on ``choice_data`` (rows no
+    decision and no recovery uses; ties go to the recovered one), or the recovered one without them."""
+    if choice_data is None:
+        return RECOVERED, None
+    acc = {name: float(_correct(path, choice_data).mean()) for name, path in ((PRUNED, pruned), (RECOVERED, recovered))}
+    judged = PRUNED if acc[PRUNED] > acc[RECOVERED] else RECOVERED
+    return judged, {"rows": len(choice_data), "split": choice_data.split, "accuracy_pruned": acc[PRUNED],
+                    "accuracy_recovered": acc[RECOVERED]}
 
 
 def _cached(dest: Path, key: str, need_model: bool) -> dict[str, Any] | None:
@@ -259,16 +284,17 @@ def _cached(dest: Path, key: str, need_model: bool) -> dict[str, Any] | None:
 
 def _as_result(record: dict[str, Any], dense_correct: np.ndarray | None, confidence: float) -> CandidateResult:
     drop = None
+    judged = record.get("judged") or (RECOVERED if record.get("correct_after") else PRUNED)
     if dense_correct is not None:
-        final = record.get("correct_after") or record["correct_before"]
+        final = record["correct_after"] if judged == RECOVERED else record["correct_before"]
         drop = paired_drop(dense_correct, from_bits(final), confidence).to_dict()
     return CandidateResult(
         k=int(record["k"]), accuracy_before=float(record["accuracy_before"]),
         accuracy_after=None if record["accuracy_after"] is None else float(record["accuracy_after"]),
         seconds=float(record["seconds"]),
         details={key: record.get(key) for key in ("heads_kept", "neurons_kept", "flop_ceiling_speedup",
-                                                  "params_after", "params_before")},
-        drop=drop,
+                                                  "params_after", "params_before", "choice")},
+        drop=drop, judged=judged,
     )
 
 
@@ -291,8 +317,8 @@ def measure_candidate(settings: SearchSettings, evidence, k: int, root: Path,
         f"; drop {result.drop['drop']:+.2f} points, upper bound {result.drop['upper']:.2f}"
     settings.say(
         f"search: k={k} ({record['heads_kept']} heads): {100 * result.accuracy_before:.2f}% before recovery"
-        + ("" if result.accuracy_after is None else f", {100 * result.accuracy_after:.2f}% after")
-        + f"{bound} ({result.seconds:.0f} s)"
+        + ("" if result.accuracy_after is None else f", {100 * result.accuracy_after:.2f}% after; judged: "
+           f"{result.judged}") + f"{bound} ({result.seconds:.0f} s)"
     )
     return result
 
@@ -315,10 +341,11 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     dense_accuracy = float(dense_correct.mean())
     del net
     evidence = collect(settings, root)
-    ks = candidate_ks(evidence.knee.k, evidence.num_heads)
+    ks = ladder(evidence.knee.k, evidence.num_heads, settings.search_step)
     settings.say(
         f"search: dense {100 * dense_accuracy:.2f}% on {settings.eval_data.split} ({len(settings.eval_data)} rows); "
-        f"budget {settings.max_drop:g} points; candidates k = {ks[0]} (knee) .. {ks[-1]} (every head)"
+        f"budget {settings.max_drop:g} points; ladder k = {', '.join(map(str, ks))} (every head first, the knee "
+        "last), tested in order until the first miss"
     )
 
     def write(found: SearchResult | None, tried: list[CandidateResult], error: str | None) -> dict[str, Any]:
@@ -326,7 +353,7 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
             "dense_accuracy": dense_accuracy,
             "max_drop_points": settings.max_drop,
             "threshold": dense_accuracy - settings.max_drop / 100.0,
-            "rule": f"paired drop vs dense, one-sided {settings.confidence:.0%} upper bound <= max_drop_points",
+            "rule": f"paired drop vs dense, one-sided {settings.confidence:.0%} upper bound <= max_drop_points; {RULE}",
             "confidence": settings.confidence,
             "ffn_keep_ratio": settings.ffn_keep_ratio,
             "eval": settings.eval_data.provenance(),
@@ -335,7 +362,10 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
             "recover": settings.recover,
             "knee": evidence.knee.to_dict(),
             "candidates_k": ks,
+            "choice_rows": None if settings.choice_data is None or settings.recover is None
+            else {"split": settings.choice_data.split, "num_examples": len(settings.choice_data)},
             "tried": [c.to_dict() for c in tried],
+            "stopped_at": None if found is None else found.stopped_at,
             "chosen_k": None if found is None else found.chosen.k,
             "chosen_dir": None if found is None else _candidate_dir(root, found.chosen.k).name,
             "error": error,
@@ -395,7 +425,8 @@ def plot_tradeoff(record: dict[str, Any], path: Path) -> None:
     ax.scatter(xs, [100 * c["accuracy_before"] for c in tried], marker="o", facecolors="none",
                edgecolors="tab:gray", label="pruned, before recovery")
     if any(c["accuracy_after"] is not None for c in tried):
-        ax.scatter(xs, [100 * c["accuracy"] for c in tried], marker="o", color="tab:blue", label="after recovery")
+        ax.scatter(xs, [100 * c["accuracy"] for c in tried], marker="o", color="tab:blue",
+                   label="judged version (recovered or only pruned)")
     for c, x in zip(tried, xs):
         ax.annotate(f"{c['details']['heads_kept']}h", (x, 100 * c["accuracy"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
@@ -418,5 +449,5 @@ def plot_tradeoff(record: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["SearchSettings", "candidate_ks", "chosen_model", "collect", "collect_evidence_of", "measure_candidate",
+__all__ = ["SearchSettings", "chosen_model", "collect", "collect_evidence_of", "measure_candidate",
            "plot_tradeoff", "search"]

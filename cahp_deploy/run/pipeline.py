@@ -6,9 +6,9 @@
       └───────────────────────────────────────────────────────────────────export─▶ OUT/artifacts/dense/ ──────────┴─bench─▶ OUT/report/
 
 With ``max_accuracy_drop`` (``--max-accuracy-drop P``), select/prune/recover become one ``search``
-stage (:mod:`cahp_deploy.run.accuracy_budget`, into ``OUT/search/``) that tries CAHP cuts from the knee
-towards more heads until the recovered model is within P points of dense; export takes its chosen
-model. Either way ``OUT/summary.md`` answers the user's question first, in words.
+stage (:mod:`cahp_deploy.run.accuracy_budget`, into ``OUT/search/``) that tests CAHP cuts down a ladder
+from every head towards the knee while the candidate stays within P points of dense; export takes the
+last one that passed. Either way ``OUT/summary.md`` answers the user's question first, in words.
 
 ``OUT/run.json`` records, per stage, the hashes of the inputs it saw (model files, data files, the
 upstream output, its options), its output's hash and its time. A rerun skips a stage whose output still
@@ -195,6 +195,7 @@ def run(
     distill: bool = False,
     qat: bool | None = None,
     max_accuracy_drop: float | None = None,
+    search_step: int | None = None,
     confirm_split: str | None = None,
     confirm_fraction: float | None = None,
     confidence: float | None = None,
@@ -231,7 +232,8 @@ def run(
     accuracy gate with every MatMul INT8 (2.71x vs dense fp32 at b32x128; 0.05 points *above* its fp32 on
     test), where plain recovery's keeps 95 % of the MACs fp32 (1.31x) at the same test accuracy.
     ``max_accuracy_drop`` (points on
-    the evaluation split) replaces select/prune/recover by the CAHP budget search, decided on the upper
+    the evaluation split) replaces select/prune/recover by the CAHP budget search (a ladder of
+    ``search_step`` heads per rung), decided on the upper
     confidence bound (``confidence``) of the paired drop, on decision rows only; ``confirm_split`` (or a
     held-out ``confirm_fraction`` of the evaluation split) confirms the shipped artifact on rows no
     decision saw (:mod:`cahp_deploy.run.promise`).
@@ -282,7 +284,10 @@ def run(
     if confidence is not None and not 0.5 < confidence < 1.0:
         raise CahpError(f"--confidence must be in (0.5, 1), got {confidence}")
     _check_positive(recover_epochs=recover_epochs if recover else None, recover_lr=recover_lr,
-                    recover_max_examples=recover_max_examples, eval_max_examples=eval_max_examples)
+                    recover_max_examples=recover_max_examples, eval_max_examples=eval_max_examples,
+                    search_step=search_step)
+    if search_step is not None and max_accuracy_drop is None:
+        raise CahpError("--search-step sets the accuracy budget's ladder; give --max-accuracy-drop too")
     if console is None:
         from rich.console import Console
 
@@ -370,7 +375,7 @@ def run(
             eval_max_examples=eval_max_examples, export_kwargs=export_kwargs, bench_kwargs=bench_kwargs,
             decision=decision, confirmation=confirmation, confirm_how=how,
             confidence=DEFAULT_CONFIDENCE if confidence is None else float(confidence),
-            ffn_keep_ratio=ffn_keep_ratio, ffn_method=ffn_method or "cahp",
+            ffn_keep_ratio=ffn_keep_ratio, ffn_method=ffn_method or "cahp", search_step=search_step,
         )
         with distributed.leading():
             result = _run_stages(record, model, data, out, plan)
@@ -421,6 +426,7 @@ class _Plan:
     confidence: float = DEFAULT_CONFIDENCE
     ffn_keep_ratio: float | None = None
     ffn_method: str = "cahp"
+    search_step: int | None = None
 
 
 def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, model_hash: str):
@@ -469,6 +475,15 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
     from cahp_deploy.run import accuracy_budget
 
     options = dict(plan.select_kwargs.get("options") or {})
+    choice = None
+    if plan.recover_kwargs is not None:  # recovery-split rows the fine-tune does not train on: recovered or not?
+        from cahp_deploy.data import load_labelled
+        from cahp_deploy.recovery import unused_rows
+
+        split = plan.select_data if plan.select_data.split == plan.recover_split else \
+            load_labelled(data, plan.recover_split, **plan.columns)
+        choice = unused_rows(split, plan.recover_kwargs.get("max_examples"), int(plan.select_kwargs.get("seed", 42)),
+                             accuracy_budget.CHOICE_ROWS)
     settings = accuracy_budget.SearchSettings(
         model=model, data=data, model_sha256=model_hash,
         select_data=plan.select_data.head(plan.select_kwargs.get("max_examples")),
@@ -476,7 +491,8 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
         recover_split=plan.recover_split, columns=plan.columns, seed=int(plan.select_kwargs.get("seed", 42)),
         cahp_options=options, recover=plan.recover_kwargs, eval_max_examples=plan.eval_max_examples,
         max_drop=float(plan.max_accuracy_drop), say=record.say, confidence=plan.confidence,
-        ffn_keep_ratio=plan.ffn_keep_ratio, ffn_method=plan.ffn_method,
+        ffn_keep_ratio=plan.ffn_keep_ratio, ffn_method=plan.ffn_method, choice_data=choice,
+        search_step=plan.search_step,
     )
     search_dir = out / SEARCH_DIR
     record.stage(
@@ -488,7 +504,8 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
             if plan.recover_kwargs is not None else None,
             "eval": _eval_inputs(plan), "max_accuracy_drop": plan.max_accuracy_drop,
             "decision_rows": _rows_key(plan.decision), "confidence": plan.confidence,
-            "ffn_keep_ratio": plan.ffn_keep_ratio,
+            "ffn_keep_ratio": plan.ffn_keep_ratio, "search_step": plan.search_step,
+            "choice_rows": None if choice is None else _rows_key(choice),
         },
         search_dir,
         lambda overwrite: accuracy_budget.search(settings, search_dir),
@@ -637,7 +654,7 @@ def _search_summary(out: Path) -> dict[str, Any] | None:
         return None
     r = _read(path)
     keys = ("dense_accuracy", "max_drop_points", "threshold", "chosen_k", "candidates_k", "tried", "seconds", "knee",
-            "confidence", "ffn_keep_ratio")
+            "confidence", "ffn_keep_ratio", "choice_rows", "stopped_at")
     return {k: r.get(k) for k in keys} | {"plot": f"{SEARCH_DIR}/tradeoff.png"}
 
 

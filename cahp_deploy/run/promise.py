@@ -9,12 +9,12 @@ points on SST-5 validation and lost 3.5 on test. So:
    (``--confirm-fraction``, default 40%) is held out and never seen by any decision.
 2. **Decisions on the upper confidence bound** of the paired drop (:mod:`cahp_deploy.paired`): the
    search's candidates, and here the choice of the shipped precision.
-3. **The shipped variant is measured, not estimated** (:func:`confirm`): of the pruned artifact's
-   variants that were benchmarked, the fastest at the headline shape (bench's own latency) whose
-   drop against dense passes on the decision rows becomes the manifest's ``recommended``. Dense INT8,
-   the honest competitor, is measured beside it and judged by the same rule; when it keeps the budget
-   and is faster than the pruned pick (or no pruned variant keeps it), *it* is what the run ships
-   (:func:`ship`; ``confirm.json``'s ``shipped``), and the summary says so first.
+3. **The shipped artifact is measured, not estimated** (:func:`ship`): the pruned model's fp32-exact
+   graph, then every benchmarked artifact faster than it (the pruned INT8, and dense INT8, the honest
+   competitor), slowest first, each judged by the same rule on the decision rows; the first miss
+   ends the sequence and the last artifact that passed is shipped (``confirm.json``'s ``shipped``;
+   the pruned manifest's ``recommended`` names the pruned variant). When that is dense INT8, the
+   summary says so first.
 4. **Confirmation**: every variant's drop (and the dense INT8's) is measured again through ONNX Runtime
    on the confirmation rows and written, with its interval, to ``OUT/confirm.json``; summary.md says
    plainly when the confirmation misses the budget.
@@ -111,43 +111,61 @@ def headline_shape(report: dict[str, Any]) -> str:
     return f"{b}x{s}"
 
 
-def choose(variants: dict[str, dict[str, Any]], max_drop: float | None) -> tuple[str | None, str]:
-    """The recommended pruned variant and why: fastest measured whose decision bound passes."""
-    timed = {v: r for v, r in variants.items() if r.get("p50_ms") is not None}
-    if max_drop is None:
-        pick = DEFAULT_RECOMMENDED if DEFAULT_RECOMMENDED in timed else next(iter(timed), None)
-        return pick, "no accuracy budget: the fp32-exact optimized graph"
-    passing = {v: r for v, r in timed.items() if r["decision"]["upper"] <= max_drop + 1e-9}
-    if not passing:
-        return None, (f"no pruned variant's {int(100 * DEFAULT_CONFIDENCE)}% upper bound of the accuracy drop is "
-                      f"within {max_drop:g} points on the decision rows")
-    pick = min(passing, key=lambda v: passing[v]["p50_ms"])
-    return pick, f"fastest measured of {', '.join(sorted(passing))} (within {max_drop:g} points on the decision rows)"
-
-
 DENSE, PRUNED = "dense", "pruned"
 
 
-def ship(pruned: dict[str, dict[str, Any]], recommended: str | None, why: str, dense_int8: dict[str, Any] | None,
-         max_drop: float | None) -> dict[str, Any]:
-    """What the run ships: ``{"artifact": "pruned" | "dense" | None, "variant", "why"}``.
+def _name(artifact: str, variant: str) -> str:
+    return f"{artifact} {variant}"
 
-    The pruned pick (:func:`choose`), unless dense INT8 keeps the budget on the decision rows by the
-    same rule and is faster at the headline shape, or nothing pruned keeps it: the shipped choice is
-    the fastest measured artifact within the budget, whichever model it comes from.
+
+def ship(pruned: dict[str, dict[str, Any]], dense_int8: dict[str, Any] | None, max_drop: float | None) -> dict[str, Any]:
+    """What the run ships: the fastest measured artifact within the budget, chosen by a fixed sequence.
+
+    Returns ``{"artifact": "pruned" | "dense" | None, "variant", "recommended", "why", "tested"}``:
+    ``recommended`` is the pruned variant its manifest names, ``tested`` every artifact judged, in order.
+
+    The sequence: the pruned model's fp32-exact graph (``optimized``: the model the search passed),
+    then every timed artifact *faster* than it (the pruned INT8, dense INT8), slowest first, each
+    judged by its decision bound; the first miss ends it, and the last artifact that passed is
+    shipped. Ordering by measured latency (which no label touches) and stopping at the first miss
+    keeps the chance of a false pass at one test's level, however many artifacts are compared; taking
+    the fastest of all that pass would not (the winner's curse). Slower artifacts are never shipped, so
+    they are not tested.
     """
-    pick = pruned.get(recommended) if recommended else None
-    out = {"artifact": PRUNED if pick is not None else None, "variant": recommended, "why": why}
-    if max_drop is None or dense_int8 is None or dense_int8.get("p50_ms") is None:
-        return out
-    if dense_int8["decision"]["upper"] > max_drop + 1e-9:
-        return out
-    if pick is not None and pick["p50_ms"] <= dense_int8["p50_ms"]:
-        return out
-    because = ("no pruned variant keeps it" if pick is None else
-               f"faster than the pruned model's `{recommended}` ({dense_int8['p50_ms']:.1f} vs {pick['p50_ms']:.1f} ms)")
-    return {"artifact": DENSE, "variant": "int8",
-            "why": f"dense INT8 keeps the budget of {max_drop:g} points on the decision rows and is {because}"}
+    timed = {(PRUNED, v): r for v, r in pruned.items() if r.get("p50_ms") is not None}
+    if dense_int8 is not None and dense_int8.get("p50_ms") is not None:
+        timed[(DENSE, "int8")] = dense_int8
+    pruned_timed = [key for key in timed if key[0] == PRUNED]
+    if not pruned_timed:
+        return {"artifact": None, "variant": None, "recommended": None, "tested": [],
+                "why": "no pruned variant was timed at the headline shape"}
+    first = (PRUNED, DEFAULT_RECOMMENDED) if (PRUNED, DEFAULT_RECOMMENDED) in timed else \
+        max(pruned_timed, key=lambda key: timed[key]["p50_ms"])
+    if max_drop is None:
+        return {"artifact": PRUNED, "variant": first[1], "recommended": first[1], "tested": [],
+                "why": "no accuracy budget: the fp32-exact optimized graph"}
+    faster = sorted((key for key in timed if timed[key]["p50_ms"] < timed[first]["p50_ms"]),
+                    key=lambda key: -timed[key]["p50_ms"])
+    tested, passed = [], []
+    for key in [first, *faster]:
+        r = timed[key]
+        ok = r["decision"]["upper"] <= max_drop + 1e-9
+        tested.append({"artifact": key[0], "variant": key[1], "p50_ms": r["p50_ms"],
+                       "upper": r["decision"]["upper"], "passed": ok})
+        if not ok:
+            break
+        passed.append(key)
+    steps = ", ".join(f"{_name(t['artifact'], t['variant'])} {t['p50_ms']:.1f} ms "
+                      f"{'passes' if t['passed'] else 'misses'} (bound {t['upper']:.2f})" for t in tested)
+    if not passed:
+        return {"artifact": None, "variant": None, "recommended": None, "tested": tested,
+                "why": f"the pruned model's `{first[1]}` graph misses {max_drop:g} points on the decision rows "
+                       f"(upper bound {timed[first]['decision']['upper']:.2f})"}
+    artifact, variant = passed[-1]
+    recommended = [v for a, v in passed if a == PRUNED][-1]
+    return {"artifact": artifact, "variant": variant, "recommended": recommended, "tested": tested,
+            "why": f"fastest measured artifact within {max_drop:g} points on the decision rows, judged in order of "
+                   f"measured latency until the first miss: {steps}"}
 
 
 def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confirmation, how: str,
@@ -201,9 +219,10 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
               if v in (pruned_manifest.get("variants") or {}) and _latency(report, pruned_name, v, shape) is not None}
     dense_int8 = measure(dense_art, dense_name, "int8", dense_manifest) if dense_int8_p50 is not None \
         and "int8" in (dense_manifest.get("variants") or {}) else None
-    recommended, why = choose(pruned, max_drop)
-    shipping = ship(pruned, recommended, why, dense_int8, max_drop)
-    shipped = dense_int8 if shipping["artifact"] == DENSE else pruned.get(recommended) if recommended else None
+    shipping = ship(pruned, dense_int8, max_drop)
+    recommended, why = shipping.pop("recommended"), shipping["why"]
+    shipped = dense_int8 if shipping["artifact"] == DENSE else pruned.get(shipping["variant"]) \
+        if shipping["artifact"] == PRUNED else None
     record = {
         "shape": shape, "confidence": confidence, "max_drop_points": max_drop,
         "decision_rows": {"num_examples": len(decision), "split": decision.split},
@@ -271,6 +290,6 @@ def _set_recommended(artifact: Path, variant: str | None, why: str) -> None:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-__all__ = ["CONFIRM_FILE", "DEFAULT_CONFIRM_FRACTION", "DENSE", "PARETO_PLOT", "PRUNED", "plot_pareto", "bits", "choose",
+__all__ = ["CONFIRM_FILE", "DEFAULT_CONFIRM_FRACTION", "DENSE", "PARETO_PLOT", "PRUNED", "plot_pareto", "bits",
            "confirm", "from_bits", "headline_shape", "decision_indices", "ort_correct", "rows_fingerprint", "ship",
            "split_eval"]
