@@ -61,7 +61,7 @@ def planted(tmp_path_factory):
     return root, data, dense
 
 
-def settings_for(data, dense, max_drop, recover=RECOVER, choice_data=None, search_step=None):
+def settings_for(data, dense, max_drop, recover=RECOVER, search_step=None):
     from cahp_deploy.data import load_labelled
     from cahp_deploy.run.pipeline import model_sha256
 
@@ -69,7 +69,7 @@ def settings_for(data, dense, max_drop, recover=RECOVER, choice_data=None, searc
         model=str(dense), data=str(data), model_sha256=model_sha256(dense),
         select_data=load_labelled(data, "train"), eval_data=load_labelled(data, "validation"),
         recover_split="train", columns=COLUMNS, seed=0, cahp_options={}, recover=recover,
-        eval_max_examples=None, max_drop=max_drop, choice_data=choice_data, search_step=search_step,
+        eval_max_examples=None, max_drop=max_drop, search_step=search_step,
     )
 
 
@@ -119,7 +119,7 @@ def test_search_picks_the_smallest_k_whose_drop_bound_meets_the_budget(planted, 
     tried = [c["k"] for c in record["tried"]]
     assert tried == ks[j - 1:][::-1] and record["stopped_at"] == ks[j - 1]  # every head down to the first miss
     for c in record["tried"]:  # each candidate tried reports both accuracies, its drop, its time and its size
-        assert c["accuracy_after"] == pytest.approx(table[c["k"]]) and 0 <= c["accuracy_before"] <= 1
+        assert c["accuracy"] == pytest.approx(table[c["k"]]) and 0 <= c["accuracy_before"] <= 1
         assert c["drop"]["upper"] == pytest.approx(upper[c["k"]]) and c["drop"]["upper"] >= c["drop"]["drop"]
         assert c["seconds"] > 0 and c["details"]["heads_kept"] >= c["k"] and c["details"]["flop_ceiling_speedup"] >= 1
     model = accuracy_budget.chosen_model(search_root)
@@ -191,23 +191,13 @@ def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhau
     assert result["summary"]["search"]["chosen_k"] == ks[0]
 
 
-def test_a_candidate_recovery_made_worse_is_judged_only_pruned(planted, tmp_path):
-    """Recovery at a learning rate that wrecks the model, on 100 of the 150 train rows: compared on the
-    50 rows it did not train on, the only-pruned version wins, is judged, and is the model kept; at
-    k = 16 (every head) that is the dense model itself, so its drop is exactly zero."""
-    from cahp_deploy.data import load_labelled
-    from cahp_deploy.recovery import unused_rows
-
-    _, data, dense = planted
-    wreck = dict(RECOVER, lr=0.5, max_examples=100)
-    choice = unused_rows(load_labelled(data, "train"), 100, 0, accuracy_budget.CHOICE_ROWS)
-    assert len(choice) == 50
-    record = accuracy_budget.search(settings_for(data, dense, 5.0, wreck, choice, search_step=8), tmp_path / "s")
-    first = record["tried"][0]
-    assert first["k"] == 16 and first["judged"] == "pruned" and first["drop"]["drop"] == 0.0
-    choice_record = first["details"]["choice"]
-    assert choice_record["rows"] == 50 and choice_record["accuracy_pruned"] > choice_record["accuracy_recovered"]
-    assert record["choice_rows"] == {"split": "train", "num_examples": 50}
-    assert [c["k"] for c in record["tried"]][:2] == [16, 8]  # the ladder with a step of 8
-    model = accuracy_budget.chosen_model(tmp_path / "s")
-    assert not (model / "recovery.json").is_file() and (model.parent / "recovery.json").is_file()
+def test_the_first_rung_is_dense_itself_and_is_not_recovered(planted, exhaustive):
+    """k = 16 keeps every head: the pruned model is the dense model, so it is judged as it is (a drop of
+    exactly 0) and never recovered, even by a recovery that would wreck it."""
+    search_root, ks, dense_acc, _, upper = exhaustive
+    first = json.loads((search_root / "k016" / "candidate.json").read_text())
+    assert first["dense_anchor"] is True and first["judged"] == "pruned" and first["accuracy_after"] is None
+    assert first["accuracy_before"] == pytest.approx(dense_acc) and not (search_root / "k016" / "recovery.json").exists()
+    assert upper[16] == pytest.approx(100 * 1.2815515655446004 / 90, rel=1e-4)  # no discordant row: one row's SE
+    others = [json.loads(p.read_text()) for p in search_root.glob("k*/candidate.json") if p.parent.name != "k016"]
+    assert others and all(not c["dense_anchor"] if "dense_anchor" in c else c["judged"] == "recovered" for c in others)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cahp_deploy.run.budget_search import CandidateResult, default_step, ladder, search_k
+from cahp_deploy.run.budget_search import CandidateResult, default_step, ffn_ratio, ladder, search_k
 from cahp_deploy.errors import CahpError
 
 
@@ -29,6 +29,14 @@ def test_ladder_is_every_head_first_then_steps_down_to_the_knee():
     assert default_step(144) == 12 and default_step(8) == 1
     with pytest.raises(CahpError, match="at least 1 head"):
         ladder(3, 10, step=0)
+
+
+def test_ffn_share_falls_with_the_head_count_from_every_neuron_to_the_floor():
+    assert ffn_ratio(72, 14, 72, 0.25) == 1.0 and ffn_ratio(14, 14, 72, 0.25) == 0.25
+    assert ffn_ratio(43, 14, 72, 0.25) == 0.625  # half way
+    assert ffn_ratio(5, 14, 72, 0.25) == 0.25 and ffn_ratio(6, 6, 6, 0.5) == 1.0  # clipped; no room: all
+    shares = [ffn_ratio(k, 14, 72, 0.3) for k in ladder(14, 72)]
+    assert shares == sorted(shares, reverse=True)
 
 
 def test_hand_worked_descent_stops_at_the_first_miss():

@@ -315,7 +315,7 @@ def test_run_with_ffn_neurons_ships_them_and_says_so(tiny_models, tiny_data, tmp
     assert f"and {manifest['num_neurons_kept']} of {LAYERS * INTER} FFN neurons" in (out / "summary.md").read_text()
     rows = {(r["artifact"], r["variant"]): r for r in result["summary"]["rows"]}
     assert rows[("pruned", "optimized")]["neurons_kept"] == manifest["num_neurons_kept"]
-    with pytest.raises(CahpError, match="fixed --ffn-keep-ratio"):
+    with pytest.raises(CahpError, match="--ffn-keep-ratio floor"):
         run(tiny_models["bert"], tiny_data, tmp_path / "run2", ffn_neurons=40, max_accuracy_drop=1.0)
     assert not (tmp_path / "run2").exists()
 
@@ -328,10 +328,16 @@ def test_budget_search_with_an_ffn_ratio_ships_neurons_too(tiny_models, tiny_dat
         recover_epochs=1, degree=2, pool_size=4, batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1,
         traffic=False, timing=False, variants=("optimized",), quantize=None)
     search = json.loads((out / "search" / "search.json").read_text())
-    assert search["ffn_keep_ratio"] == 0.5 and search["tried"][0]["details"]["neurons_kept"] == LAYERS * INTER // 2
+    # a joint ladder: every neuron at every head, falling with k to the floor at the knee (every rung passes)
+    tried = search["tried"]
+    assert search["ffn_keep_ratio"] == 0.5 and tried[0]["k"] == 12 and tried[0]["details"]["neurons_kept"] == LAYERS * INTER
+    assert tried[-1]["k"] == search["knee"]["k"] and tried[-1]["details"]["neurons_kept"] == LAYERS * INTER // 2
+    kept = [c["details"]["neurons_kept"] for c in tried]
+    assert kept == sorted(kept, reverse=True) and len(set(kept)) == len(kept)
+    assert {int(k): r for k, r in search["ffn_ratios"].items()}[12] == 1.0
     manifest = json.loads((out / "artifacts" / "pruned" / "manifest.json").read_text())
     assert manifest["num_neurons_kept"] == LAYERS * INTER // 2 and manifest["recommended"] == "optimized"
-    sel = json.loads(next((out / "search").glob("k*/selection.json")).read_text())
+    sel = json.loads((out / "search" / f"k{search['chosen_k']:03d}" / "selection.json").read_text())
     assert sel["ffn"]["method"] == "gradient" and sel["ffn"]["budget"] == LAYERS * INTER // 2
 
 

@@ -50,7 +50,9 @@ def run_options(f):
         click.option("--max-examples", default=None, type=int, help="Use at most N selection examples."),
         click.option("--ffn-method", default=None, type=click.Choice(["cahp", "gradient", "random"]),
                      help="Also prune FFN neurons with this method [cahp with --method cahp, else gradient]."),
-        click.option("--ffn-keep-ratio", default=None, type=float, help="Fraction of FFN neurons to keep."),
+        click.option("--ffn-keep-ratio", default=None, type=float,
+                     help="Fraction of FFN neurons to keep; with --max-accuracy-drop, the least any rung keeps (the "
+                          "knee's): the share falls with the head count, from every neuron at every head."),
         click.option("--ffn-neurons", default=None, type=int, help="FFN neurons to keep in all (CAHP without a budget: each layer's knee)."),
         click.option("--no-recover", "recover", flag_value=False, default=True, help="Skip recovery (fine-tuning after pruning; on by default)."),
         click.option("--recover-epochs", default=3, show_default=True, type=int, help="Recovery epochs (the CAHP reference uses 3)."),
@@ -64,9 +66,8 @@ def run_options(f):
         click.option("--max-accuracy-drop", default=None, type=float,
                      help="Accuracy budget in points: test a ladder of head counts from every head down to CAHP's "
                           "knee, in order, while the upper confidence bound of each candidate's paired drop vs dense, "
-                          "on --eval-split's decision rows, is within P (recovered, or only pruned when that is better "
-                          "on recovery rows it did not train on); ship the fastest measured artifact that keeps it, "
-                          "confirmed on rows no decision saw."),
+                          "on --eval-split's decision rows, is within P (the first rung is dense itself); ship the "
+                          "fastest measured artifact that keeps it, dense INT8 included, confirmed on rows no decision saw."),
         click.option("--search-step", default=None, type=int,
                      help="With --max-accuracy-drop: heads between the ladder's rungs [about a twelfth of the heads]."),
         click.option("--confirm-split", default=None,

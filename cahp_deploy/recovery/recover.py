@@ -34,30 +34,14 @@ RECOVERY_FILE = "recovery.json"
 _CARRIED_FILES = ("pruning.json",)
 
 
-def training_indices(n: int, max_examples: int | None, seed: int) -> np.ndarray:
-    """Indices (sorted) of the rows a recovery trains on: a seeded random ``max_examples`` of ``n``, or all."""
-    if max_examples is None or max_examples >= n:
-        return np.arange(n)
-    if max_examples < 1:
-        raise CahpError(f"--max-examples must be at least 1, got {max_examples}")
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=max_examples, replace=False))
-
-
 def sample_examples(data: LabelledData, max_examples: int | None, seed: int) -> LabelledData:
     """A seeded random subset of ``max_examples`` rows (kept in their original order), or all rows."""
     if max_examples is None or max_examples >= len(data):
         return data
-    return data.subset(training_indices(len(data), max_examples, seed))
-
-
-def unused_rows(data: LabelledData, max_examples: int | None, seed: int, limit: int) -> LabelledData | None:
-    """The first ``limit`` rows of ``data`` (in data order) a recovery with these settings does not train
-    on, or None when it trains on every row: rows to compare a model with its recovered self on."""
-    used = np.zeros(len(data), dtype=bool)
-    used[training_indices(len(data), max_examples, seed)] = True
-    free = np.flatnonzero(~used)[:limit]
-    return data.subset(free) if len(free) else None
+    if max_examples < 1:
+        raise CahpError(f"--max-examples must be at least 1, got {max_examples}")
+    rng = np.random.default_rng(seed)
+    return data.subset(np.sort(rng.choice(len(data), size=max_examples, replace=False)))
 
 
 def _teacher_logits(distill_from: str, student, train: LabelledData, tokenizer, max_length: int, progress):
@@ -197,4 +181,4 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
     return record
 
 
-__all__ = ["RECOVERY_FILE", "recover", "sample_examples", "training_indices", "unused_rows"]
+__all__ = ["RECOVERY_FILE", "recover", "sample_examples"]

@@ -2,8 +2,11 @@
 
 Judged on the upper confidence bound of the *paired* drop against dense on the decision rows
 (:mod:`cahp_deploy.paired`), never on the point estimate: per-row correctness of dense and of every
-candidate is kept. With ``ffn_keep_ratio`` every candidate also keeps that share of FFN neurons
-(CAHP's complementary neurons, from the same evidence pass).
+candidate is kept. With ``ffn_keep_ratio`` R the search is joint: each rung also keeps a share of FFN
+neurons (CAHP's complementary neurons, from the same evidence pass) that falls with its head count,
+from every neuron at every head to R at the knee (:func:`cahp_deploy.run.budget_search.ffn_ratio`);
+the FFN is ~2/3 of a layer's multiply-accumulates, and near dense its neurons cost less accuracy per
+MAC than heads do.
 
 CAHP's evidence (signatures, profiles, the cluster sweep, the knee) is collected once. Each candidate
 k is a cut of that sweep (:func:`cahp_deploy.methods.cahp.select_at`, guard included), pruned,
@@ -12,12 +15,17 @@ a ladder of k fixed in advance, from every head (k = N, the dense-sized model) d
 and stops at the first rung that misses, so a search costs a few recoveries and its many looks at
 the decision rows do not inflate the chance of a false pass.
 
-**Recovered or only pruned?** Recovery on a small sample can make a near-dense candidate *worse*
-(measured on MNLI: unrecovered k=65 scored 67.30%, recovered 66.45%, dense 66.95%). Each candidate
-is therefore measured both ways on ``choice_data``, rows of the recovery split the fine-tune did not
-train on (:func:`cahp_deploy.recovery.unused_rows`), and the better version is the one judged and
-kept. Those rows are never decision rows, so choosing costs the budget's test nothing. When recovery
-trains on the whole split there are no such rows and the recovered version is judged.
+**The first rung is dense itself.** At k = N (every head kept, and every FFN neuron in a joint
+search) the pruned model *is* the dense model, so it is not recovered: recovery on a sample only moves
+it away from dense (measured on SST-5, QAT recovery on 2,000 rows: 47.32% -> 46.96% on validation,
+drop upper bound 1.31, which ended a budget-1 search before it began). It passes any budget the rows
+can resolve (its drop is exactly zero), and the search goes on to the rungs below; when none of them
+passes, the dense-sized model is what is exported, and the shipped artifact is then the fastest
+measured dense variant within the budget (usually INT8). Every other rung is judged recovered (or
+only pruned with ``--no-recover``): a version chosen per candidate would need rows of its own.
+Comparing on recovery-split rows the fine-tune did not use was tried and dropped: the dense model was
+fine-tuned on those rows, so they favour whichever model trained on that split most (they picked
+the recovered every-head model, which validation put 0.36 points below dense).
 
 Layout of ``OUT/search/`` (a candidate done is never redone while its inputs are unchanged, so an
 interrupted search resumes where it stopped)::
@@ -27,7 +35,7 @@ interrupted search resumes where it stopped)::
     evidence.pkl       CAHP's evidence (so a resumed search does not run the model again)
     k015/              one dir per candidate (k = clusters; the guard may keep a few heads more)
         selection.json  candidate.json  pruning.json  recovery.json
-        model/         the candidate's judged model (recovered, or only pruned: see above);
+        model/         the candidate's judged model (recovered; only pruned at the first rung or with --no-recover);
                        removed for the candidates not chosen once the search is over
 
 Accuracy here is PyTorch's, on the *decision rows* (``eval_data``: the evaluation split, or its part
@@ -52,7 +60,7 @@ import numpy as np
 
 from cahp_deploy import distributed
 from cahp_deploy.atomic import atomic_dir, atomic_file
-from cahp_deploy.run.budget_search import RULE, CandidateResult, SearchResult, ladder, search_k
+from cahp_deploy.run.budget_search import RULE, CandidateResult, SearchResult, ffn_ratio, ladder, search_k
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_json
 from cahp_deploy.paired import DEFAULT_CONFIDENCE, paired_drop
@@ -65,8 +73,8 @@ TRADEOFF_PLOT = "tradeoff.png"
 EVIDENCE_FILE = "evidence.pkl"
 CANDIDATE_FILE = "candidate.json"
 MODEL_DIR = "model"
-#: recovery-split rows (at most) a candidate's recovered and only-pruned versions are compared on
-CHOICE_ROWS = 1000
+#: which version of a candidate the budget judges
+RECOVERED, PRUNED = "recovered", "pruned"
 
 
 @dataclass
@@ -91,9 +99,8 @@ class SearchSettings:
     max_drop: float
     say: Callable[[str], None] = field(default=lambda s: None, repr=False)
     confidence: float = DEFAULT_CONFIDENCE
-    ffn_keep_ratio: float | None = None
+    ffn_keep_ratio: float | None = None  # the FFN share kept at the knee rung (None: heads only)
     ffn_method: str = "cahp"
-    choice_data: Any = None  # LabelledData: recovery-split rows recovery does not train on (or None)
     search_step: int | None = None  # heads between the ladder's rungs (None: about N / 12)
 
     def evidence_key(self) -> str:
@@ -103,15 +110,20 @@ class SearchSettings:
             "seed": self.seed, "options": self.cahp_options, "ffn": self.ffn_keep_ratio is not None,
         })
 
-    def candidate_key(self, k: int) -> str:
+    def ffn_ratio_at(self, k: int, evidence) -> float | None:
+        """Rung k's share of FFN neurons (None: a heads-only search)."""
+        if self.ffn_keep_ratio is None:
+            return None
+        return ffn_ratio(k, evidence.knee.k, evidence.num_heads, self.ffn_keep_ratio)
+
+    def candidate_key(self, k: int, ffn_share: float | None = None) -> str:
         return sha256_json({
             "evidence": self.evidence_key(), "k": int(k), "recover": self.recover,
             "recover_split": self.recover_split, "eval": self.eval_data.file_hashes,
             "eval_split": self.eval_data.split, "eval_rows": len(self.eval_data),
-            "eval_rows_sha256": rows_fingerprint(self.eval_data), "ffn_keep_ratio": self.ffn_keep_ratio,
+            "eval_rows_sha256": rows_fingerprint(self.eval_data), "ffn_keep_ratio": ffn_share,
             "ffn_method": self.ffn_method if self.ffn_keep_ratio is not None else None,
-            "choice_rows_sha256": None if self.choice_data is None or self.recover is None
-            else rows_fingerprint(self.choice_data),
+            "rule": "dense anchor",
         })
 
 
@@ -178,8 +190,8 @@ def _correct(model_dir: Path, eval_data) -> np.ndarray:
     return correct(evaluation.logits(net, tokenizer, eval_data), eval_data.labels)
 
 
-def _with_neurons(selection, settings: SearchSettings, evidence) -> None:
-    """Add FFN neurons (``settings.ffn_method``: cahp or gradient) at the settings' keep ratio to a head
+def _with_neurons(selection, settings: SearchSettings, evidence, share: float) -> None:
+    """Add FFN neurons (``settings.ffn_method``: cahp or gradient) at keep ratio ``share`` to a head
     selection, from the same evidence pass."""
     from cahp_deploy.methods.ffn import select_neurons
     from cahp_deploy.selection.neurons import resolve_neuron_budget
@@ -188,7 +200,7 @@ def _with_neurons(selection, settings: SearchSettings, evidence) -> None:
     if stats is None:
         raise CahpError("this search's evidence has no FFN statistics; delete OUT/search/evidence.pkl and rerun")
     layers, inter = len(stats.neurons_per_layer), int(stats.neurons_per_layer[0])
-    budget = resolve_neuron_budget(layers * inter, layers, keep_ratio=settings.ffn_keep_ratio)
+    budget = resolve_neuron_budget(layers * inter, layers, keep_ratio=share)
     kept, details = select_neurons(stats, settings.ffn_method, budget, layers, inter, settings.seed,
                                    degree=int(settings.cahp_options.get("degree") or 6))
     selection.kept_neurons, selection.neurons_per_layer, selection.ffn = kept, inter, details
@@ -206,8 +218,9 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
     start = time.perf_counter()
     selection = select_at(evidence, k)
     selection.details["k_from"] = "accuracy budget"
-    if settings.ffn_keep_ratio is not None:
-        _with_neurons(selection, settings, evidence)
+    share = settings.ffn_ratio_at(k, evidence)
+    if share is not None:
+        _with_neurons(selection, settings, evidence, share)
     selection.provenance.update({"model": settings.model, "model_sha256": settings.model_sha256,
                                  **settings.select_data.provenance()})
     with atomic_dir(dest, force=True) as tmp:
@@ -226,8 +239,9 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
         before = _correct(pruned, settings.eval_data)
         record["accuracy_before"] = float(before.mean())
         record["correct_before"] = bits(before)
-        if settings.recover is None:
+        if settings.recover is None or _is_dense(costs):
             record["accuracy_after"], record["judged"] = None, PRUNED
+            record["dense_anchor"] = _is_dense(costs)
             final = pruned
         else:
             # accuracy is measured here, on the decision rows, not by recover()
@@ -240,33 +254,22 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
             record["accuracy_after"] = float(after.mean())
             record["correct_after"] = bits(after)
             record["recovery_seconds"] = rec["total_seconds"]
-            record["judged"], record["choice"] = _judge(pruned, final, settings.choice_data)
+            record["judged"] = RECOVERED
             shutil.copy2(final / recovery.RECOVERY_FILE, tmp / recovery.RECOVERY_FILE)
-            if record["judged"] == PRUNED:
-                pruned, final = final, pruned
             shutil.rmtree(pruned)
         shutil.copy2(final / "pruning.json", tmp / "pruning.json")  # the numbers outlive the model
         final.rename(tmp / MODEL_DIR)
         record["seconds"] = time.perf_counter() - start
-        record["key"] = settings.candidate_key(k)
+        record["key"] = settings.candidate_key(k, share)
         with open(tmp / CANDIDATE_FILE, "w") as f:
             json.dump(record, f, indent=2)
             f.write("\n")
     return record
 
 
-RECOVERED, PRUNED = "recovered", "pruned"
-
-
-def _judge(pruned: Path, recovered: Path, choice_data) -> tuple[str, dict[str, Any] | None]:
-    """Which version of a candidate the budget judges: the more accurate on ``choice_data`` (rows no
-    decision and no recovery uses; ties go to the recovered one), or the recovered one without them."""
-    if choice_data is None:
-        return RECOVERED, None
-    acc = {name: float(_correct(path, choice_data).mean()) for name, path in ((PRUNED, pruned), (RECOVERED, recovered))}
-    judged = PRUNED if acc[PRUNED] > acc[RECOVERED] else RECOVERED
-    return judged, {"rows": len(choice_data), "split": choice_data.split, "accuracy_pruned": acc[PRUNED],
-                    "accuracy_recovered": acc[RECOVERED]}
+def _is_dense(costs: dict[str, Any]) -> bool:
+    """Whether a pruned model removed nothing (every head, every FFN neuron): dense itself."""
+    return costs["params_after"] == costs["params_before"]
 
 
 def _cached(dest: Path, key: str, need_model: bool) -> dict[str, Any] | None:
@@ -293,7 +296,7 @@ def _as_result(record: dict[str, Any], dense_correct: np.ndarray | None, confide
         accuracy_after=None if record["accuracy_after"] is None else float(record["accuracy_after"]),
         seconds=float(record["seconds"]),
         details={key: record.get(key) for key in ("heads_kept", "neurons_kept", "flop_ceiling_speedup",
-                                                  "params_after", "params_before", "choice")},
+                                                  "params_after", "params_before", "dense_anchor")},
         drop=drop, judged=judged,
     )
 
@@ -306,7 +309,7 @@ def measure_candidate(settings: SearchSettings, evidence, k: int, root: Path,
     drop, and the search judges it on the drop's upper confidence bound.
     """
     dest = _candidate_dir(root, k)
-    record = _cached(dest, settings.candidate_key(k), need_model=False)
+    record = _cached(dest, settings.candidate_key(k, settings.ffn_ratio_at(k, evidence)), need_model=False)
     if record is None:
         settings.say(f"search: candidate k={k}: select, prune, {'recover, ' if settings.recover else ''}measure")
         record = _build_candidate(settings, evidence, k, dest)
@@ -356,14 +359,13 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
             "rule": f"paired drop vs dense, one-sided {settings.confidence:.0%} upper bound <= max_drop_points; {RULE}",
             "confidence": settings.confidence,
             "ffn_keep_ratio": settings.ffn_keep_ratio,
+            "ffn_ratios": None if settings.ffn_keep_ratio is None else {k: settings.ffn_ratio_at(k, evidence) for k in ks},
             "eval": settings.eval_data.provenance(),
             "select": settings.select_data.provenance(),
             "recover_split": None if settings.recover is None else settings.recover_split,
             "recover": settings.recover,
             "knee": evidence.knee.to_dict(),
             "candidates_k": ks,
-            "choice_rows": None if settings.choice_data is None or settings.recover is None
-            else {"split": settings.choice_data.split, "num_examples": len(settings.choice_data)},
             "tried": [c.to_dict() for c in tried],
             "stopped_at": None if found is None else found.stopped_at,
             "chosen_k": None if found is None else found.chosen.k,
@@ -390,7 +392,8 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
         write(None, tried, str(e))
         raise
     chosen_dir = _candidate_dir(root, found.chosen.k)
-    if _cached(chosen_dir, settings.candidate_key(found.chosen.k), need_model=True) is None:
+    key = settings.candidate_key(found.chosen.k, settings.ffn_ratio_at(found.chosen.k, evidence))
+    if _cached(chosen_dir, key, need_model=True) is None:
         # chosen before by another budget and its model removed since: build it again
         _build_candidate(settings, evidence, found.chosen.k, chosen_dir)
     return write(found, found.tried, None)

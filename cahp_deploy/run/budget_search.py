@@ -127,6 +127,16 @@ def ladder(knee: int, num_heads: int, step: int | None = None) -> list[int]:
     return rungs + [knee]
 
 
+def ffn_ratio(k: int, knee: int, num_heads: int, floor: float) -> float:
+    """The share of FFN neurons rung ``k`` keeps in a joint search: 1 at every head, ``floor`` at the
+    knee, linear in k between (so heads and neurons thin out together, fixed before any accuracy)."""
+    n, knee = int(num_heads), max(1, min(int(knee), int(num_heads)))
+    if n == knee:
+        return 1.0
+    share = (min(max(int(k), knee), n) - knee) / (n - knee)
+    return round(float(floor) + (1.0 - float(floor)) * share, 4)
+
+
 def _validate(rungs: Sequence[int], dense_accuracy: float, max_drop: float) -> list[int]:
     ks = [int(k) for k in rungs]
     if not ks:
@@ -189,4 +199,5 @@ def search_k(
     return SearchResult(passed[-1], tried, dense_accuracy, max_drop, threshold, stopped)
 
 
-__all__ = ["DEFAULT_RUNGS", "RULE", "CandidateResult", "SearchResult", "default_step", "ladder", "search_k"]
+__all__ = ["DEFAULT_RUNGS", "RULE", "CandidateResult", "SearchResult", "default_step", "ffn_ratio", "ladder",
+           "search_k"]

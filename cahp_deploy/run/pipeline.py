@@ -274,7 +274,7 @@ def run(
     _check_budget_options(max_accuracy_drop, method, heads, keep_ratio)
     if max_accuracy_drop is not None and (ffn_method not in (None, "cahp", "gradient") or ffn_neurons is not None
                                           or (ffn_method is not None and ffn_keep_ratio is None)):
-        raise CahpError("--max-accuracy-drop searches CAHP heads with a fixed --ffn-keep-ratio of neurons "
+        raise CahpError("--max-accuracy-drop searches CAHP heads and, down to a --ffn-keep-ratio floor, FFN neurons "
                         "(--ffn-method cahp or gradient); give --ffn-keep-ratio for the FFN")
     if confirm_split is not None and confirm_split in (select_split, eval_split, recover_split if recover else None):
         raise CahpError(f"--confirm-split {confirm_split!r} must differ from the selection, recovery and evaluation "
@@ -475,15 +475,6 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
     from cahp_deploy.run import accuracy_budget
 
     options = dict(plan.select_kwargs.get("options") or {})
-    choice = None
-    if plan.recover_kwargs is not None:  # recovery-split rows the fine-tune does not train on: recovered or not?
-        from cahp_deploy.data import load_labelled
-        from cahp_deploy.recovery import unused_rows
-
-        split = plan.select_data if plan.select_data.split == plan.recover_split else \
-            load_labelled(data, plan.recover_split, **plan.columns)
-        choice = unused_rows(split, plan.recover_kwargs.get("max_examples"), int(plan.select_kwargs.get("seed", 42)),
-                             accuracy_budget.CHOICE_ROWS)
     settings = accuracy_budget.SearchSettings(
         model=model, data=data, model_sha256=model_hash,
         select_data=plan.select_data.head(plan.select_kwargs.get("max_examples")),
@@ -491,7 +482,7 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
         recover_split=plan.recover_split, columns=plan.columns, seed=int(plan.select_kwargs.get("seed", 42)),
         cahp_options=options, recover=plan.recover_kwargs, eval_max_examples=plan.eval_max_examples,
         max_drop=float(plan.max_accuracy_drop), say=record.say, confidence=plan.confidence,
-        ffn_keep_ratio=plan.ffn_keep_ratio, ffn_method=plan.ffn_method, choice_data=choice,
+        ffn_keep_ratio=plan.ffn_keep_ratio, ffn_method=plan.ffn_method,
         search_step=plan.search_step,
     )
     search_dir = out / SEARCH_DIR
@@ -504,8 +495,7 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
             if plan.recover_kwargs is not None else None,
             "eval": _eval_inputs(plan), "max_accuracy_drop": plan.max_accuracy_drop,
             "decision_rows": _rows_key(plan.decision), "confidence": plan.confidence,
-            "ffn_keep_ratio": plan.ffn_keep_ratio, "search_step": plan.search_step,
-            "choice_rows": None if choice is None else _rows_key(choice),
+            "ffn_keep_ratio": plan.ffn_keep_ratio, "search_step": plan.search_step, "rule": "dense anchor",
         },
         search_dir,
         lambda overwrite: accuracy_budget.search(settings, search_dir),
@@ -654,7 +644,7 @@ def _search_summary(out: Path) -> dict[str, Any] | None:
         return None
     r = _read(path)
     keys = ("dense_accuracy", "max_drop_points", "threshold", "chosen_k", "candidates_k", "tried", "seconds", "knee",
-            "confidence", "ffn_keep_ratio", "choice_rows", "stopped_at")
+            "confidence", "ffn_keep_ratio", "stopped_at")
     return {k: r.get(k) for k in keys} | {"plot": f"{SEARCH_DIR}/tradeoff.png"}
 
 

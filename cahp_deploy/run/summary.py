@@ -164,17 +164,12 @@ def _candidates_table(search: dict[str, Any]) -> list[str]:
         meets = drop["upper"] <= search["max_drop_points"] + 1e-9 if drop else c["accuracy"] >= search["threshold"] - 1e-9
         mark = "**chosen**" if c["k"] == search.get("chosen_k") else ("meets budget" if meets else "misses budget")
         bound = "—" if not drop else f"{-drop['drop']:+.1f} (bound {-drop['upper']:+.1f})"
+        neurons = c["details"].get("neurons_kept")
         out.append(
-            f"| {i} | {c['k']} | {c['details']['heads_kept']} | {_pct(c['accuracy_before'])} | "
+            f"| {i} | {c['k']} | {c['details']['heads_kept']}{'' if neurons is None else f' (+{neurons} neurons)'} | {_pct(c['accuracy_before'])} | "
             f"{_pct(c['accuracy_after'])} | {c.get('judged', 'recovered')} | {bound} | {c['details']['flop_ceiling_speedup']:.2f}x | {c['seconds']:.0f} | {mark} |"
         )
     return out
-
-
-def _choice_words(search: dict[str, Any]) -> str:
-    rows = search.get("choice_rows")
-    return (f" ({rows['num_examples']} {rows['split']} rows)" if rows else
-            " (none here: recovery trained on the whole split, so the recovered version is judged)")
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -193,9 +188,9 @@ def markdown(summary: dict[str, Any]) -> str:
             f"upper confidence bound of its paired drop vs dense is within it (not the point estimate). "
             f"The ladder, fixed before any accuracy was seen: k = {', '.join(map(str, search['candidates_k']))} "
             f"(every head first, CAHP's knee last), tested in that order and stopped at the first miss, so "
-            f"that its many looks at the same rows do not inflate the chance of a false pass. Each candidate "
-            f"is judged recovered or only pruned, whichever scores better on recovery rows it did not train on"
-            f"{_choice_words(search)}. Tested ({search['seconds']:.0f} s in all):",
+            f"that its many looks at the same rows do not inflate the chance of a false pass. The first rung "
+            f"removes nothing: it is dense itself, not recovered, and passes any budget the rows can resolve. "
+            f"Tested ({search['seconds']:.0f} s in all):",
             "",
             *_candidates_table(search),
             "",
