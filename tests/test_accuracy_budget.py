@@ -189,6 +189,9 @@ def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhau
     assert manifest["parity_data"]["num_examples"] == 54 and "the rest held out" in manifest["parity_data"]["rows"]
     assert "before recovery" in text and "Accuracy budget search" in text and "tradeoff.png" in text
     assert result["summary"]["search"]["chosen_k"] == ks[0]
+    # one budget for the whole artifact: export's INT8 gate is the budget itself (its rows can bound it)
+    dense_manifest = json.loads((out / "artifacts" / "dense" / "manifest.json").read_text())
+    assert dense_manifest["variants"]["int8"]["gate"]["max_drop_points"] == 100.0
 
 
 def test_the_first_rung_is_dense_itself_and_is_not_recovered(planted, exhaustive):

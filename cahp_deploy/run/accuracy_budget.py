@@ -311,7 +311,8 @@ def measure_candidate(settings: SearchSettings, evidence, k: int, root: Path,
     dest = _candidate_dir(root, k)
     record = _cached(dest, settings.candidate_key(k, settings.ffn_ratio_at(k, evidence)), need_model=False)
     if record is None:
-        settings.say(f"search: candidate k={k}: select, prune, {'recover, ' if settings.recover else ''}measure")
+        settings.say(f"search: candidate k={k}: select, prune, "
+                     f"{'recover (unless nothing is removed), ' if settings.recover else ''}measure")
         record = _build_candidate(settings, evidence, k, dest)
     else:
         settings.say(f"search: candidate k={k}: done before, reused")
