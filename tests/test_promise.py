@@ -129,3 +129,17 @@ def test_run_rejects_bad_promise_options_in_one_line(args, match, tiny_models, t
     code, _, err = cli("run", tiny_models["bert"], "--data", tiny_data, "--out", tmp_path / "run", *args)
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_headline_says_plainly_when_the_search_kept_every_head():
+    from cahp_deploy.run.summary import headline
+
+    row = {"heads_kept": 72, "heads_total": 72, "accuracy": 0.47, "speedup_same_variant": {}, "bytes": None}
+    summary = {"rows": [dict(row, baseline=True, variant="optimized"), dict(row, baseline=False, variant="optimized")],
+               "search": {"chosen_k": 72, "stopped_at": 66, "max_drop_points": 1.0,
+                          "tried": [{"k": 72, "details": {"dense_anchor": True}}, {"k": 66, "details": {}}]}}
+    lines = headline(summary)
+    assert any(line.startswith("Plainly: no pruned candidate kept the budget on the decision rows (the search "
+                               "stopped at k=66)") for line in lines)
+    summary["search"]["chosen_k"] = 66
+    assert not any(line.startswith("Plainly") for line in headline(summary))
