@@ -51,7 +51,7 @@ def test_ship_tests_in_order_of_latency_from_the_fp32_exact_graph_and_stops_at_t
     assert [(t["variant"], t["passed"]) for t in got["tested"]] == [("optimized", True), ("int8", False)]  # fp32: slower
     assert promise.ship(pruned, None, 1.5)["variant"] == "int8"
     nothing = promise.ship(pruned, None, 0.5)
-    assert nothing["artifact"] is None and nothing["recommended"] is None and "misses 0.5 points" in nothing["why"]
+    assert nothing["artifact"] is None and nothing["recommended"] is None and "misses the budget of 0.5 points" in nothing["why"]
     free = promise.ship(pruned, None, None)
     assert free["variant"] == "optimized" and free["tested"] == []  # no budget: the fp32-exact graph
     assert promise.ship({"int8": _variant(0.1, None)}, None, 1.0)["artifact"] is None  # untimed: never shipped

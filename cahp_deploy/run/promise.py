@@ -114,6 +114,10 @@ def headline_shape(report: dict[str, Any]) -> str:
 DENSE, PRUNED = "dense", "pruned"
 
 
+def _pts(p: float) -> str:
+    return f"{p:g} point" + ("" if p == 1 else "s")
+
+
 def _name(artifact: str, variant: str) -> str:
     return f"{artifact} {variant}"
 
@@ -159,12 +163,12 @@ def ship(pruned: dict[str, dict[str, Any]], dense_int8: dict[str, Any] | None, m
                       f"{'passes' if t['passed'] else 'misses'} (bound {t['upper']:.2f})" for t in tested)
     if not passed:
         return {"artifact": None, "variant": None, "recommended": None, "tested": tested,
-                "why": f"the pruned model's `{first[1]}` graph misses {max_drop:g} points on the decision rows "
+                "why": f"the pruned model's `{first[1]}` graph misses the budget of {_pts(max_drop)} on the decision rows "
                        f"(upper bound {timed[first]['decision']['upper']:.2f})"}
     artifact, variant = passed[-1]
     recommended = [v for a, v in passed if a == PRUNED][-1]
     return {"artifact": artifact, "variant": variant, "recommended": recommended, "tested": tested,
-            "why": f"fastest measured artifact within {max_drop:g} points on the decision rows, judged in order of "
+            "why": f"fastest measured artifact within {_pts(max_drop)} on the decision rows, judged in order of "
                    f"measured latency until the first miss: {steps}"}
 
 
