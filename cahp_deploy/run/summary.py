@@ -121,7 +121,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
     if n_kept is not None and n_total and n_kept < n_total:
         neurons = f" and {n_kept} of {n_total} FFN neurons ({n_kept / n_total:.0%})"
     lines.append(f"Kept {kept} of {total} attention heads ({kept / total:.0%}){how}{neurons}.")
-    chosen = [c for c in (search or {}).get("tried", []) if c["k"] == search.get("chosen_k")] if search else []
+    chosen = [c for c in search["tried"] if c["k"] == search.get("chosen_k")] if search else []
     if chosen and (chosen[0].get("details") or {}).get("dense_anchor"):
         lines.append(f"Plainly: no pruned candidate kept the budget on the decision rows (the search stopped at "
                      f"k={search.get('stopped_at')}), so nothing was removed: the model exported as `pruned` is "
