@@ -132,8 +132,9 @@ def test_search_picks_the_smallest_k_whose_drop_bound_meets_the_budget(planted, 
 
 
 def test_run_cli_with_impossible_budget_stops_in_one_line_without_artifact(planted, tmp_path):
-    """Recovery at a learning rate that wrecks every candidate: not even k = N (every head) can
-    stay within 0 points of dense. `run` must say so in one line, exit non-zero, export nothing."""
+    """A budget of 0 points: the 54 decision rows cannot show any model within it, not even the
+    first rung (every head: dense itself, bound 2.4 points). `run` must say so in one line, exit
+    non-zero, export nothing, and leave a run dir a rerun resumes from."""
     from conftest import cli
 
     _, data, dense = planted
@@ -144,7 +145,7 @@ def test_run_cli_with_impossible_budget_stops_in_one_line_without_artifact(plant
     )
     assert code != 0
     lines = [line for line in err.strip().splitlines() if line.startswith("error")]
-    assert len(lines) == 1 and "no head count meets --max-accuracy-drop 0" in lines[0], err
+    assert len(lines) == 1 and "cannot show a drop within --max-accuracy-drop 0" in lines[0], err
     assert "Traceback" not in err
     assert not (out / "artifacts").exists() and not (out / "report").exists()
     record = json.loads((out / "search" / "search.json").read_text())

@@ -79,6 +79,13 @@ def test_impossible_budget_raises_one_clear_line():
     assert calls == [72]
 
 
+def test_a_budget_the_rows_cannot_resolve_says_so():
+    same = {"n": 100, "drop": 0.0, "upper": 1.28, "ref_only": 0, "new_only": 0}
+    with pytest.raises(CahpError, match=r"100 decision rows cannot show a drop within --max-accuracy-drop 0\.5: "
+                                        r"even k=8, identical to dense on every row, has an upper bound of 1\.28"):
+        search_k([8, 4], lambda k: CandidateResult(k=k, accuracy_before=0.5, drop=same), 0.5, 0.5)
+
+
 @pytest.mark.parametrize(
     "ks, dense, drop, match",
     [

@@ -188,7 +188,14 @@ def search_k(
     passed = [c for c in tried if c.passes(max_drop, threshold)]
     if not passed:
         first = tried[0]
-        bound = "" if first.drop is None else f" (upper bound of its drop {first.drop['upper']:.2f} points)"
+        d = first.drop
+        if d is not None and d["ref_only"] + d["new_only"] == 0:  # identical to dense, and still not within it
+            raise CahpError(
+                f"{d['n']} decision rows cannot show a drop within --max-accuracy-drop {max_drop:g}: even k={first.k}, "
+                f"identical to dense on every row, has an upper bound of {d['upper']:.2f} points; give more decision "
+                "rows (a larger --eval-split or --eval-max-examples) or a larger budget"
+            )
+        bound = "" if d is None else f" (upper bound of its drop {d['upper']:.2f} points)"
         raise CahpError(
             f"no head count meets --max-accuracy-drop {max_drop:g}: even k={first.k}, the first rung, reaches "
             f"{100 * first.accuracy:.2f}% against the dense {100 * dense_accuracy:.2f}%{bound}; allow a larger drop "
