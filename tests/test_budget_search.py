@@ -54,7 +54,8 @@ def test_hand_worked_descent_stops_at_the_first_miss():
 
 def test_judged_version_decides():
     def evaluate(k):
-        return CandidateResult(k=k, accuracy_before=0.9, accuracy_after={9: 0.5, 5: 0.9}[k], judged="pruned" if k == 9 else "recovered")
+        return CandidateResult(k=k, accuracy_before=0.9, accuracy_after={9: 0.5, 5: 0.9}[k],
+                               judged="pruned" if k == 9 else "recovered")
 
     result = search_k([9, 5], evaluate, dense_accuracy=0.9, max_drop=0.0)
     assert [c.k for c in result.tried] == [9, 5] and result.chosen.k == 5
