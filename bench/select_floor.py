@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -111,7 +112,7 @@ def main() -> None:
         "rows": len(lengths), "tokens": sum(lengths), "threads": torch.get_num_threads(),
         "macs": macs, "total_macs": total, "gemm_gflops_fp32": {k: round(v, 1) for k, v in gflops.items()},
         "floor_seconds_at_best_gemm": round(2 * total / (best * 1e9), 1),
-        "load_avg": list(__import__("os").getloadavg()),
+        "load_avg": list(os.getloadavg()),
     }
     if args.hybrid:
         record["hybrid_bf16_signatures_fp32_salience"] = hybrid_selection()

@@ -53,15 +53,16 @@ def test_hand_worked_descent_stops_at_the_first_miss():
 
 
 def test_judged_version_decides():
-    def evaluate(k):
-        return CandidateResult(k=k, accuracy_before=0.9, accuracy_after={9: 0.5, 5: 0.9}[k],
-                               judged="pruned" if k == 9 else "recovered")
+    def evaluate(k):  # k=9: not recovered (the dense anchor); k=5: recovered, judged after recovery
+        return CandidateResult(k=k, accuracy_before=0.9, accuracy_after={9: None, 5: 0.9}[k])
 
     result = search_k([9, 5], evaluate, dense_accuracy=0.9, max_drop=0.0)
     assert [c.k for c in result.tried] == [9, 5] and result.chosen.k == 5
-    assert result.tried[0].accuracy == 0.9  # only pruned: recovery made it worse
-    no_recovery = CandidateResult(k=3, accuracy_before=0.4, judged="pruned")
-    assert no_recovery.accuracy == 0.4
+    assert result.tried[0].accuracy == 0.9 and result.tried[0].judged == "pruned"
+    assert result.tried[1].judged == "recovered" and result.to_dict()["tried"][0]["judged"] == "pruned"
+    no_recovery = CandidateResult(k=3, accuracy_before=0.4)
+    assert no_recovery.accuracy == 0.4 and no_recovery.judged == "pruned"
+    assert CandidateResult(k=3, accuracy_before=0.4, accuracy_after=0.3).accuracy == 0.3
 
 
 def test_drop_bound_decides_not_the_point_estimate():

@@ -73,8 +73,9 @@ TRADEOFF_PLOT = "tradeoff.png"
 EVIDENCE_FILE = "evidence.pkl"
 CANDIDATE_FILE = "candidate.json"
 MODEL_DIR = "model"
-#: which version of a candidate the budget judges
-RECOVERED, PRUNED = "recovered", "pruned"
+#: the search's rules, in every candidate's cache key and the search stage's inputs: change it when a
+#: change of rule must not reuse what earlier runs measured
+RULES_VERSION = "dense anchor"
 
 
 @dataclass
@@ -123,7 +124,7 @@ class SearchSettings:
             "eval_split": self.eval_data.split, "eval_rows": len(self.eval_data),
             "eval_rows_sha256": rows_fingerprint(self.eval_data), "ffn_keep_ratio": ffn_share,
             "ffn_method": self.ffn_method if self.ffn_keep_ratio is not None else None,
-            "rule": "dense anchor",
+            "rule": RULES_VERSION,
         })
 
 
@@ -239,9 +240,9 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
         before = _correct(pruned, settings.eval_data)
         record["accuracy_before"] = float(before.mean())
         record["correct_before"] = bits(before)
-        if settings.recover is None or _is_dense(costs):
-            record["accuracy_after"], record["judged"] = None, PRUNED
-            record["dense_anchor"] = _is_dense(costs)
+        dense = _is_dense(costs)
+        if settings.recover is None or dense:
+            record.update(accuracy_after=None, judged="pruned", dense_anchor=dense)
             final = pruned
         else:
             # accuracy is measured here, on the decision rows, not by recover()
@@ -254,7 +255,7 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
             record["accuracy_after"] = float(after.mean())
             record["correct_after"] = bits(after)
             record["recovery_seconds"] = rec["total_seconds"]
-            record["judged"] = RECOVERED
+            record["judged"] = "recovered"
             shutil.copy2(final / recovery.RECOVERY_FILE, tmp / recovery.RECOVERY_FILE)
             shutil.rmtree(pruned)
         shutil.copy2(final / "pruning.json", tmp / "pruning.json")  # the numbers outlive the model
@@ -287,9 +288,8 @@ def _cached(dest: Path, key: str, need_model: bool) -> dict[str, Any] | None:
 
 def _as_result(record: dict[str, Any], dense_correct: np.ndarray | None, confidence: float) -> CandidateResult:
     drop = None
-    judged = record.get("judged") or (RECOVERED if record.get("correct_after") else PRUNED)
     if dense_correct is not None:
-        final = record["correct_after"] if judged == RECOVERED else record["correct_before"]
+        final = record["correct_before"] if record["accuracy_after"] is None else record["correct_after"]
         drop = paired_drop(dense_correct, from_bits(final), confidence).to_dict()
     return CandidateResult(
         k=int(record["k"]), accuracy_before=float(record["accuracy_before"]),
@@ -297,7 +297,7 @@ def _as_result(record: dict[str, Any], dense_correct: np.ndarray | None, confide
         seconds=float(record["seconds"]),
         details={key: record.get(key) for key in ("heads_kept", "neurons_kept", "flop_ceiling_speedup",
                                                   "params_after", "params_before", "dense_anchor")},
-        drop=drop, judged=judged,
+        drop=drop,
     )
 
 

@@ -57,8 +57,6 @@ class CandidateResult:
     drop : the paired accuracy drop against dense on the same rows
         (:meth:`cahp_deploy.paired.PairedDrop.to_dict`), or None. When given, the candidate is judged
         on its ``upper`` confidence bound, not on the point estimate.
-    judged : which version the budget judges, ``"recovered"`` or ``"pruned"`` (chosen by the caller on
-        rows no decision uses; ``"pruned"`` whenever there was no recovery).
     """
 
     k: int
@@ -67,13 +65,17 @@ class CandidateResult:
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
     drop: dict[str, Any] | None = None
-    judged: str = "recovered"
+
+    @property
+    def judged(self) -> str:
+        """Which version the budget judges: ``"recovered"``, or ``"pruned"`` when there was no recovery
+        (``--no-recover``, or the first rung, which is dense itself)."""
+        return "pruned" if self.accuracy_after is None else "recovered"
 
     @property
     def accuracy(self) -> float:
-        """The accuracy the budget is judged on: the judged version's."""
-        recovered = self.accuracy_after is not None and self.judged == "recovered"
-        return self.accuracy_after if recovered else self.accuracy_before
+        """The accuracy the budget is judged on: after recovery when there was one."""
+        return self.accuracy_before if self.accuracy_after is None else self.accuracy_after
 
     def passes(self, max_drop: float, threshold: float) -> bool:
         """Upper bound of the paired drop within ``max_drop`` points; the point estimate when no drop was given."""
@@ -82,7 +84,7 @@ class CandidateResult:
         return self.accuracy >= threshold - _EPS
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "accuracy": self.accuracy}
+        return {**asdict(self), "accuracy": self.accuracy, "judged": self.judged}
 
 
 @dataclass
@@ -178,14 +180,16 @@ def search_k(
     ks = _validate(rungs, dense_accuracy, max_drop)
     threshold = dense_accuracy - max_drop / 100.0
     tried: list[CandidateResult] = []
+    stopped = None
     for k in ks:
         result = evaluate(k)
         if int(result.k) != k:
             raise ValueError(f"evaluate({k}) returned a result for k={result.k}")
         tried.append(result)
         if not result.passes(max_drop, threshold):
+            stopped = k
             break
-    passed = [c for c in tried if c.passes(max_drop, threshold)]
+    passed = tried if stopped is None else tried[:-1]
     if not passed:
         first = tried[0]
         d = first.drop
@@ -202,7 +206,6 @@ def search_k(
             "(rerun into the same --out: the candidates already recovered are reused), give more decision rows, "
             "or ship dense INT8"
         )
-    stopped = tried[-1].k if not tried[-1].passes(max_drop, threshold) else None
     return SearchResult(passed[-1], tried, dense_accuracy, max_drop, threshold, stopped)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from cahp_deploy.atomic import atomic_file
 from cahp_deploy.errors import CahpError
 from cahp_deploy.paired import DEFAULT_CONFIDENCE, correct, paired_drop, split_rows
+from cahp_deploy.run.summary import points_word
 
 CONFIRM_FILE = "confirm.json"
 PARETO_PLOT = "pareto.png"
@@ -114,14 +115,6 @@ def headline_shape(report: dict[str, Any]) -> str:
 DENSE, PRUNED = "dense", "pruned"
 
 
-def _pts(p: float) -> str:
-    return f"{p:g} point" + ("" if p == 1 else "s")
-
-
-def _name(artifact: str, variant: str) -> str:
-    return f"{artifact} {variant}"
-
-
 def ship(pruned: dict[str, dict[str, Any]], dense_int8: dict[str, Any] | None, max_drop: float | None) -> dict[str, Any]:
     """What the run ships: the fastest measured artifact within the budget, chosen by a fixed sequence.
 
@@ -159,16 +152,16 @@ def ship(pruned: dict[str, dict[str, Any]], dense_int8: dict[str, Any] | None, m
         if not ok:
             break
         passed.append(key)
-    steps = ", ".join(f"{_name(t['artifact'], t['variant'])} {t['p50_ms']:.1f} ms "
+    steps = ", ".join(f"{t['artifact']} {t['variant']} {t['p50_ms']:.1f} ms "
                       f"{'passes' if t['passed'] else 'misses'} (bound {t['upper']:.2f})" for t in tested)
     if not passed:
         return {"artifact": None, "variant": None, "recommended": None, "tested": tested,
-                "why": f"the pruned model's `{first[1]}` graph misses the budget of {_pts(max_drop)} on the decision rows "
+                "why": f"the pruned model's `{first[1]}` graph misses the budget of {points_word(max_drop)} on the decision rows "
                        f"(upper bound {timed[first]['decision']['upper']:.2f})"}
     artifact, variant = passed[-1]
     recommended = [v for a, v in passed if a == PRUNED][-1]
     return {"artifact": artifact, "variant": variant, "recommended": recommended, "tested": tested,
-            "why": f"fastest measured artifact within {_pts(max_drop)} on the decision rows, judged in order of "
+            "why": f"fastest measured artifact within {points_word(max_drop)} on the decision rows, judged in order of "
                    f"measured latency until the first miss: {steps}"}
 
 

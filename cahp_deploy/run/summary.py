@@ -26,7 +26,8 @@ def _points(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f} points"
 
 
-def _points_word(p: float) -> str:
+def points_word(p: float) -> str:
+    """``1 point``, ``0.5 points``."""
     return f"{p:g} point" + ("" if p == 1 else "s")
 
 
@@ -68,8 +69,8 @@ def promise_lines(confirm: dict[str, Any]) -> list[str]:
     check = ""
     if budget is not None:
         held = conf["upper"] <= budget + 1e-9
-        check = (f": the budget of {_points_word(budget)} HOLDS (upper bound {-conf['upper']:+.1f})" if held else
-                 f": the budget of {_points_word(budget)} is NOT confirmed (upper bound of the drop "
+        check = (f": the budget of {points_word(budget)} HOLDS (upper bound {-conf['upper']:+.1f})" if held else
+                 f": the budget of {points_word(budget)} is NOT confirmed (upper bound of the drop "
                  f"{conf['upper']:.1f} points)")
     if budget is None:  # nothing was decided on these rows: one measurement
         lines.append(f"Accuracy vs dense on {rows['how']}: {_drop_words(conf)}.")
@@ -113,7 +114,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
     how = ""
     if search is not None:
         how = (f", the last of {len(search['tried'])} CAHP candidates tested down from every head that stays within "
-               f"{_points_word(search['max_drop_points'])} of dense")
+               f"{points_word(search['max_drop_points'])} of dense")
     elif summary.get("method") == "cahp":
         how = ", at the knee of CAHP's silhouette curve"
     neurons = ""
@@ -189,7 +190,7 @@ def markdown(summary: dict[str, Any]) -> str:
             "## Accuracy budget search",
             "",
             f"Dense (PyTorch) {_pct(search['dense_accuracy'])} on the decision rows; budget "
-            f"{_points_word(search['max_drop_points'])}: a candidate passes when the {search.get('confidence', 0.9):.0%} "
+            f"{points_word(search['max_drop_points'])}: a candidate passes when the {search.get('confidence', 0.9):.0%} "
             f"upper confidence bound of its paired drop vs dense is within it (not the point estimate). "
             f"The ladder, fixed before any accuracy was seen: k = {', '.join(map(str, search['candidates_k']))} "
             f"(every head first, CAHP's knee last), tested in that order and stopped at the first miss, so "
@@ -218,4 +219,4 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["headline", "markdown"]
+__all__ = ["headline", "markdown", "points_word"]
