@@ -123,6 +123,125 @@ def test_bad_model_or_data(command, model_key, data_key, fragments, bert, broken
     assert_nothing_written(out)
 
 
+# ------------------------------------------------------------------------------------------------
+# data files that are malformed, or hold values that would be silently changed (0.7 -> class 0,
+# null -> the text "None"): each is a train split beside a good validation split
+
+
+def _truncated_parquet(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a b c"] * 50, "label": [0, 1, 2] * 16 + [0, 1]}), path)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _jsonl_with(rows: list[dict], row: int, line: str) -> str:
+    lines = [json.dumps(r) for r in rows]
+    lines[row] = line
+    return "".join(x + "\n" for x in lines)
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory, broken) -> dict[str, tuple[Path, list[str]]]:
+    """{case: (data dir, fragments its one error line must hold)}."""
+    root = tmp_path_factory.mktemp("bad_data")
+    good = broken["good"]
+    train = [json.loads(line) for line in (good / "train.jsonl").read_text().splitlines()]
+
+    def with_row(row: dict) -> str:
+        return _jsonl_with(train, 4, json.dumps(row))
+
+    cases = {
+        "malformed-jsonl": ("train.jsonl", _jsonl_with(train, 4, '{"text": "a", "label"'),
+                            ["train.jsonl", "not valid JSON Lines", "line 5"]),
+        "random-bytes-parquet": ("train.parquet", b"PAR1" + bytes(range(256)) * 4,
+                                 ["train.parquet", "not a readable parquet file"]),
+        "truncated-parquet": ("train.parquet", _truncated_parquet, ["train.parquet", "not a readable parquet file"]),
+        "not-utf8-csv": ("train.csv", "text,label\ncafé,0\nthé,1\n".encode("latin-1"), ["train.csv", "not UTF-8"]),
+        "float-label": ("train.jsonl", with_row({"text": "a b", "label": 0.7}),
+                        ["'label'", "[train]", "integer class ids", "row 4", "0.7"]),
+        "string-label": ("train.jsonl", with_row({"text": "a b", "label": "pos"}), ["'label'", "[train]", '"pos"']),
+        "bool-label": ("train.jsonl", with_row({"text": "a b", "label": True}), ["'label'", "[train]", "true"]),
+        "null-label": ("train.jsonl", with_row({"text": "a b", "label": None}), ["'label'", "[train]", "null"]),
+        "null-text": ("train.jsonl", with_row({"text": None, "label": 1}),
+                      ["text column 'text'", "[train]", "null", "row 4"]),
+        "empty-csv-text-cell": ("train.csv", "text,label\na b,0\n,1\nc d,2\n",
+                                ["text column 'text'", "[train]", "null", "row 1"]),
+        "null-text-pair": ("train.jsonl", _jsonl([{"premise": "a", "hypothesis": "b", "label": 0},
+                                                  {"premise": "c", "hypothesis": None, "label": 1}]),
+                           ["text column 'hypothesis'", "[train]", "null", "row 1"]),
+        "empty-file": ("train.jsonl", "", ["train.jsonl", "no rows"]),
+        "no-split-files": ("notes.txt", "nothing here", ["no .jsonl, .csv or .parquet split files"]),
+    }
+    out = {}
+    for case, (name, content, fragments) in cases.items():
+        d = root / case
+        d.mkdir()
+        if name != "notes.txt":
+            shutil.copy(good / "validation.jsonl", d / "validation.jsonl")
+        path = d / name
+        if callable(content):
+            content(path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        out[case] = (d, fragments)
+    return out
+
+
+_BAD_DATA_CASES = ["malformed-jsonl", "random-bytes-parquet", "truncated-parquet", "not-utf8-csv", "float-label",
+                   "string-label", "bool-label", "null-label", "null-text", "empty-csv-text-cell", "null-text-pair",
+                   "empty-file", "no-split-files"]
+
+
+@pytest.mark.parametrize("case", _BAD_DATA_CASES)
+@pytest.mark.parametrize("command", ["run", "select"])
+def test_malformed_or_silently_wrong_data(command, case, bert, bad_data, tmp_path, caplog):
+    data, fragments = bad_data[case]
+    out = tmp_path / ("out" if command == "run" else "selection.json")
+    with caplog.at_level("WARNING"):
+        code, _, err = cli(command, bert, "--data", data, "--out", out)
+    assert_one_line_error(code, err, *fragments)
+    assert "Traceback" not in err
+    # datasets logs a reader's failure on its own stderr handler, which would be a second line
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("datasets")]
+    assert_nothing_written(out)
+
+
+def test_a_split_that_does_not_exist(bert, broken, tmp_path):
+    out = tmp_path / "selection.json"
+    code, _, err = cli("select", bert, "--data", broken["good"], "--split", "tarin", "--out", out)
+    assert_one_line_error(code, err, "split 'tarin' not in", "available: train, validation")
+    assert_nothing_written(out)
+
+
+def test_utf8_bom_data_is_valid_input(bert, broken, tmp_path):
+    """Excel and Windows tools start UTF-8 files with a BOM; select reads them as the plain file."""
+    from cahp_deploy.data import load_labelled
+
+    plain = load_labelled(broken["good"], "train")
+    data = tmp_path / "bom"
+    data.mkdir()
+    rows = "".join(f"{json.dumps(t)},{y}\r\n" for t, y in zip(plain.texts, plain.labels.tolist()))
+    (data / "train.csv").write_bytes(b"\xef\xbb\xbf" + f"text,label\r\n{rows}".encode())
+    (data / "validation.jsonl").write_bytes(b"\xef\xbb\xbf" + (broken["good"] / "validation.jsonl").read_bytes())
+    loaded = load_labelled(data, "train")
+    assert loaded.text_column == "text"
+    assert loaded.texts == plain.texts and loaded.labels.tolist() == plain.labels.tolist()
+    assert len(load_labelled(data, "validation")) == len(load_labelled(broken["good"], "validation"))
+    out = tmp_path / "selection.json"
+    code, _, err = cli("select", bert, "--data", data, "--out", out, "--method", "random", "--heads", "4")
+    assert code == 0, err
+    assert len(json.loads(out.read_text())["kept_heads"]) == 3  # the tiny BERT's layers
+
+
 def test_eval_split_equal_to_selection_split(bert, broken, tmp_path):
     code, _, err = cli("run", bert, "--data", broken["good"], "--out", tmp_path / "out",
                        "--select-split", "train", "--eval-split", "train")
