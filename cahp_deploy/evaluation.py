@@ -40,6 +40,9 @@ def logits(
     ``progress`` is an optional ``rich.progress.Progress`` that gets one task for this pass.
     """
     _check_batching(batch_size, max_length)
+    from cahp_deploy.arch import max_sequence_length
+
+    max_length = min(int(max_length), max_sequence_length(model.config))  # never past the position table
     device = next(model.parameters()).device
     out = np.zeros((len(data), int(model.config.num_labels)), dtype=np.float32)
     task = None

@@ -90,8 +90,25 @@ def _max_tokens(config: dict, tokenizer_config: dict) -> int:
     return limit
 
 
+def _manifest(artifact_dir: Path) -> dict:
+    path = artifact_dir / "manifest.json"
+    return _read_json(path) if path.is_file() else {}
+
+
+def promise_warning(artifact_dir: Path) -> str | None:
+    """The warning a user must see when the artifact's accuracy promise was not confirmed on unseen rows."""
+    promise = _manifest(artifact_dir).get("promise") or {}
+    if promise.get("confirmed") is not False:
+        return None
+    conf = promise.get("confirmation") or {}
+    bound = f" (upper bound of the drop {conf['upper']:+.2f} points on {conf.get('rows')} rows)" if conf else ""
+    return (f"warning: {artifact_dir}'s promise of at most {promise.get('max_drop_points')} points lost was NOT "
+            f"confirmed on rows no decision saw{bound}; no variant is recommended")
+
+
 def load_tokenizer(artifact_dir: Path, max_length: int | None = None):
-    """The artifact's fast tokenizer, set to truncate at the model's limit and pad each batch."""
+    """The artifact's fast tokenizer, set to truncate at the length the artifact serves (manifest
+    ``max_length``, at most the model's limit; ``max_length`` overrides it) and pad each batch."""
     from tokenizers import Tokenizer
 
     path = artifact_dir / "tokenizer.json"
@@ -104,6 +121,8 @@ def load_tokenizer(artifact_dir: Path, max_length: int | None = None):
     tconf_path = artifact_dir / "tokenizer_config.json"
     tconf = _read_json(tconf_path) if tconf_path.is_file() else {}
     limit = _max_tokens(config, tconf)
+    if max_length is None:
+        max_length = _manifest(artifact_dir).get("max_length")
     if max_length is not None:
         if max_length < 2:
             raise CahpError(f"--max-length {max_length} is too small; use at least 2")
@@ -172,6 +191,11 @@ def predict(
     if batch_size < 1:
         raise CahpError(f"--batch-size {batch_size} must be >= 1")
     _, path = resolve_variant(artifact_dir, variant)
+    warning = promise_warning(artifact_dir)
+    if warning:
+        import sys
+
+        print(warning, file=sys.stderr)
     tok = load_tokenizer(artifact_dir, max_length)
     session = _session(path, provider, threads)
     inputs = {i.name: (np.int32 if "int32" in i.type else np.int64) for i in session.get_inputs()}

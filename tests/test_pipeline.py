@@ -83,11 +83,11 @@ def test_summary_md_answers_in_words_first(first_run):
     # first what was shipped and its accuracy change with an interval, then the heads
     assert lines[4] == ("- Shipped: the pruned model's `optimized` variant (no accuracy budget: the fp32-exact "
                         "optimized graph).")
-    assert re.match(r"- Accuracy vs dense on the evaluation rows: [+-]\d+\.\d points \(90% CI [+-]\d+\.\d \.\. [+-]\d+\.\d, 30 rows\)", lines[5]), lines[5]
+    assert re.match(r"- Accuracy vs dense on the evaluation rows: drop [+-]\d+\.\d points \(90% CI [+-]\d+\.\d \.\. [+-]\d+\.\d, 30 rows\)", lines[5]), lines[5]
     assert "- Kept 6 of 12 attention heads (50%)." in lines  # a baseline: no knee, no budget
     text = "\n".join(lines)
     assert re.search(r"dense \d+\.\d%, pruned \d+\.\d% before recovery, \d+\.\d% after recovery "
-                     r"\(3 epochs on \d+ train rows\): [+-]\d+\.\d points", text), text
+                     r"\(3 epochs on \d+ train rows\): drop [+-]\d+\.\d points", text), text
     assert "Heads were selected on train, recovery trained on train; accuracy is measured on validation" in text
     assert "final pruned model (Hugging Face dir): `recovered`" in text
     assert result["summary"]["recovery"]["epochs"] == 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -28,10 +30,71 @@ def test_split_eval_holds_out_disjoint_rows_or_uses_the_confirm_split():
         promise.split_eval(_data(10), None, 0.4)
 
 
-def test_decision_indices_are_the_rows_split_eval_decides_on():
-    data = _data(100)
-    decide, _, _ = promise.split_eval(data, None, 0.4, seed=3)
-    assert [data.texts[i] for i in promise.decision_indices(100, 0.4, seed=3)] == decide.texts
+def test_one_error_rate_is_split_between_the_two_sequences_and_the_held_out_share_balances_the_bounds():
+    rates = promise.ErrorRates(0.9)
+    assert rates.alpha == pytest.approx(0.1) and rates.search == pytest.approx(0.95) and rates.ship == pytest.approx(0.95)
+    assert rates.to_dict() == {"alpha": 0.1, "search_alpha": 0.05, "ship_alpha": 0.05, "confirmation_confidence": 0.9}
+    # z(0.90)^2 / (z(0.90)^2 + z(0.95)^2): the decision and confirmation bounds equally wide
+    assert promise.default_confirm_fraction(0.9) == 0.38 == promise.DEFAULT_CONFIRM_FRACTION
+    assert promise.default_confirm_fraction(0.8) < 0.38 < promise.default_confirm_fraction(0.95)
+
+
+def test_the_whole_runs_false_pass_rate_is_at_most_alpha_and_was_twice_that_with_two_sequences():
+    """The complete decision logic (ladder, then shipping), every candidate exactly at the budget."""
+    from cahp_deploy.run.promise_simulation import false_pass_rate
+
+    trials, alpha = 3000, 0.1
+    se = (alpha * (1 - alpha) / trials) ** 0.5
+    now = false_pass_rate(trials, seed=1)
+    before = false_pass_rate(trials, two_sequences=True, seed=1)
+    assert now <= alpha + 3 * se, now
+    assert before > alpha + 3 * se, before  # the second sequence at the full level comes back: this fails
+
+
+def test_power_says_what_the_rows_can_show_and_when_the_budget_is_out_of_reach():
+    few = promise.power(661, 440, 1.0, 0.9)
+    assert few["in_reach"] == {"3%": False, "6%": False}
+    assert [r["disagreement"] for r in few["reach"]] == [0.03, 0.06]
+    assert all(r["decision"] > 1.0 or r["confirmation"] > 1.0 for r in few["reach"])
+    assert "OUT OF REACH" in promise.power_words(few) and "--confirm-split" in promise.power_words(few)
+    many = promise.power(5000, 9832, 1.0, 0.9)
+    assert many["in_reach"] == {"3%": True, "6%": True} and "OUT OF REACH" not in promise.power_words(many)
+    # more disagreement, a wider bound; more rows, a narrower one
+    assert promise.reach(1000, 0.06, 0.95) > promise.reach(1000, 0.03, 0.95) > promise.reach(4000, 0.03, 0.95) > 0
+
+
+def test_an_unconfirmed_promise_recommends_nothing_and_is_loud(tmp_path, capsys):
+    pruned = {"optimized": _variant(0.8, 300.0)}
+    shipped = pruned["optimized"] | {"confirmation": {**pruned["optimized"]["confirmation"], "upper": 1.3}}
+    rec, why, confirmed = promise.settle(promise.ship(pruned, None, 1.0), shipped, 1.0)
+    assert (rec, confirmed) == (None, False) and why.startswith("NOT confirmed on rows no decision saw")
+    rec, _, confirmed = promise.settle(promise.ship(pruned, None, 1.0), pruned["optimized"], 1.0)
+    assert (rec, confirmed) == ("optimized", True)
+    assert promise.settle(promise.ship(pruned, None, None), pruned["optimized"], None)[2] is None  # no budget
+    # the artifact carries it: predict warns on stderr
+    from cahp_deploy.predict import promise_warning
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"promise": {
+        "confirmed": False, "max_drop_points": 1.0, "confirmation": {"upper": 1.3, "rows": 440}}}))
+    assert "NOT confirmed" in promise_warning(tmp_path) and "+1.30 points on 440 rows" in promise_warning(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"promise": {"confirmed": True}}))
+    assert promise_warning(tmp_path) is None
+    # and run exits 3 once everything is written
+    from cahp_deploy.commands.run import exit_if_not_confirmed
+
+    with pytest.raises(SystemExit) as e:
+        exit_if_not_confirmed({"out": "OUT", "summary": {"confirm": {"confirmed": False, "max_drop_points": 1.0}}})
+    assert e.value.code == promise.EXIT_NOT_CONFIRMED == 3
+    assert "NOT confirmed" in capsys.readouterr().err
+    exit_if_not_confirmed({"out": "OUT", "summary": {"confirm": {"confirmed": True}}})  # no exit
+
+
+def test_promise_of_the_record_is_what_the_manifest_carries():
+    record = _confirm(conf_upper=1.7, int8_faster=False)
+    record.update(confirmed=False, max_length=77, shipped={"artifact": "pruned", "variant": "optimized"})
+    got = promise.promise_of(record)
+    assert got["confirmed"] is False and got["max_length"] == 77 and got["max_drop_points"] == 1.0
+    assert got["confirmation"]["upper"] == 1.7 and got["confirmation"]["rows"] == 500
 
 
 def test_bits_round_trip():
@@ -89,10 +152,13 @@ def _confirm(conf_upper: float, int8_faster: bool) -> dict:
 def test_the_words_say_plainly_when_the_confirmation_misses_or_dense_int8_wins():
     lines = promise_lines(_confirm(conf_upper=0.95, int8_faster=False))
     assert lines[0].startswith("Shipped: the pruned model's `optimized` variant")
-    assert "the budget of 1 point HOLDS" in lines[1] and "-0.9 points (90% CI" in lines[1]
+    # one sign convention: a drop is dense minus candidate (positive is worse), its bound the drop's upper one
+    assert "drop +0.9 points (90% CI -1.0 .. +1.0, 500 rows)" in lines[1]
+    assert "the budget of 1 point HOLDS (upper bound of the drop +0.95 points)" in lines[1]
+    assert "-0.9" not in lines[1] and "-0.95" not in lines[1]
     assert "2.40x vs dense fp32, 1.30x vs dense INT8" in lines[2] and len(lines) == 3
     lines = promise_lines(_confirm(conf_upper=1.7, int8_faster=True))
-    assert "is NOT confirmed (upper bound of the drop 1.7 points)" in lines[1]
+    assert "is NOT confirmed (upper bound of the drop +1.70 points)" in lines[1]
     assert lines[-1].startswith("Plainly: dense INT8 is faster than the shipped pruned artifact")
     shipped_int8 = _confirm(conf_upper=0.95, int8_faster=False)
     shipped_int8["variants"]["optimized"]["int8_mac_share"] = 0.93
@@ -115,6 +181,9 @@ def test_the_words_say_plainly_when_the_confirmation_misses_or_dense_int8_wins()
 @pytest.mark.parametrize("args, match", [
     (["--confirm-split", "validation"], "--confirm-split 'validation' must differ"),
     (["--confirm-split", "train"], "--confirm-split 'train' must differ"),
+    (["--select-split", "validation", "--eval-split", "test", "--confirm-split", "train"],
+     "--confirm-split 'train' is the split export's INT8 tuning reads"),
+    (["--max-length", "4096"], "--max-length 4096 must be between 2 and the model's"),
     (["--confidence", "1.2"], "--confidence must be in (0.5, 1)"),
     (["--max-accuracy-drop", "1", "--confirm-fraction", "0"], "--confirm-fraction must be in (0, 1)"),
     (["--confirm-split", "nope"], "nope"),

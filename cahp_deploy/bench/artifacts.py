@@ -54,6 +54,11 @@ class Artifact:
             cfg["max_position_embeddings"] = self.manifest["max_position_embeddings"]
         return max_sequence_length(cfg)
 
+    @property
+    def serving_length(self) -> int:
+        """The length the artifact serves (manifest ``max_length``; older manifests: 512, capped)."""
+        return int(self.manifest.get("max_length") or min(512, self.max_seq))
+
     def file_of(self, variant: str) -> Path | None:
         """The file of ``variant`` if the artifact has it (timed or not)."""
         path = _exporters().variant_path(self.path, variant)

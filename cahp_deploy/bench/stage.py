@@ -45,9 +45,6 @@ DEFAULT_MIN_REPS = 10
 DEFAULT_WARMUP = 3
 #: real-traffic mode draws this many sequences from the split (per batch size)
 DEFAULT_TRAFFIC_SEQUENCES = 512
-#: accuracy uses at most this many tokens per example (the position table may allow fewer)
-ACCURACY_MAX_LENGTH = 512
-
 
 @dataclass
 class Session:
@@ -296,7 +293,7 @@ def bench(
     max_len = min(max(seqs), *(a.max_seq for a in arts))
     budget = dict(warmup=warmup, min_reps=min_reps, min_seconds=min_seconds)
     do_traffic = traffic and labelled is not None
-    acc_len = min(ACCURACY_MAX_LENGTH, *(a.max_seq for a in arts))
+    acc_len = min(a.serving_length for a in arts)  # accuracy at the length the artifacts serve
     total_steps = n_sessions + len(grid) + (len(batches) if do_traffic else 0) + (n_sessions if labelled is not None else 0)
 
     from cahp_deploy.progress import make_progress

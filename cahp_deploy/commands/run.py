@@ -73,14 +73,19 @@ def run_options(f):
         click.option("--confirm-split", default=None,
                      help="Split that confirms the shipped artifact on rows no decision saw [a held-out part of --eval-split]."),
         click.option("--confirm-fraction", default=None, type=float,
-                     help="With --max-accuracy-drop and no --confirm-split: share of --eval-split held out to confirm on [0.4]."),
+                     help="With --max-accuracy-drop and no --confirm-split: share of --eval-split held out to confirm on "
+                          "[0.38 at 90%: the decision and confirmation bounds equally wide]."),
         click.option("--confidence", default=None, type=float,
-                     help="One-sided confidence of the accuracy-drop bound every budget decision uses [0.9]."),
+                     help="One minus the run's error rate [0.9]: the search and the shipping choice each decide at "
+                          "half the error rate, the confirmation at this confidence."),
+        click.option("--max-length", default=None, type=int,
+                     help="The one max length (tokens) every stage scores at and the artifact serves [the longest "
+                          "row of the data, capped at the model's positions]."),
         click.option("--quantize", default="int8", show_default=True, type=click.Choice(["int8", "none"]), help="Also export an INT8 variant."),
         click.option("--per-channel/--per-tensor", "per_channel", default=None, help="INT8 weight scales [measure both, keep the better]."),
         click.option("--int8-max-accuracy-drop", default=None, type=float,
-                     help="Export's INT8 gate: upper bound of INT8's paired accuracy drop vs its fp32 graph on the "
-                          "decision rows, in points [0.5]."),
+                     help="Export's INT8 gate: upper bound of INT8's paired accuracy drop vs its fp32 graph, in points "
+                          "[0.5; the budget itself under --max-accuracy-drop, gated on the selection split]."),
         click.option("--int8-min-agreement", default=None, type=float,
                      help="Export's INT8 gate instead: argmax agreement with fp32 at least this."),
         click.option("--fp16", is_flag=True, help="Also export an FP16 variant (for CUDA; checked on --provider)."),
@@ -119,6 +124,9 @@ def command(model, data, out, quantize, **options):
     OUT/artifacts/{dense,pruned}/   ONNX artifacts (fp32, optimized, int8) + manifest.json
     OUT/report/               report.md, report.json, plots
     OUT/run.json              what each stage saw and made; a rerun skips stages still up to date
+
+    Exit status 3: everything was written, but the accuracy promise was NOT confirmed on the rows no
+    decision saw (nothing is recommended; see summary.md); 2: bad input, nothing written.
     """
     passive_omp_threads()
     from cahp_deploy.run.pipeline import print_result, run
@@ -126,3 +134,17 @@ def command(model, data, out, quantize, **options):
     result = run(model, data, out, quantize=None if quantize == "none" else quantize, **options)
     if result is not None:  # None: a rank other than 0 of a launched run, which reports nothing
         print_result(result)
+        exit_if_not_confirmed(result)
+
+
+def exit_if_not_confirmed(result: dict) -> None:
+    """A promise the unseen rows did not back stops a CI pipeline: one line on stderr, exit 3."""
+    import sys
+
+    from cahp_deploy.run.promise import EXIT_NOT_CONFIRMED
+
+    confirm = (result.get("summary") or {}).get("confirm") or {}
+    if confirm.get("confirmed") is False:
+        click.echo(f"error: the accuracy promise ({confirm.get('max_drop_points'):g} points) was NOT confirmed on rows no "
+                   f"decision saw; everything is written to {result['out']}, nothing is recommended", err=True)
+        sys.exit(EXIT_NOT_CONFIRMED)

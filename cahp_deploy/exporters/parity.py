@@ -72,13 +72,15 @@ def random_feeds(input_names: Sequence[str], config, seed: int = 0,
 
 
 def data_feeds(tokenizer, data, input_names: Sequence[str], config, batch_size: int = 32,
-               limit: int | None = MAX_DATA_EXAMPLES) -> tuple[list[Feed], np.ndarray]:
-    """Tokenized batches of ``data`` (first ``limit`` rows, length-bucketed) and their labels, in feed order."""
+               limit: int | None = MAX_DATA_EXAMPLES, max_length: int | None = None) -> tuple[list[Feed], np.ndarray]:
+    """Tokenized batches of ``data`` (first ``limit`` rows, length-bucketed) and their labels, in feed order,
+    each row cut at ``max_length`` (the length the artifact serves; None: its default)."""
     from cahp_deploy.data import iter_batches
+    from cahp_deploy.serving_length import default_serving_length
 
     rows = data.head(limit)
     feeds, labels = [], []
-    max_length = min(512, max_sequence(config))
+    max_length = default_serving_length(config) if max_length is None else int(max_length)
     for _idx, enc, y in iter_batches(tokenizer, rows, batch_size=batch_size, max_length=max_length, return_tensors="np"):
         feeds.append({k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in input_names})
         labels.append(np.asarray(y))

@@ -197,14 +197,14 @@ def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_rec
 class _Parity:
     """Reference logits computed once, then every variant's session checked against them."""
 
-    def __init__(self, model, tokenizer, config, input_names, data, gate: Int8Gate | None):
+    def __init__(self, model, tokenizer, config, input_names, data, gate: Int8Gate | None, max_length: int):
         self.gate = gate
         self.random_feeds = parity.random_feeds(input_names, config)
         self.random_ref = parity.torch_logits(model, self.random_feeds)
         self.data = data
         self.data_feeds, self.labels, self.data_ref = [], None, None
         if data is not None:
-            self.data_feeds, self.labels = parity.data_feeds(tokenizer, data, input_names, config)
+            self.data_feeds, self.labels = parity.data_feeds(tokenizer, data, input_names, config, max_length=max_length)
             self.data_ref = parity.torch_logits(model, self.data_feeds)
 
     def gate_rows(self) -> str:
@@ -267,7 +267,8 @@ def _int8_random_shapes(config) -> tuple[tuple[int, int], ...]:
     return arch.clamp_shapes(INT8_RANDOM_TUNING_SHAPES, arch.max_sequence_length(config))
 
 
-def _int8_rows(data, split: str, columns: dict, labelled, num_labels: int, examples: int, config):
+def _int8_rows(data, split: str, columns: dict, labelled, num_labels: int, examples: int, config,
+               tuning_split: str = INT8_TUNING_SPLIT):
     """(tuning rows, report rows, record): INT8 tunes on rows the agreement is never reported on.
 
     With a train split (other than ``split``) in ``data``: ``examples`` random rows of it (seed 0),
@@ -282,13 +283,13 @@ def _int8_rows(data, split: str, columns: dict, labelled, num_labels: int, examp
 
     why = None
     train = None
-    if split == INT8_TUNING_SPLIT:
-        why = f"--split is {INT8_TUNING_SPLIT}"
+    if split == tuning_split:
+        why = f"--split is {tuning_split}"
     else:
         try:
-            train = load_labelled(data, INT8_TUNING_SPLIT, **columns)
+            train = load_labelled(data, tuning_split, **columns)
         except CahpError as e:
-            why = f"no usable {INT8_TUNING_SPLIT} split ({str(e)[:160]})"
+            why = f"no usable {tuning_split} split ({str(e)[:160]})"
         if train is not None and (train.split == labelled.split or train.file_hashes == labelled.file_hashes):
             train, why = None, "the data is a single split"
     if train is not None:
@@ -301,7 +302,7 @@ def _int8_rows(data, split: str, columns: dict, labelled, num_labels: int, examp
     half = len(labelled) // 2
     if half < 2:
         raise CahpError(
-            f"INT8 tuning needs a {INT8_TUNING_SPLIT} split in --data or >= 4 rows in split {split!r} "
+            f"INT8 tuning needs a {tuning_split} split in --data or >= 4 rows in split {split!r} "
             f"(it has {len(labelled)}): it tunes on one half and reports on the other"
         )
     tune = labelled.subset(range(min(examples, half)))
@@ -312,11 +313,11 @@ def _int8_rows(data, split: str, columns: dict, labelled, num_labels: int, examp
     return tune, report, record
 
 
-def _int8_tuning_feeds(tune_rows, tokenizer, input_names, config) -> tuple[list, np.ndarray | None]:
+def _int8_tuning_feeds(tune_rows, tokenizer, input_names, config, max_length: int) -> tuple[list, np.ndarray | None]:
     """Tuning batches and their labels (None for random tokens)."""
     if tune_rows is None:
         return parity.random_feeds(input_names, config, seed=1, shapes=_int8_random_shapes(config)), None
-    return parity.data_feeds(tokenizer, tune_rows, input_names, config, limit=None)
+    return parity.data_feeds(tokenizer, tune_rows, input_names, config, limit=None, max_length=max_length)
 
 
 def _time_int8(source: Path, int8: Path, vocab: int, max_seq: int) -> dict:
@@ -423,6 +424,8 @@ def export(
     max_examples: int | None = None,
     rows: Sequence[int] | None = None,
     int8_smooth: float | None = None,
+    max_length: int | None = None,
+    int8_tuning_split: str = "train",
 ) -> Path:
     """Export ``model_dir`` (dense or pruned classifier) to a parity-checked ONNX artifact dir ``out``.
 
@@ -457,6 +460,12 @@ def export(
         (:mod:`cahp_deploy.exporters.smoothing`; None: off). The smoothed fp32 graph is parity-checked.
     rows : check parity and gate INT8 on these rows (indices, after ``max_examples``) of ``split``
         only: ``run`` keeps its confirmation rows out of every decision this way.
+    max_length : the length the artifact serves (recorded in the manifest as ``max_length``; predict,
+        bench's accuracy and the handoff use it); every data row is checked cut at it. None: 512, capped
+        at the model's positions.
+    int8_tuning_split : the split INT8 tunes on (random rows of it); when it is ``split`` itself, INT8
+        tunes on its first half and is gated on the second. Under an accuracy budget `run` passes its
+        selection split as both, so the gate's looks never touch the decision or confirmation rows.
 
     Returns ``out``. Raises :class:`CahpError` on bad input (before any work) or a failed parity
     gate (then nothing is written).
@@ -468,6 +477,9 @@ def export(
     if int8_smooth is not None and (quantize != "int8" or not 0.0 <= float(int8_smooth) <= 1.0):
         raise CahpError(f"--int8-smooth {int8_smooth} needs --quantize int8 and an alpha in [0, 1] (0.75 measured best)")
     config = load_config(model_dir)
+    from cahp_deploy.serving_length import check_max_length, default_serving_length
+
+    max_length = check_max_length(max_length, config) or default_serving_length(config)
     pruning = _read_pruning(model_dir)
     qat = _qat(model_dir) if quantize == "int8" else None
     granularity_from_qat = qat is not None and per_channel is None
@@ -493,7 +505,8 @@ def export(
     gate, gate_note = None, None
     if quantize == "int8":
         columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
-        tune_rows, parity_rows, tune_record = _int8_rows(data, split, columns, labelled, int(config.num_labels), int8_tuning_examples, config)
+        tune_rows, parity_rows, tune_record = _int8_rows(data, split, columns, labelled, int(config.num_labels),
+                                                         int8_tuning_examples, config, int8_tuning_split)
         n_gate = min(len(parity_rows), parity.MAX_DATA_EXAMPLES) if parity_rows is not None else None
         labelled_n = None if tune_rows is None else min(len(tune_rows), n_gate)
         gate, gate_note = resolve_int8_gate(int8_max_accuracy_drop, int8_min_agreement, labelled_n, confidence, n_gate)
@@ -516,7 +529,7 @@ def export(
         plain = tmp / VARIANT_FILES["fp32"]
         bar.update(task, description="export: ONNX")
         input_names = onnx_export.export_onnx(model, plain, opset)
-        check = _Parity(model, tokenizer, config, input_names, parity_rows, gate)
+        check = _Parity(model, tokenizer, config, input_names, parity_rows, gate, max_length)
         variants: dict[str, dict] = {"fp32": {"file": plain.name, "parity": check.check("fp32", _session(plain))}}
         bar.advance(task)
 
@@ -538,7 +551,7 @@ def export(
         if quantize == "int8":
             bar.update(task, description="export: int8")
             dst = tmp / VARIANT_FILES["int8"]
-            tune_feeds, tune_labels = _int8_tuning_feeds(tune_rows, tokenizer, input_names, config)
+            tune_feeds, tune_labels = _int8_tuning_feeds(tune_rows, tokenizer, input_names, config, max_length)
             int8_source, smoothing = fused_source, None
             if int8_smooth is not None:
                 import onnx
@@ -617,6 +630,7 @@ def export(
             "opset": opset,
             "input_names": input_names,
             "max_position_embeddings": int(getattr(config, "max_position_embeddings", 0) or 0) or None,
+            "max_length": max_length,
             "attn_implementation": attn,
             "parity_data": None if labelled is None else {
                 **parity_rows.provenance(), "num_examples": len(check.labels),

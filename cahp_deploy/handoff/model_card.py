@@ -39,6 +39,26 @@ def _accuracy_lines(manifest: dict, variant: str) -> list[str]:
             f"{data['reference_accuracy']:.2%} on the same rows."]
 
 
+def _promise_lines(manifest: dict) -> list[str]:
+    """The serving length, and the accuracy promise `run` made, confirmed or NOT (drop = dense minus this
+    model, in points: positive is worse)."""
+    lines = []
+    if manifest.get("max_length"):
+        lines.append(f"- Serves inputs of up to {manifest['max_length']} tokens (longer ones are truncated); every "
+                     "accuracy figure here was measured at that length.")
+    promise = manifest.get("promise")
+    if not promise or promise.get("confirmed") is None or not promise.get("confirmation"):
+        return lines
+    c = promise["confirmation"]
+    verdict = "confirmed" if promise["confirmed"] else "NOT confirmed: do not rely on it"
+    shipped = promise.get("shipped") or {}
+    lines.append(f"- Accuracy promise of the `run` that made this artifact (it shipped the {shipped.get('artifact')} "
+                 f"model's `{shipped.get('variant')}` variant): at most {promise['max_drop_points']:g} points lost vs the dense model: {verdict}. "
+                 f"Drop on {c['rows']} rows no decision saw ({c['on']}): {c['drop']:+.2f} points, "
+                 f"{c['confidence']:.0%} CI {c['low']:+.2f} .. {c['high']:+.2f}, upper bound {c['upper']:+.2f}.")
+    return lines
+
+
 def render(manifest: dict, record: dict) -> str:
     """The card's Markdown text."""
     variant = record["variant"]
@@ -74,6 +94,7 @@ def render(manifest: dict, record: dict) -> str:
     lines.append(f"- {variant} vs PyTorch fp32: max |logit diff| {par.get('max_abs_diff', float('nan')):.1e}, "
                  f"argmax agreement {par.get('argmax_agreement', float('nan')):.2%} on {par.get('on')}.")
     lines += _accuracy_lines(manifest, variant)
+    lines += _promise_lines(manifest)
     trim = record.get("trim_vocab")
     if trim:
         cov, acc = trim["heldout"], trim["accuracy"]

@@ -211,6 +211,9 @@ def select(
     net, tokenizer = load_classifier(model)
     if is_pruned(net.config):
         raise CahpError(f"{model} is already pruned; run select on the dense model it came from")
+    from cahp_deploy.serving_length import check_max_length
+
+    check_max_length((options or {}).get("max_length"), net.config)
     check_labels(labelled, int(net.config.num_labels), min_classes=2)
     n_layers, n_heads = arch.dense_head_grid(net.config)
     total = n_layers * n_heads

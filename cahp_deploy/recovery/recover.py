@@ -122,6 +122,9 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
         held_out = held_out.head(eval_max_examples)  # the first N rows, as bench scores them
     parallel = distributed.init_from_env()
     model, tokenizer = load_classifier(pruned_dir, attn_implementation=None)  # sdpa where supported
+    from cahp_deploy.serving_length import check_max_length
+
+    check_max_length(max_length, model.config)
     model.to(distributed.device())
     num_labels = int(model.config.num_labels)
     check_labels(train, num_labels, min_classes=2)

@@ -103,6 +103,7 @@ class SearchSettings:
     ffn_keep_ratio: float | None = None  # the FFN share kept at the knee rung (None: heads only)
     ffn_method: str = "cahp"
     search_step: int | None = None  # heads between the ladder's rungs (None: about N / 12)
+    max_length: int = 128  # the run's one max length: every row is scored cut at it
 
     def evidence_key(self) -> str:
         return sha256_json({
@@ -124,7 +125,7 @@ class SearchSettings:
             "eval_split": self.eval_data.split, "eval_rows": len(self.eval_data),
             "eval_rows_sha256": rows_fingerprint(self.eval_data), "ffn_keep_ratio": ffn_share,
             "ffn_method": self.ffn_method if self.ffn_keep_ratio is not None else None,
-            "rule": RULES_VERSION,
+            "rule": RULES_VERSION, "max_length": int(self.max_length),
         })
 
 
@@ -181,14 +182,14 @@ def collect_evidence_of(model: str, select_data, seed: int, cahp_options: dict[s
         return collect_evidence(ctx)
 
 
-def _correct(model_dir: Path, eval_data) -> np.ndarray:
-    """Per-row correctness of a model dir (PyTorch) on ``eval_data``."""
+def _correct(model_dir: Path, eval_data, max_length: int) -> np.ndarray:
+    """Per-row correctness of a model dir (PyTorch) on ``eval_data``, rows cut at ``max_length``."""
     from cahp_deploy import evaluation
     from cahp_deploy.modeling import load_classifier
     from cahp_deploy.paired import correct
 
     net, tokenizer = load_classifier(model_dir, attn_implementation=None)
-    return correct(evaluation.logits(net, tokenizer, eval_data), eval_data.labels)
+    return correct(evaluation.logits(net, tokenizer, eval_data, max_length=max_length), eval_data.labels)
 
 
 def _with_neurons(selection, settings: SearchSettings, evidence, share: float) -> None:
@@ -237,7 +238,7 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
             "flop_ceiling_speedup": costs["flop_ceiling_speedup"],
             "neurons_kept": costs.get("num_neurons_kept"),
         }
-        before = _correct(pruned, settings.eval_data)
+        before = _correct(pruned, settings.eval_data, settings.max_length)
         record["accuracy_before"] = float(before.mean())
         record["correct_before"] = bits(before)
         dense = _is_dense(costs)
@@ -251,7 +252,7 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
                 recovery.recover, pruned, settings.data, final, split=settings.recover_split,
                 seed=settings.seed, **settings.columns, **settings.recover,
             )
-            after = _correct(final, settings.eval_data)
+            after = _correct(final, settings.eval_data, settings.max_length)
             record["accuracy_after"] = float(after.mean())
             record["correct_after"] = bits(after)
             record["recovery_seconds"] = rec["total_seconds"]
@@ -341,7 +342,8 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     from cahp_deploy.paired import correct
 
     net, tokenizer = _load_dense(settings)
-    dense_correct = correct(evaluation.logits(net, tokenizer, settings.eval_data), settings.eval_data.labels)
+    dense_correct = correct(evaluation.logits(net, tokenizer, settings.eval_data, max_length=settings.max_length),
+                            settings.eval_data.labels)
     dense_accuracy = float(dense_correct.mean())
     del net
     evidence = collect(settings, root)

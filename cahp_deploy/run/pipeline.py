@@ -36,6 +36,7 @@ from cahp_deploy.atomic import atomic_file
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_dir, sha256_file, sha256_json
 from cahp_deploy.paired import DEFAULT_CONFIDENCE
+from cahp_deploy.run.promise import DENSE_ARTIFACT_DIR, PRUNED_ARTIFACT_DIR, ErrorRates
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ PRUNED_DIR = "pruned"
 RECOVERED_DIR = "recovered"
 SEARCH_DIR = "search"
 SUMMARY_FILE = "summary.md"
-DENSE_ARTIFACT = "artifacts/dense"
-PRUNED_ARTIFACT = "artifacts/pruned"
+DENSE_ARTIFACT = DENSE_ARTIFACT_DIR
+PRUNED_ARTIFACT = PRUNED_ARTIFACT_DIR
 REPORT_DIR = "report"
 
 #: Variants exported for both models: what a CPU deployment would choose between.
@@ -216,6 +217,7 @@ def run(
     threads: int | None = None,
     variants: tuple[str, ...] | None = None,
     eval_max_examples: int | None = None,
+    max_length: int | None = None,
     select_options: dict[str, Any] | None = None,
     recover_options: dict[str, Any] | None = None,
     export_options: dict[str, Any] | None = None,
@@ -236,7 +238,9 @@ def run(
     ``search_step`` heads per rung), decided on the upper
     confidence bound (``confidence``) of the paired drop, on decision rows only; ``confirm_split`` (or a
     held-out ``confirm_fraction`` of the evaluation split) confirms the shipped artifact on rows no
-    decision saw (:mod:`cahp_deploy.run.promise`).
+    decision saw (:mod:`cahp_deploy.run.promise`). ``max_length`` is the one length every stage scores
+    at and the artifact serves (None: the longest row of the data, capped at the model's positions;
+    :mod:`cahp_deploy.serving_length`).
 
     Returns ``{"out", "report", "summary_md", "run", "summary"}``: the run record (run.json's
     contents) and the dense-vs-pruned summary that is also printed. ``select_options`` /
@@ -279,6 +283,11 @@ def run(
     if confirm_split is not None and confirm_split in (select_split, eval_split, recover_split if recover else None):
         raise CahpError(f"--confirm-split {confirm_split!r} must differ from the selection, recovery and evaluation "
                         "splits: it confirms on rows no decision saw")
+    from cahp_deploy.exporters.stage import INT8_TUNING_SPLIT
+
+    if confirm_split == INT8_TUNING_SPLIT and quantize == "int8" and max_accuracy_drop is None:
+        raise CahpError(f"--confirm-split {confirm_split!r} is the split export's INT8 tuning reads; confirm on another "
+                        "split (e.g. test)")
     if confirm_fraction is not None and not 0.0 < confirm_fraction < 1.0:
         raise CahpError(f"--confirm-fraction must be in (0, 1), got {confirm_fraction}")
     if confidence is not None and not 0.5 < confidence < 1.0:
@@ -294,6 +303,9 @@ def run(
         console = Console(stderr=True)
     check_run_dir(out, force)
     config = load_config(model)
+    from cahp_deploy.serving_length import check_max_length
+
+    check_max_length(max_length, config)
     num_labels = int(config.num_labels)
     if ffn_keep_ratio is not None or ffn_neurons is not None:  # checked now, not after hours of search
         from cahp_deploy import arch
@@ -313,30 +325,32 @@ def run(
     from cahp_deploy.run import promise
 
     eval_rows = eval_data.head(eval_max_examples)
-    gate_rows = None  # the rows export's checks (and the INT8 gate) see: never the confirmation rows
+    confidence = DEFAULT_CONFIDENCE if confidence is None else float(confidence)
+    power = None
     if max_accuracy_drop is not None:
-        if confirm_data is None:
-            gate_rows = promise.decision_indices(
-                len(eval_rows), promise.DEFAULT_CONFIRM_FRACTION if confirm_fraction is None else confirm_fraction, seed)
-        decision, confirmation, how = promise.split_eval(
-            eval_rows, confirm_data, promise.DEFAULT_CONFIRM_FRACTION if confirm_fraction is None else confirm_fraction,
-            seed)
+        fraction = promise.default_confirm_fraction(confidence) if confirm_fraction is None else confirm_fraction
+        decision, confirmation, how = promise.split_eval(eval_rows, confirm_data, fraction, seed)
+        power = promise.power(len(decision), len(confirmation), max_accuracy_drop, confidence)
     else:  # nothing is decided on the evaluation rows: measure there (and on --confirm-split if given)
         decision, confirmation = eval_rows, confirm_data if confirm_data is not None else eval_rows
         how = f"split {confirm_split!r}" if confirm_data is not None else "the evaluation rows"
+    lengths = _serving_length(model, config, [select_data, eval_rows, confirm_data], max_length)
     if quantize == "int8":  # export's INT8 gate options, checked now rather than after select and recovery
         from cahp_deploy.exporters.parity import MAX_DATA_EXAMPLES
         from cahp_deploy.exporters.stage import resolve_int8_gate
 
-        n_gate = min(len(decision), MAX_DATA_EXAMPLES)
+        # under a budget INT8 is gated on the second half of the selection split (never a decision row)
+        n_gate = min(len(select_data) // 2 if max_accuracy_drop is not None else len(decision), MAX_DATA_EXAMPLES)
         if max_accuracy_drop is not None and int8_max_accuracy_drop is None and int8_min_agreement is None:
-            int8_max_accuracy_drop = _joint_int8_gate(max_accuracy_drop, n_gate, confidence or DEFAULT_CONFIDENCE)
-        resolve_int8_gate(int8_max_accuracy_drop, int8_min_agreement, n_gate, confidence or DEFAULT_CONFIDENCE, n_gate)
+            int8_max_accuracy_drop = _joint_int8_gate(max_accuracy_drop, n_gate, confidence)
+        resolve_int8_gate(int8_max_accuracy_drop, int8_min_agreement, n_gate, confidence, n_gate)
     if recover and recover_split != select_split:
         check_labels(load_labelled(data, recover_split, **columns), num_labels, min_classes=2)
     check_provider(provider)
 
-    method_options = _prune_none(dict(degree=degree, pool_size=pool_size, space=space)) | (select_options or {})
+    serve = lengths["max_length"]
+    method_options = _prune_none(dict(degree=degree, pool_size=pool_size, space=space)) | {"max_length": serve} \
+        | (select_options or {})
     select_kwargs = _prune_none(dict(
         method=method, split=select_split, seed=seed, heads=heads, keep_ratio=keep_ratio,
         max_examples=max_examples, ffn_method=ffn_method, ffn_keep_ratio=ffn_keep_ratio, ffn_neurons=ffn_neurons,
@@ -344,14 +358,13 @@ def run(
     )) | ({"options": method_options} if method_options else {})
     recover_kwargs = None if not recover else _prune_none(dict(
         epochs=recover_epochs, lr=recover_lr, max_examples=recover_max_examples,
-        distill_from=model if distill else None,
+        distill_from=model if distill else None, max_length=serve,
     )) | ({"qat": True} if (quantize == "int8" if qat is None else qat) else {}) | (recover_options or {})
     export_kwargs = _prune_none(dict(
         optimize=True, quantize=quantize, per_channel=per_channel, int8_min_agreement=int8_min_agreement,
-        int8_max_accuracy_drop=int8_max_accuracy_drop, confidence=confidence, rows=gate_rows,
-        fp16=fp16, opset=opset, max_examples=eval_max_examples,
-        provider="cpu" if provider == "cpu" else "cuda", measure=timing,
-    )) | (export_options or {})
+        int8_max_accuracy_drop=int8_max_accuracy_drop, confidence=confidence, fp16=fp16, opset=opset,
+        provider="cpu" if provider == "cpu" else "cuda", measure=timing, max_length=serve,
+    )) | (_export_rows(max_accuracy_drop, select_split, eval_split, eval_max_examples)) | (export_options or {})
     bench_kwargs = _prune_none(dict(
         provider=provider, batches=batch or DEFAULT_BATCHES, seqs=seq or DEFAULT_SEQS,
         variants=list(variants) if variants else _default_variants(quantize),
@@ -375,9 +388,9 @@ def run(
             select_data=select_data, eval_data=eval_data, columns=columns, select_kwargs=select_kwargs,
             recover_split=recover_split, recover_kwargs=recover_kwargs, max_accuracy_drop=max_accuracy_drop,
             eval_max_examples=eval_max_examples, export_kwargs=export_kwargs, bench_kwargs=bench_kwargs,
-            decision=decision, confirmation=confirmation, confirm_how=how,
-            confidence=DEFAULT_CONFIDENCE if confidence is None else float(confidence),
+            decision=decision, confirmation=confirmation, confirm_how=how, confidence=confidence,
             ffn_keep_ratio=ffn_keep_ratio, ffn_method=ffn_method or "cahp", search_step=search_step,
+            lengths=lengths, power=power,
         )
         with distributed.leading():
             result = _run_stages(record, model, data, out, plan)
@@ -445,6 +458,34 @@ class _Plan:
     ffn_keep_ratio: float | None = None
     ffn_method: str = "cahp"
     search_step: int | None = None
+    lengths: dict[str, Any] | None = None  # the one max length (serving_length.resolve_max_length)
+    power: dict[str, Any] | None = None  # what the decision and confirmation rows can show (promise.power)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.lengths["max_length"])
+
+
+def _export_rows(max_drop: float | None, select_split: str, eval_split: str, eval_max_examples: int | None) -> dict:
+    """Which rows export's parity checks and INT8 gate read.
+
+    Under a budget: the selection split (INT8 tunes on its first half and is gated on its second), so
+    the gate's looks never touch the decision rows (the shipping sequence alone judges INT8 there, once)
+    nor the confirmation rows. Otherwise: the evaluation split, where nothing else is decided.
+    """
+    if max_drop is not None:
+        return {"split": select_split, "int8_tuning_split": select_split}
+    return _prune_none({"split": eval_split, "max_examples": eval_max_examples})
+
+
+def _serving_length(model: str, config, datasets: list, asked: int | None) -> dict[str, Any]:
+    """The run's one max length (:mod:`cahp_deploy.serving_length`), from the rows of every split it reads."""
+    from transformers import AutoTokenizer
+
+    from cahp_deploy.serving_length import resolve_max_length
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return resolve_max_length(tokenizer, config, [d for d in datasets if d is not None], asked)
 
 
 def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, model_hash: str):
@@ -499,9 +540,9 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
         eval_data=plan.decision,
         recover_split=plan.recover_split, columns=plan.columns, seed=int(plan.select_kwargs.get("seed", 42)),
         cahp_options=options, recover=plan.recover_kwargs, eval_max_examples=plan.eval_max_examples,
-        max_drop=float(plan.max_accuracy_drop), say=record.say, confidence=plan.confidence,
+        max_drop=float(plan.max_accuracy_drop), say=record.say, confidence=ErrorRates(plan.confidence).search,
         ffn_keep_ratio=plan.ffn_keep_ratio, ffn_method=plan.ffn_method,
-        search_step=plan.search_step,
+        search_step=plan.search_step, max_length=plan.max_length,
     )
     search_dir = out / SEARCH_DIR
     record.stage(
@@ -512,14 +553,31 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
             "recover_data": load_split_hashes(data, plan.recover_split, plan.select_data, plan.columns)
             if plan.recover_kwargs is not None else None,
             "eval": _eval_inputs(plan), "max_accuracy_drop": plan.max_accuracy_drop,
-            "decision_rows": _rows_key(plan.decision), "confidence": plan.confidence,
-            "ffn_keep_ratio": plan.ffn_keep_ratio, "search_step": plan.search_step,
+            "decision_rows": _rows_key(plan.decision), "confidence": ErrorRates(plan.confidence).search,
+            "ffn_keep_ratio": plan.ffn_keep_ratio, "search_step": plan.search_step, "max_length": plan.max_length,
             "rule": accuracy_budget.RULES_VERSION,
         },
         search_dir,
         lambda overwrite: accuracy_budget.search(settings, search_dir),
     )
     return accuracy_budget.chosen_model(search_dir)
+
+
+def _record_budget(record: RunRecord, plan: _Plan) -> None:
+    """Note the budget asked of these decision rows: every new budget on the same rows is one more look."""
+    asked = record.data.setdefault("budgets_asked", [])
+    entry = {"max_drop_points": float(plan.max_accuracy_drop), "decision_rows_sha256": _rows_key(plan.decision)}
+    if entry not in asked:
+        asked.append(entry)
+
+
+def budgets_on(record: dict[str, Any]) -> list[float]:
+    """The budgets asked of the decision rows of the latest budget run in this OUT, in order."""
+    asked = record.get("budgets_asked") or []
+    if not asked:
+        return []
+    rows = asked[-1]["decision_rows_sha256"]
+    return [a["max_drop_points"] for a in asked if a["decision_rows_sha256"] == rows]
 
 
 def _rows_key(data) -> str:
@@ -540,13 +598,15 @@ def _confirm(record: RunRecord, out: Path, plan: _Plan, dense_art: Path, pruned_
         "dense_sha256": record.output_hash("export-dense"),
         "decision_rows": _rows_key(plan.decision), "confirmation_rows": _rows_key(plan.confirmation),
         "max_accuracy_drop": plan.max_accuracy_drop, "confidence": plan.confidence,
-        "threads": plan.bench_kwargs.get("threads"),
+        "threads": plan.bench_kwargs.get("threads"), "max_length": plan.max_length,
+        "error_rates": ErrorRates(plan.confidence).to_dict(),
     }
     ran = record.stage(
         "confirm", inputs, confirm_file,
         lambda overwrite: promise.confirm(dense_art, pruned_art, report_dir, plan.decision, plan.confirmation,
                                           plan.confirm_how, plan.max_accuracy_drop, confirm_file,
-                                          confidence=plan.confidence, threads=plan.bench_kwargs.get("threads")),
+                                          confidence=plan.confidence, threads=plan.bench_kwargs.get("threads"),
+                                          max_length=plan.max_length),
     )
     if ran:  # the manifest now names its recommended variant: what export made, plus that one line
         stage = record.stages["export-pruned"]
@@ -577,8 +637,23 @@ def _run_stages(record: RunRecord, model: str, data: str, out: Path, plan: _Plan
         model=model, model_sha256=model_hash, data=data, method=plan.select_kwargs.get("method", "cahp"),
         select_split=plan.select_data.split, eval_split=plan.eval_data.split,
         recover_split=None if plan.recover_kwargs is None else plan.recover_split,
+        max_length=plan.lengths,
     )
+    from cahp_deploy.serving_length import words as length_words
+
+    record.say(length_words(plan.lengths))
+    if plan.max_accuracy_drop is not None:
+        from cahp_deploy.run.promise import power_words
+
+        record.data["power"] = plan.power
+        record.say(power_words(plan.power))  # before any recovery: what these rows can show at all
+        _record_budget(record, plan)
+    else:
+        record.data.pop("power", None)
     eval_in = {"data": plan.eval_data.file_hashes, "split": plan.eval_data.split, **plan.columns}
+    export_split = plan.export_kwargs["split"]
+    export_in = {"data": plan.select_data.file_hashes if export_split == plan.select_data.split
+                 else plan.eval_data.file_hashes, "split": export_split, **plan.columns}
 
     if plan.max_accuracy_drop is None:
         record.stages.pop("search", None)  # a path taken by an earlier run of this OUT, not this one
@@ -591,17 +666,17 @@ def _run_stages(record: RunRecord, model: str, data: str, out: Path, plan: _Plan
     final_sha = sha256_dir(final_model)
     record.data["final_model"] = str(final_model.relative_to(out))
 
-    export_common = dict(data=data, split=plan.eval_data.split, **plan.columns, **plan.export_kwargs)
+    export_common = dict(data=data, **plan.columns, **plan.export_kwargs)
     dense_art, pruned_art = out / DENSE_ARTIFACT, out / PRUNED_ARTIFACT
     record.stage(
         "export-dense",
-        {"model_sha256": model_hash, "options": plan.export_kwargs, "eval": eval_in},
+        {"model_sha256": model_hash, "options": plan.export_kwargs, "eval": export_in},
         dense_art,
         lambda overwrite: exporters.export(model, dense_art, force=overwrite, **export_common),
     )
     record.stage(
         "export-pruned",
-        {"model_sha256": final_sha, "options": plan.export_kwargs, "eval": eval_in},
+        {"model_sha256": final_sha, "options": plan.export_kwargs, "eval": export_in},
         pruned_art,
         lambda overwrite: exporters.export(final_model, pruned_art, force=overwrite, **export_common),
     )
@@ -713,6 +788,9 @@ def summarize(out: str | os.PathLike, record: dict[str, Any] | None = None) -> d
         "recovery": _recovery_summary(out / final) if final else None,
         "search": _search_summary(out) if searched else None,
         "confirm": _read(out / "confirm.json") if "confirm" in record.get("stages", {}) and (out / "confirm.json").is_file() else None,
+        "max_length": record.get("max_length"),
+        "power": record.get("power") if searched else None,
+        "budgets_asked": budgets_on(record) if searched else [],
         "rows": rows,
     }
 

@@ -1,30 +1,34 @@
 """The promise `run` makes, kept honest: decided on some rows, confirmed on rows the decision never saw.
 
-A budget search that takes the first candidate whose *point estimate* clears the bar on ~1,000 rows
-picks noise in its favour (paired standard error ~1.5 points there): measured, a run promised -0.8
-points on SST-5 validation and lost 3.5 on test. So:
+A search that keeps the best-looking of many candidates on ~1,000 rows picks noise in its favour (paired
+standard error ~1.5 points there). So:
 
 1. **Decision rows vs confirmation rows** (:func:`split_eval`): with ``--confirm-split`` the whole
-   evaluation split decides and that split confirms; otherwise a seeded part of the evaluation split
-   (``--confirm-fraction``, default 40%) is held out and never seen by any decision.
-2. **Decisions on the upper confidence bound** of the paired drop (:mod:`cahp_deploy.paired`): the
-   search's candidates, and here the choice of the shipped precision.
+   evaluation split decides and that split confirms; otherwise a seeded part of the evaluation split is
+   held out (:func:`default_confirm_fraction`, chosen so that neither bound is the weaker link) and never
+   seen by any decision. :func:`power` says up front what those rows can show.
+2. **Decisions on the upper confidence bound** of the paired drop (:mod:`cahp_deploy.paired`), and
+   **one error rate for the whole run** (:class:`ErrorRates`): the search's ladder and the shipping
+   sequence are the only looks at the decision rows (export's INT8 gate judges rows of its own), and
+   alpha is split between the two.
 3. **The shipped artifact is measured, not estimated** (:func:`ship`): the pruned model's fp32-exact
    graph, then every benchmarked artifact faster than it (the pruned INT8, and dense INT8, the honest
-   competitor), slowest first, each judged by the same rule on the decision rows; the first miss
-   ends the sequence and the last artifact that passed is shipped (``confirm.json``'s ``shipped``;
-   the pruned manifest's ``recommended`` names the pruned variant). When that is dense INT8, the
-   summary says so first.
+   competitor), slowest first; the first miss ends the sequence and the last artifact that passed is
+   shipped (``confirm.json``'s ``shipped``).
 4. **Confirmation**: every variant's drop (and the dense INT8's) is measured again through ONNX Runtime
-   on the confirmation rows and written, with its interval, to ``OUT/confirm.json``; summary.md says
-   plainly when the confirmation misses the budget.
+   on the confirmation rows, at the length the artifact serves, and written with its interval to
+   ``OUT/confirm.json``. When the shipped artifact's bound there misses the budget the promise is
+   **not confirmed**, loudly: no variant is recommended, the manifest's ``promise`` says so (``predict``
+   warns), and `run` exits with :data:`EXIT_NOT_CONFIRMED` once everything is written.
 
 Accuracy here is ONNX Runtime's, on the very files a user deploys, against the dense *fp32* artifact.
+Drops are dense minus candidate, in points: positive is worse, and every bound is the drop's upper one.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +41,111 @@ from cahp_deploy.run.summary import points_word
 
 CONFIRM_FILE = "confirm.json"
 PARETO_PLOT = "pareto.png"
-#: share of the evaluation split held out for confirmation when no --confirm-split is given
-DEFAULT_CONFIRM_FRACTION = 0.4
+#: the share of the run's error rate the budget search's ladder gets; the shipping sequence gets the rest
+SEARCH_SHARE = 0.5
+#: the rates of disagreement with dense (rows one model gets right and the other wrong) the power line
+#: reports: a near-dense candidate or an INT8 graph (3%), a pruned one (6%)
+POWER_DISAGREEMENTS = (0.03, 0.06)
+#: the exit status of `run` when everything was written but the promise was not confirmed
+EXIT_NOT_CONFIRMED = 3
+
+
+@dataclass(frozen=True)
+class ErrorRates:
+    """One error rate for the whole run, split between the two fixed sequences that look at the decision rows.
+
+    The budget search's ladder and the shipping sequence (:func:`ship`) each stop at their first miss, so
+    each keeps its false-pass chance at its own level however many rungs or artifacts it judges; but the
+    shipping sequence starts again after the ladder stopped at a miss, on the same rows. Bonferroni
+    across the two keeps the chance that *anything* ships above the budget at ``alpha = 1 - confidence``.
+    The confirmation, on rows no decision saw, is judged at the full ``confidence``.
+    """
+
+    confidence: float
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 - self.confidence
+
+    @property
+    def search(self) -> float:
+        """Confidence of every bound the ladder decides on."""
+        return 1.0 - self.alpha * SEARCH_SHARE
+
+    @property
+    def ship(self) -> float:
+        """Confidence of every bound the shipping sequence decides on."""
+        return 1.0 - self.alpha * (1.0 - SEARCH_SHARE)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"alpha": round(self.alpha, 6), "search_alpha": round(1 - self.search, 6),
+                "ship_alpha": round(1 - self.ship, 6), "confirmation_confidence": self.confidence}
+
+    def words(self) -> str:
+        return (f"one error rate for the whole run, {self.alpha:.0%}: {1 - self.search:.0%} for the search's ladder "
+                f"and {1 - self.ship:.0%} for the shipping sequence (both on the decision rows)")
+
+
+def default_confirm_fraction(confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """Share of the evaluation rows held out to confirm on when no --confirm-split is given.
+
+    Chosen for power: decisions are judged at the split level ``1 - alpha/2``, the confirmation at
+    ``1 - alpha``; a bound's width goes as ``z * sqrt(rate / rows)``, so holding out
+    ``z_c**2 / (z_c**2 + z_d**2)`` of the rows makes the decision and the confirmation bounds equally
+    wide at any disagreement rate: neither is the weaker link (0.38 at 90%).
+    """
+    from scipy.stats import norm
+
+    rates = ErrorRates(float(confidence))
+    z_c, z_d = norm.ppf(rates.confidence), norm.ppf(rates.search)
+    return round(float(z_c**2 / (z_c**2 + z_d**2)), 2)
+
+
+#: the held-out share at the default confidence
+DEFAULT_CONFIRM_FRACTION = default_confirm_fraction()
+
+
+def reach(rows: int, disagreement: float, confidence: float) -> float:
+    """The smallest budget (points) ``rows`` rows can show for an artifact exactly as accurate as dense
+    that disagrees with it on a ``disagreement`` share of the rows (half each way): its upper bound."""
+    n = int(rows)
+    m = int(round(n * float(disagreement)))
+    ref = np.ones(n, dtype=bool)
+    new = ref.copy()
+    new[: m - m // 2] = False  # rows only dense gets right
+    ref[m - m // 2 : m] = False  # rows only the candidate gets right
+    return paired_drop(ref, new, confidence).upper
+
+
+def power(decision_rows: int, confirmation_rows: int, max_drop: float, confidence: float) -> dict[str, Any]:
+    """What the rows can prove, before any recovery: per disagreement rate, the smallest budget the decision
+    rows (at the ship's level) and the confirmation rows can show; and whether ``max_drop`` is in reach."""
+    rates = ErrorRates(float(confidence))
+    rows = [{"disagreement": r, "decision": round(reach(decision_rows, r, rates.ship), 3),
+             "confirmation": round(reach(confirmation_rows, r, rates.confidence), 3)} for r in POWER_DISAGREEMENTS]
+    worst = [max(r["decision"], r["confirmation"]) for r in rows]
+    return {"decision_rows": int(decision_rows), "confirmation_rows": int(confirmation_rows),
+            "max_drop_points": max_drop, "reach": rows,
+            "in_reach": {f"{r['disagreement']:.0%}": bool(w <= max_drop) for r, w in zip(rows, worst)}}
+
+
+def power_words(p: dict[str, Any]) -> str:
+    """One line: what the rows can show, and what to do when the asked budget is out of reach."""
+    parts = [f"{r['disagreement']:.0%} of rows: {max(r['decision'], r['confirmation']):.2f} points" for r in p["reach"]]
+    line = (f"power: {p['decision_rows']} decision and {p['confirmation_rows']} confirmation rows can show, for an "
+            f"artifact as accurate as dense that disagrees with it on " + ", on ".join(parts))
+    if not any(p["in_reach"].values()):
+        line += (f"; a budget of {points_word(p['max_drop_points'])} is OUT OF REACH even at "
+                 f"{POWER_DISAGREEMENTS[0]:.0%} disagreement: give a --confirm-split (e.g. test), more rows "
+                 "(--eval-max-examples), or a larger budget")
+    elif not all(p["in_reach"].values()):
+        line += (f"; at {points_word(p['max_drop_points'])} only artifacts that disagree with dense on fewer rows "
+                 "can pass")
+    return line
 #: pruned variants the recommendation chooses among (fp16 is for GPUs, timed elsewhere)
 CANDIDATE_VARIANTS = ("optimized", "int8", "fp32")
 #: the variant recommended when there is no accuracy budget to decide on
 DEFAULT_RECOMMENDED = "optimized"
-
-
-def decision_indices(n: int, fraction: float = DEFAULT_CONFIRM_FRACTION, seed: int = 0) -> list[int]:
-    """Indices of the decision rows :func:`split_eval` keeps of ``n`` evaluation rows (export gates on them)."""
-    return split_rows(n, fraction, seed)[0].tolist()
 
 
 def split_eval(eval_data, confirm_data=None, fraction: float = DEFAULT_CONFIRM_FRACTION, seed: int = 0):
@@ -113,6 +211,8 @@ def headline_shape(report: dict[str, Any]) -> str:
 
 
 DENSE, PRUNED = "dense", "pruned"
+#: where `run` writes the two artifacts, relative to OUT (what confirm.json names: no absolute paths)
+DENSE_ARTIFACT_DIR, PRUNED_ARTIFACT_DIR = "artifacts/dense", "artifacts/pruned"
 
 
 def ship(pruned: dict[str, dict[str, Any]], dense_int8: dict[str, Any] | None, max_drop: float | None) -> dict[str, Any]:
@@ -167,9 +267,10 @@ def ship(pruned: dict[str, dict[str, Any]], dense_int8: dict[str, Any] | None, m
 
 def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confirmation, how: str,
             max_drop: float | None, out_file: Path, confidence: float = DEFAULT_CONFIDENCE,
-            threads: int | None = None) -> dict[str, Any]:
+            threads: int | None = None, max_length: int = 128) -> dict[str, Any]:
     """Measure, choose and confirm (see the module docstring); write ``out_file`` and the manifest's
-    ``recommended``. Returns the record."""
+    ``recommended`` and ``promise``. Every row is scored at ``max_length``, the length the artifact
+    serves. Returns the record."""
     from cahp_deploy.exporters import int8_mac_share, load_manifest
 
     report = json.loads((Path(report_dir) / "report.json").read_text())
@@ -187,7 +288,7 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
     # each row set is tokenized once for every session.
     tokenizer = AutoTokenizer.from_pretrained(str(dense_art))
     rows = {"decision": decision, "confirmation": confirmation}
-    batches = {part: encode(tokenizer, data, 128) for part, data in rows.items()
+    batches = {part: encode(tokenizer, data, max_length) for part, data in rows.items()
                if not (part == "confirmation" and confirmation is decision)}
 
     def both(art: Path, variant: str) -> dict[str, np.ndarray]:
@@ -200,12 +301,15 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
     dense_p50 = _latency(report, dense_name, "fp32", shape)
     dense_int8_p50 = _latency(report, dense_name, "int8", shape)
 
+    rates = ErrorRates(float(confidence))
+
     def measure(art: Path, name: str, variant: str, manifest: dict) -> dict[str, Any]:
         got = both(art, variant)
         p50 = _latency(report, name, variant, shape)
         return {
             "int8_mac_share": int8_mac_share(manifest, variant),
-            "decision": paired_drop(ref["decision"], got["decision"], confidence).to_dict(),
+            # decided on at the shipping sequence's share of the run's error rate
+            "decision": paired_drop(ref["decision"], got["decision"], rates.ship).to_dict(),
             "confirmation": paired_drop(ref["confirmation"], got["confirmation"], confidence).to_dict(),
             "p50_ms": p50,
             "speedup_vs_dense_fp32": None if not (p50 and dense_p50) else dense_p50 / p50,
@@ -217,28 +321,58 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
     dense_int8 = measure(dense_art, dense_name, "int8", dense_manifest) if dense_int8_p50 is not None \
         and "int8" in (dense_manifest.get("variants") or {}) else None
     shipping = ship(pruned, dense_int8, max_drop)
-    recommended, why = shipping.pop("recommended"), shipping["why"]
     shipped = dense_int8 if shipping["artifact"] == DENSE else pruned.get(shipping["variant"]) \
         if shipping["artifact"] == PRUNED else None
+    recommended, why, confirmed = settle(shipping, shipped, max_drop)
     record = {
-        "shape": shape, "confidence": confidence, "max_drop_points": max_drop,
+        "shape": shape, "confidence": confidence, "max_drop_points": max_drop, "max_length": int(max_length),
+        "error_rates": rates.to_dict() if max_drop is not None else None,
         "decision_rows": {"num_examples": len(decision), "split": decision.split},
         "confirmation_rows": {"num_examples": len(confirmation), "split": confirmation.split, "how": how},
         "reference": "dense fp32 artifact (model.onnx), ONNX Runtime",
         "dense_fp32_p50_ms": dense_p50, "dense_int8": dense_int8, "variants": pruned,
         "recommended": recommended, "why": why,
         "shipped": {**shipping, "path": None if shipping["artifact"] is None
-                    else str(dense_art if shipping["artifact"] == DENSE else pruned_art)},
-        "confirmed": None if shipped is None or max_drop is None
-        else bool(shipped["confirmation"]["upper"] <= max_drop + 1e-9),
+                    else (DENSE_ARTIFACT_DIR if shipping["artifact"] == DENSE else PRUNED_ARTIFACT_DIR)},
+        "confirmed": confirmed,
         "dense_int8_faster": None if shipping["artifact"] != PRUNED or dense_int8 is None
         else bool(dense_int8["p50_ms"] < shipped["p50_ms"]),
     }
     with atomic_file(out_file, force=True) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     plot_pareto(record, Path(out_file).with_name(PARETO_PLOT))
-    _set_recommended(pruned_art, recommended, why)
+    _set_recommended(pruned_art, recommended, why, promise_of(record))
     return record
+
+
+def settle(shipping: dict[str, Any], shipped: dict[str, Any] | None, max_drop: float | None) -> tuple[str | None, str, bool | None]:
+    """(recommended variant, why, confirmed) once the shipped artifact was measured on the confirmation rows.
+
+    A promise the unseen rows do not back recommends nothing: ``predict`` then warns, and `run` exits
+    non-zero. ``confirmed`` is None when there was no budget to confirm (or nothing was shipped).
+    """
+    recommended, why = shipping.pop("recommended", None), shipping["why"]
+    confirmed = None if shipped is None or max_drop is None \
+        else bool(shipped["confirmation"]["upper"] <= max_drop + 1e-9)
+    if confirmed is False:
+        return None, f"NOT confirmed on rows no decision saw ({why})", False
+    return recommended, why, confirmed
+
+
+def promise_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The promise as the artifact carries it (manifest ``promise``): what `predict` and the handoff read."""
+    shipped = record.get("shipped") or {}
+    v = record["dense_int8"] if shipped.get("artifact") == DENSE else (record["variants"] or {}).get(shipped.get("variant"))
+    conf = None if v is None else v["confirmation"]
+    return {
+        "confirmed": record.get("confirmed"),
+        "max_drop_points": record.get("max_drop_points"),
+        "max_length": record.get("max_length"),
+        "shipped": {"artifact": shipped.get("artifact"), "variant": shipped.get("variant")},
+        "confirmation": None if conf is None else {
+            "drop": conf["drop"], "upper": conf["upper"], "low": conf["low"], "high": conf["high"],
+            "rows": conf["n"], "on": record["confirmation_rows"]["how"], "confidence": conf["confidence"]},
+    }
 
 
 def plot_pareto(record: dict[str, Any], path: Path) -> None:
@@ -260,14 +394,14 @@ def plot_pareto(record: dict[str, Any], path: Path) -> None:
                            shipped["artifact"] == PRUNED and v == shipped["variant"]))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, x, d, shipped in points:
-        y = -d["drop"]
-        ax.errorbar([x], [y], yerr=[[y + d["high"]], [-d["low"] - y]], fmt="*" if shipped else "o",
+        y = d["drop"]
+        ax.errorbar([x], [y], yerr=[[y - d["low"]], [d["high"] - y]], fmt="*" if shipped else "o",
                     ms=14 if shipped else 6, capsize=3, label=name + (" (shipped)" if shipped else ""))
     if record.get("max_drop_points") is not None:
-        ax.axhline(-record["max_drop_points"], color="tab:red", ls="--", lw=1,
-                   label=f"budget: -{record['max_drop_points']:g} points")
+        ax.axhline(record["max_drop_points"], color="tab:red", ls="--", lw=1,
+                   label=f"budget: a drop of {record['max_drop_points']:g} points")
     ax.set_xlabel(f"measured speedup vs dense fp32 at {record['shape']}")
-    ax.set_ylabel(f"accuracy change, points ({record['confidence']:.0%} CI)")
+    ax.set_ylabel(f"accuracy drop vs dense, points ({record['confidence']:.0%} CI; positive is worse)")
     ax.set_title(f"confirmed on {record['confirmation_rows']['num_examples']} rows no decision used")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -277,16 +411,19 @@ def plot_pareto(record: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _set_recommended(artifact: Path, variant: str | None, why: str) -> None:
-    """Record the verified variant in the artifact's manifest (the manifest hashes no file of its own)."""
+def _set_recommended(artifact: Path, variant: str | None, why: str, promise: dict[str, Any]) -> None:
+    """Record the verified variant and the promise in the artifact's manifest (the manifest hashes no file
+    of its own)."""
     path = Path(artifact) / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["recommended"] = variant
     manifest["recommended_why"] = why
+    manifest["promise"] = promise
     with atomic_file(path, force=True) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-__all__ = ["CONFIRM_FILE", "DEFAULT_CONFIRM_FRACTION", "DENSE", "PARETO_PLOT", "PRUNED", "plot_pareto", "bits",
-           "confirm", "from_bits", "headline_shape", "decision_indices", "ort_correct", "rows_fingerprint", "ship",
+__all__ = ["CONFIRM_FILE", "DEFAULT_CONFIRM_FRACTION", "DENSE", "EXIT_NOT_CONFIRMED", "ErrorRates", "PARETO_PLOT",
+           "PRUNED", "default_confirm_fraction", "plot_pareto", "power", "power_words", "promise_of", "reach", "settle", "bits",
+           "confirm", "from_bits", "headline_shape", "ort_correct", "rows_fingerprint", "ship",
            "split_eval"]

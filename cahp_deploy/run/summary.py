@@ -44,9 +44,10 @@ def _shape(s: str) -> str:
     return f"batch {b} x {q} tokens"
 
 
-def _drop_words(d: dict[str, Any]) -> str:
-    """A paired drop as a user reads it: change in points with its interval."""
-    return (f"{-d['drop']:+.1f} points ({d['confidence']:.0%} CI {-d['high']:+.1f} .. {-d['low']:+.1f}, "
+def drop_words(d: dict[str, Any]) -> str:
+    """A paired drop as a user reads it, in the one sign convention of every printed drop: dense minus
+    candidate, in points, positive is worse; the interval and the upper bound are the drop's."""
+    return (f"drop {d['drop']:+.1f} points ({d['confidence']:.0%} CI {d['low']:+.1f} .. {d['high']:+.1f}, "
             f"{d['n']} rows)")
 
 
@@ -69,14 +70,14 @@ def promise_lines(confirm: dict[str, Any]) -> list[str]:
     check = ""
     if budget is not None:
         held = conf["upper"] <= budget + 1e-9
-        check = (f": the budget of {points_word(budget)} HOLDS (upper bound {-conf['upper']:+.1f})" if held else
-                 f": the budget of {points_word(budget)} is NOT confirmed (upper bound of the drop "
-                 f"{conf['upper']:.1f} points)")
+        check = (f": the budget of {points_word(budget)} HOLDS (upper bound of the drop {conf['upper']:+.2f} points)"
+                 if held else f": the budget of {points_word(budget)} is NOT confirmed (upper bound of the drop "
+                 f"{conf['upper']:+.2f} points)")
     if budget is None:  # nothing was decided on these rows: one measurement
-        lines.append(f"Accuracy vs dense on {rows['how']}: {_drop_words(conf)}.")
+        lines.append(f"Accuracy vs dense on {rows['how']}: {drop_words(conf)}.")
     else:
-        lines.append(f"Accuracy vs dense on {rows['how']} (never used by any decision): {_drop_words(conf)}{check}. "
-                     f"On the {confirm['decision_rows']['num_examples']} decision rows: {_drop_words(v['decision'])}.")
+        lines.append(f"Accuracy vs dense on {rows['how']} (never used by any decision): {drop_words(conf)}{check}. "
+                     f"On the {confirm['decision_rows']['num_examples']} decision rows: {drop_words(v['decision'])}.")
     speed = f"Measured speed at {_shape(confirm['shape'])}: {v['speedup_vs_dense_fp32']:.2f}x vs dense fp32" \
         if v.get("speedup_vs_dense_fp32") else "Speed: not measured at the headline shape"
     di = confirm.get("dense_int8")
@@ -90,7 +91,7 @@ def promise_lines(confirm: dict[str, Any]) -> list[str]:
         return lines
     if di is not None and v.get("speedup_vs_dense_int8"):
         speed += (f", {v['speedup_vs_dense_int8']:.2f}x vs dense INT8 (the honest competitor: "
-                  f"{_drop_words(di['confirmation'])} on its own)")
+                  f"{drop_words(di['confirmation'])} on its own)")
     lines.append(speed + ".")
     if confirm.get("dense_int8_faster"):
         lines.append("Plainly: dense INT8 is faster than the shipped pruned artifact here; quantizing the dense "
@@ -109,6 +110,11 @@ def headline(summary: dict[str, Any]) -> list[str]:
     if dense is None or pruned is None:
         return ["No dense/pruned pair was benchmarked; see report/report.md."]
     lines = promise_lines(summary["confirm"]) if summary.get("confirm") else []
+    asked = summary.get("budgets_asked") or []
+    if len(asked) > 1:
+        lines.append(f"These decision rows have now been asked {len(asked)} budgets ({', '.join(f'{b:g}' for b in asked)} "
+                     "points): each budget is one more look at them, and the error rate holds for one run alone; "
+                     "confirm on a fresh --confirm-split before relying on a budget chosen after seeing others.")
     kept, total = pruned["heads_kept"], pruned["heads_total"]
     search = summary.get("search")
     how = ""
@@ -138,8 +144,8 @@ def headline(summary: dict[str, Any]) -> list[str]:
         acc += f", pruned {_pct(pruned['accuracy'])} after recovery ({_recovery_words(rec)})"
     else:
         acc += f", pruned {_pct(pruned['accuracy'])} (no recovery)"
-    change = None if pruned["accuracy"] is None or dense["accuracy"] is None else pruned["accuracy"] - dense["accuracy"]
-    lines.append(f"{acc}: {_points(change)}.")
+    drop = None if pruned["accuracy"] is None or dense["accuracy"] is None else dense["accuracy"] - pruned["accuracy"]
+    lines.append(f"{acc}: drop {_points(drop)}.")
 
     shapes = summary.get("shapes") or []
     speeds = [f"{pruned['speedup_same_variant'].get(s):.2f}x at {_shape(s)}" for s in reversed(shapes)
@@ -156,26 +162,49 @@ def headline(summary: dict[str, Any]) -> list[str]:
     splits = f"Heads were selected on {summary.get('select_split')}"
     if summary.get("recover_split"):
         splits += f", recovery trained on {summary['recover_split']}"
-    lines.append(f"{splits}; accuracy is measured on {split}, which neither saw.")
+    if search is not None:
+        lines.append(f"{splits}; the search decided on {split}'s decision rows, so the figures above on {split} are "
+                     "not the promise: the promise is the first lines', on rows no decision saw.")
+    else:
+        lines.append(f"{splits}; accuracy is measured on {split}, which neither saw.")
     return lines
 
 
 def _candidates_table(search: dict[str, Any]) -> list[str]:
     out = [
-        "| order | k | heads | before recovery | after recovery | judged | change vs dense, points (upper bound) | speedup ceiling (MACs) | seconds | |",
+        "| order | k | heads | before recovery | after recovery | judged | drop vs dense, points (upper bound) | speedup ceiling (MACs) | seconds | |",
         "|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for i, c in enumerate(search["tried"], 1):
         drop = c.get("drop")
         meets = drop["upper"] <= search["max_drop_points"] + 1e-9 if drop else c["accuracy"] >= search["threshold"] - 1e-9
         mark = "**chosen**" if c["k"] == search.get("chosen_k") else ("meets budget" if meets else "misses budget")
-        bound = "—" if not drop else f"{-drop['drop']:+.1f} (bound {-drop['upper']:+.1f})"
+        bound = "—" if not drop else f"{drop['drop']:+.2f} (upper {drop['upper']:+.2f})"
         neurons = c["details"].get("neurons_kept")
         out.append(
             f"| {i} | {c['k']} | {c['details']['heads_kept']}{'' if neurons is None else f' (+{neurons} neurons)'} | {_pct(c['accuracy_before'])} | "
             f"{_pct(c['accuracy_after'])} | {c.get('judged', 'recovered')} | {bound} | {c['details']['flop_ceiling_speedup']:.2f}x | {c['seconds']:.0f} | {mark} |"
         )
     return out
+
+
+def _rows_section(summary: dict[str, Any]) -> list[str]:
+    """What the rows could show, the run's one error rate and its one max length."""
+    from cahp_deploy.run.promise import power_words
+    from cahp_deploy.serving_length import words as length_words
+
+    out = []
+    if summary.get("power"):
+        out.append(f"- {power_words(summary['power'])[0].upper()}{power_words(summary['power'])[1:]}.")
+    rates = (summary.get("confirm") or {}).get("error_rates")
+    if rates:
+        out.append(f"- One error rate for the whole run, {rates['alpha']:.0%}: {rates['search_alpha']:.0%} for the "
+                   f"search's ladder and {rates['ship_alpha']:.0%} for the shipping sequence, both on the decision "
+                   f"rows; the confirmation is judged at {rates['confirmation_confidence']:.0%}.")
+    if summary.get("max_length"):
+        out.append(f"- Every accuracy above was measured at the {length_words(summary['max_length'])}; the "
+                   "artifact serves that length (manifest `max_length`).")
+    return ["## The rows, the error rate, the length", "", *out, ""] if out else []
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -206,6 +235,7 @@ def markdown(summary: dict[str, Any]) -> str:
             "measured speedup of the chosen candidate is in the headline and in report/report.md.",
             "",
         ]
+    lines += _rows_section(summary)
     lines += [
         "## Where things are",
         "",

@@ -458,6 +458,9 @@ def study(
     columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
     start = time.perf_counter()
     inputs = _load_inputs(str(model), str(data), cfg, columns)
+    from cahp_deploy.serving_length import check_max_length
+
+    check_max_length(cfg.max_length, inputs.model.config)
     cache = CellCache(out / CELLS_DIR)
     n_layers, per_layer = arch.dense_head_grid(inputs.model.config)
     total = n_layers * per_layer
