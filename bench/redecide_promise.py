@@ -7,10 +7,11 @@ run can be judged again by today's rules, without a model: the paired bound of
 :mod:`cahp_deploy.paired`, the search and the shipping sequence each at half the run's error rate
 (:class:`cahp_deploy.run.promise.ErrorRates`), the confirmation at the full confidence.
 
-    python bench/redecide_promise.py bench/results/promise/minilm-sst5-ladder 1 [2 0.5]
+    python bench/redecide_promise.py [bench/results/promise] [--write]
 
-Prints a Markdown table: per budget, the rungs (old bound -> new bound), what the shipping sequence
-ships now (and before), and the confirmation (old and new upper bound, confirmed or not).
+Prints a Markdown table: per committed run, the rungs (old bound -> new bound), what the shipping
+sequence ships now (and before), and the confirmation of what ships now; ``--write`` re-renders each
+committed summary from its JSON in today's words, with that row beneath.
 """
 
 from __future__ import annotations
@@ -43,60 +44,95 @@ def bound(d: dict, confidence: float) -> dict:
     return paired_drop(*rows_of(d), confidence).to_dict()
 
 
-def redecide(run_dir: Path, budget: str) -> list[str]:
-    search = json.loads((run_dir / f"search_budget{budget}.json").read_text())
-    confirm = json.loads((run_dir / f"confirm_budget{budget}.json").read_text())
-    max_drop = float(search["max_drop_points"])
+def redecide(search: dict, confirm: dict, name: str, ladder: bool = True) -> str:
+    """One Markdown row: the ladder (when it was a fixed-sequence ladder), the shipping sequence and the
+    confirmation, judged by today's rules from the recorded counts."""
+    max_drop = float(confirm["max_drop_points"])
     rates = ErrorRates(float(confirm["confidence"]))
     tried = {c["k"]: c for c in search["tried"]}
+    chosen, note, steps = search["chosen_k"], "", "(not a fixed-sequence ladder: not re-decided)"
+    if ladder:
+        def evaluate(k: int) -> CandidateResult:
+            if k not in tried:
+                raise LookupError(k)  # the old search stopped before this rung: nothing measured
+            c = tried[k]
+            return CandidateResult(k=k, accuracy_before=c["accuracy_before"], accuracy_after=c["accuracy_after"],
+                                   drop=bound(c["drop"], rates.search))
 
-    def evaluate(k: int) -> CandidateResult:
-        if k not in tried:
-            raise LookupError(k)  # the old search stopped before this rung: nothing measured
-        c = tried[k]
-        return CandidateResult(k=k, accuracy_before=c["accuracy_before"], accuracy_after=c["accuracy_after"],
-                               drop=bound(c["drop"], rates.search))
-
-    rungs = [k for k in search["candidates_k"] if k in tried] + \
-        [k for k in search["candidates_k"] if k not in tried][:1]
-    try:
-        found = search_k(rungs, evaluate, search["dense_accuracy"], max_drop)
-        chosen, note = found.chosen.k, ""
-    except LookupError as e:
-        chosen, note = None, f"passes every rung the old run measured; rung {e} was never measured"
-    steps = ", ".join(f"{k}: {tried[k]['drop']['upper']:.2f} -> {bound(tried[k]['drop'], rates.search)['upper']:.2f}"
-                      for k in rungs if k in tried)
-    head = f"| {run_dir.name}, budget {max_drop:g} | {steps} | k={chosen} (was {search['chosen_k']}){note}"
+        rungs = [k for k in search["candidates_k"] if k in tried] + \
+            [k for k in search["candidates_k"] if k not in tried][:1]
+        try:
+            chosen = search_k(rungs, evaluate, search["dense_accuracy"], max_drop).chosen.k
+        except LookupError as e:
+            chosen, note = None, f"; passes every rung the old run measured, rung {e} was never measured"
+        steps = ", ".join(f"{k}: {tried[k]['drop']['upper']:.2f} -> {bound(tried[k]['drop'], rates.search)['upper']:.2f}"
+                          for k in rungs if k in tried)
+    head = f"| {name}, budget {max_drop:g} | {steps} | k={chosen} (was {search['chosen_k']}){note}"
     if chosen != search["chosen_k"]:
-        return [head + "; the shipped artifact was built from another rung: rerun | |"]
+        return head + "; the artifacts were built from another rung: rerun | |"
 
     def judged(v: dict) -> dict:
         return {**v, "decision": bound(v["decision"], rates.ship)}
 
-    pruned = {name: judged(v) for name, v in confirm["variants"].items()}
+    pruned = {v: judged(r) for v, r in confirm["variants"].items()}
     dense_int8 = judged(confirm["dense_int8"]) if confirm.get("dense_int8") else None
     now = ship(pruned, dense_int8, max_drop)
-    before = confirm["shipped"]
+    before = confirm.get("shipped") or {"artifact": "pruned", "variant": confirm.get("recommended")}
     shipped = dense_int8 if now["artifact"] == "dense" else pruned.get(now["variant"])
-    conf_old = (confirm["dense_int8"] if before["artifact"] == "dense" else confirm["variants"][before["variant"]])["confirmation"]
     conf_new = None if shipped is None else bound(shipped["confirmation"], rates.confidence)
     ship_steps = "; ".join(f"{t['artifact']} {t['variant']} {t['upper']:.2f} {'pass' if t['passed'] else 'MISS'}"
                            for t in now["tested"])
-    held = None if conf_new is None else conf_new["upper"] <= max_drop + 1e-9
-    return [head + f"; ships {now['artifact']} {now['variant']} (was {before['artifact']} {before['variant']}); "
-            f"{ship_steps} | {conf_old['upper']:.2f} -> "
-            f"{'—' if conf_new is None else format(conf_new['upper'], '.2f')}: "
-            f"{'confirmed' if held else 'NOT confirmed'} (drop {conf_old['drop']:+.2f}) |"]
+    verdict = "—" if conf_new is None else (
+        f"drop {conf_new['drop']:+.2f}, upper {conf_new['upper']:.2f}: "
+        f"{'confirmed' if conf_new['upper'] <= max_drop + 1e-9 else 'NOT confirmed'}")
+    return (head + f"; ships {now['artifact']} {now['variant']} (was {before['artifact']} {before['variant']}): "
+            f"{ship_steps} | {verdict} |")
+
+
+TABLE_HEAD = ("| run | rungs: upper bound old (Wald, 90%) -> new (search at 95%) | chosen; shipped now (before); "
+              "shipping sequence at 95% | what ships now, on the confirmation rows (90%) |\n|---|---|---|---|")
+
+
+def render(search: dict, confirm: dict, row: str) -> str:
+    """A committed summary, re-rendered in today's words from its JSON, with today's decision beneath."""
+    from cahp_deploy.run.summary import _candidates_table, promise_lines
+
+    lines = ["# cahp-deploy run (re-rendered)", "",
+             "Re-rendered by `bench/redecide_promise.py` from the committed confirm and search JSON beside it, in "
+             "today's words: a drop is dense minus the candidate, in points (positive is worse), and every bound "
+             "is the drop's upper one. The decisions below are the ones made at the time (Wald bounds at 90%, "
+             "the ladder and the shipping sequence each at the full level); the last section re-decides them "
+             "by today's rules.", ""]
+    lines += [f"- {line}" for line in promise_lines(confirm)] + [""]
+    if search.get("tried") and all("details" in c for c in search["tried"]):
+        lines += ["## Accuracy budget search (as decided then)", "", *_candidates_table(search), ""]
+    lines += ["## Re-decided by today's rules", "", TABLE_HEAD, row, ""]
+    return "\n".join(lines)
+
+
+#: (directory, search file, confirm file, summary file, a fixed-sequence ladder) of every committed run
+COMMITTED = [
+    *[("minilm-sst5-ladder", f"search_budget{b}.json", f"confirm_budget{b}.json", f"summary_budget{b}.md", True)
+      for b in ("1", "2", "0.5")],
+    *[("minilm-mnli-ladder", f"search_{b}.json", f"confirm_{b}.json", f"summary_{b}.md", True)
+      for b in ("budget1", "budget2", "budget0.5", "joint_ffn0.5_budget1")],
+    ("minilm-sst5-qat", "search_budget2.json", "confirm.json", "summary.md", False),
+    ("minilm-mnli-qat", "search_budget2.json", "confirm.json", "summary.md", False),
+    ("minilm-sst5-budget2", "search.json", "confirm.json", "summary.md", False),
+]
 
 
 def main(argv: list[str]) -> None:
-    run_dir = Path(argv[0])
-    print("| run | rungs: upper bound old (Wald, 90%) -> new (search at 95%) | chosen; shipped now (before); "
-          "shipping sequence at 95% | confirmation upper bound old -> new (90%) |")
-    print("|---|---|---|---|")
-    for budget in argv[1:]:
-        for line in redecide(run_dir, budget):
-            print(line)
+    """``redecide_promise.py [RESULTS_DIR] [--write]``: print the table; with --write, re-render the summaries."""
+    root = Path(next((a for a in argv if not a.startswith("--")), "bench/results/promise"))
+    print(TABLE_HEAD)
+    for d, s_file, c_file, md, ladder in COMMITTED:
+        search = json.loads((root / d / s_file).read_text())
+        confirm = json.loads((root / d / c_file).read_text())
+        row = redecide(search, confirm, f"{d}/{c_file}", ladder)
+        print(row)
+        if "--write" in argv:
+            (root / d / md).write_text(render(search, confirm, row))
 
 
 if __name__ == "__main__":

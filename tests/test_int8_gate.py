@@ -58,12 +58,14 @@ def test_targets_and_retune_margins():
     assert agr95.target(1, m) == pytest.approx(0.96 + 0.015, abs=1e-6)
     # tuning rows: the bound a zero drop would get on the gate rows with the tuning rows' discordance
     tuned = {"drop": 0.9, "discordant": 40, "n": 2000}  # 2 % discordant; the (training-row) drop is not used
-    z = 1.2816
-    assert acc.predicted_upper(tuned) == pytest.approx(100 * z * (0.02 / 2000) ** 0.5, abs=1e-3)  # as many rows as tuned
+    from cahp_deploy.paired import drop_upper
+
+    assert acc.predicted_upper(tuned) == pytest.approx(drop_upper(2000, 20, 20, 0.9), abs=1e-6)  # as many rows as tuned
     small, big = Int8Gate.accuracy(0.5, gate_rows=500), Int8Gate.accuracy(0.5, gate_rows=8000)
-    assert small.predicted_upper(tuned) == pytest.approx(100 * z * (0.02 / 500) ** 0.5, abs=1e-3)  # 0.81
-    assert big.predicted_upper(tuned) == pytest.approx(100 * z * (0.02 / 8000) ** 0.5, abs=1e-3)  # 0.20
-    assert big.predicted_upper({"discordant": 0, "n": 2000}) == pytest.approx(100 * z / 8000, abs=1e-4)
+    assert small.predicted_upper(tuned) == pytest.approx(drop_upper(500, 5, 5, 0.9), abs=1e-6)  # 1.10
+    assert big.predicted_upper(tuned) == pytest.approx(drop_upper(8000, 80, 80, 0.9), abs=1e-6)  # 0.22
+    # no discordant tuning row: one discordant row on the gate's rows at least, as paired_drop would not claim less
+    assert big.predicted_upper({"discordant": 0, "n": 2000}) == pytest.approx(drop_upper(8000, 0.5, 0.5, 0.9), abs=1e-6)
     assert big.met(tuned, 0.5) and not small.met(tuned, 0.5)
 
 
@@ -91,14 +93,19 @@ def test_looks_share_the_error_rate():
 
 
 def test_rows_needed_and_the_fallback():
-    # every look must be able to pass: z at the strictest look's confidence, 1 - 0.1 / 4 = 0.975
-    assert Int8Gate.accuracy(0.5).rows_needed() == 392  # z(0.975) = 1.96: 196.0 / 0.5
-    assert Int8Gate.accuracy(1.0, confidence=0.95).rows_needed() == 225  # z(0.9875) = 2.2414
+    # every look must be able to pass: a graph identical to fp32 bounds within the budget at the strictest
+    # look's confidence, 1 - 0.1 / 4 = 0.975
+    from cahp_deploy.paired import drop_upper
+
+    for gate, strictest in ((Int8Gate.accuracy(0.5), 0.975), (Int8Gate.accuracy(1.0, confidence=0.95), 0.9875)):
+        n = gate.rows_needed()
+        assert drop_upper(n, 0, 0, strictest) <= gate.max_drop < drop_upper(n - 1, 0, 0, strictest)
+    assert Int8Gate.accuracy(0.5).rows_needed() == 1130 and Int8Gate.accuracy(1.0, confidence=0.95).rows_needed() == 683
     assert Int8Gate.agreement(0.99).rows_needed() == 1
     gate, note = int8_gate(None, None, rows=2000)
     assert gate.kind == "accuracy" and gate.max_drop == 0.5 and note is None
     gate, note = int8_gate(None, None, rows=100)  # too few: the default falls back, and says why
-    assert gate.kind == "agreement" and gate.min_agreement == 0.99 and "needs >= 392" in note
+    assert gate.kind == "agreement" and gate.min_agreement == 0.99 and "needs >= 1130" in note
     with pytest.raises(CahpError, match="100 labelled rows cannot bound"):
         int8_gate(0.5, None, rows=100)
     assert int8_gate(None, None, rows=None)[0].min_agreement == 0.90  # random tokens

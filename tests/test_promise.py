@@ -43,7 +43,7 @@ def test_the_whole_runs_false_pass_rate_is_at_most_alpha_and_was_twice_that_with
     """The complete decision logic (ladder, then shipping), every candidate exactly at the budget."""
     from cahp_deploy.run.promise_simulation import false_pass_rate
 
-    trials, alpha = 3000, 0.1
+    trials, alpha = 20000, 0.1
     se = (alpha * (1 - alpha) / trials) ** 0.5
     now = false_pass_rate(trials, seed=1)
     before = false_pass_rate(trials, two_sequences=True, seed=1)

@@ -22,10 +22,10 @@ from how often INT8 changes whether a row is right (the discordant rows), not fr
   +0.93 points on 2,048 train rows (train accuracy 83.9 %), -0.28 on validation_matched and -0.07 on
   validation_mismatched (9,8xx rows each); the train drop would keep 22 % of the MACs fp32 for nothing;
 * what the gate can accept depends on its own row count: at a zero drop a 0.5-point bound at 90 %
-  allows about one discordant row in 300, 18 in 1,101, 380 in 5,000.
+  allows about 8 discordant rows in 1,101, 348 in 5,000.
 
-So the prediction is ``z * sqrt(discordant share) / sqrt(gate_rows)``, the bound of a zero drop with
-the tuning rows' discordance on the gate's rows; a real drop shows on the gate rows, and a miss
+So the prediction is the bound of a zero drop (:func:`cahp_deploy.paired.drop_upper`) with the tuning
+rows' discordance on the gate's rows; a real drop shows on the gate rows, and a miss
 there shrinks the target by the overshoot's factor for one more search.
 
 The gate rows are looked at up to three times (:data:`LOOK_SHARES`): first the graph with *every*
@@ -42,10 +42,9 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.stats import norm
 
 from cahp_deploy.errors import CahpError
-from cahp_deploy.paired import DEFAULT_CONFIDENCE, PairedDrop, correct, paired_drop
+from cahp_deploy.paired import DEFAULT_CONFIDENCE, PairedDrop, correct, drop_upper, paired_drop
 
 #: default accuracy gate: the INT8 graph may lose at most this many points (upper confidence bound)
 INT8_MAX_ACCURACY_DROP = 0.5
@@ -116,14 +115,23 @@ class Int8Gate:
         return replace(self, confidence=1.0 - (1.0 - self.confidence) * LOOK_SHARES[k])
 
     def rows_needed(self) -> int:
-        """The fewest rows on which every look of the accuracy gate can pass: with no discordant row
-        the drop's standard error is taken as one row's (:mod:`cahp_deploy.paired`), so its upper bound
-        is ``z / n`` (x100 points), ``z`` at the strictest look's confidence; 392 rows for 0.5 points
-        at 90 % (97.5 % at the strictest look). 1 for the agreement gate."""
+        """The fewest rows on which every look of the accuracy gate can pass: the rows on which a graph
+        identical to fp32 (no discordant row) has an upper bound (:func:`cahp_deploy.paired.drop_upper`,
+        at the strictest look's confidence) within ``max_drop``; 1,130 rows for 0.5 points at 90 %
+        (97.5 % at the strictest look). 1 for the agreement gate."""
         if self.kind != ACCURACY:
             return 1
-        z = float(norm.ppf(1.0 - (1.0 - self.confidence) * min(LOOK_SHARES)))
-        return max(1, math.ceil(100.0 * z / max(self.max_drop, 1e-9) - 1e-9))
+        strictest = 1.0 - (1.0 - self.confidence) * min(LOOK_SHARES)
+        if drop_upper(10**7, 0, 0, strictest) > self.max_drop:
+            return 10**7  # no practical number of rows can show it
+        low, high = 1, 10**7  # the bound falls with the rows: bisect for the first n that meets it
+        while low < high:
+            mid = (low + high) // 2
+            if drop_upper(mid, 0, 0, strictest) <= self.max_drop + 1e-9:
+                high = mid
+            else:
+                low = mid + 1
+        return low
 
     def describe(self) -> str:
         if self.kind == ACCURACY:
@@ -151,8 +159,8 @@ class Int8Gate:
         ``figures`` has) with the discordant share of tuning-row ``figures``; one discordant row at
         least, as :func:`cahp_deploy.paired.paired_drop` counts it."""
         rows = self.gate_rows or figures["n"]
-        share = max(figures["discordant"] / figures["n"], 1.0 / rows)
-        return 100.0 * float(norm.ppf(self.confidence)) * math.sqrt(share / rows)
+        half = max(figures["discordant"] / figures["n"], 1.0 / rows) * rows / 2  # discordant rows, half each way
+        return float(drop_upper(rows, half, half, self.confidence))
 
     def met(self, figures: dict, target: float) -> bool:
         """Whether tuning-row ``figures`` (from :func:`score`) meet ``target`` (from :meth:`target`)."""

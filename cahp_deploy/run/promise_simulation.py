@@ -1,6 +1,6 @@
 """The whole run's decision logic, simulated: how often does something ship above the budget?
 
-Pure numpy, no model: every candidate and every artifact is a set of paired rows against dense drawn
+Pure numpy, no model: every candidate and every artifact is a draw of paired counts against dense
 with a chosen true drop, and the very functions `run` decides with judge them, in the same order:
 :func:`cahp_deploy.run.budget_search.search_k` down the ladder (the first rung is dense itself), then
 :func:`cahp_deploy.run.promise.ship` over the measured artifacts (the chosen rung's fp32-exact graph, dense
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cahp_deploy.paired import paired_drop
+from cahp_deploy.paired import drop_upper
 from cahp_deploy.run.budget_search import CandidateResult, search_k
-from cahp_deploy.run.promise import DENSE, PRUNED, ErrorRates, ship
+from cahp_deploy.run.promise import PRUNED, ErrorRates, ship
 
 
 @dataclass(frozen=True)
@@ -33,54 +33,64 @@ class Scenario:
     confidence: float = 0.9
 
 
-def _draw(rng: np.random.Generator, dense: np.ndarray, s: Scenario) -> np.ndarray:
-    """A candidate's per-row correctness whose true drop vs ``dense`` is ``s.max_drop`` points."""
+def _counts(rng: np.random.Generator, s: Scenario, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows only dense gets right, rows only the candidate gets right) of ``size`` candidates whose true
+    drop vs dense is ``s.max_drop`` points, each on ``s.rows`` paired rows (all a bound reads)."""
     q, delta = s.disagreement, s.max_drop / 100.0
     # P(only dense right) - P(only candidate right) = delta, their sum = q
-    p_lose, p_gain = (q + delta) / 2, (q - delta) / 2
-    u = rng.random(dense.shape)
-    new = dense.copy()
-    new[dense & (u < p_lose / s.dense_accuracy)] = False
-    new[~dense & (u < p_gain / (1 - s.dense_accuracy))] = True
-    return new
+    draws = rng.multinomial(s.rows, [(q + delta) / 2, (q - delta) / 2, 1 - q], size=size)
+    return draws[:, 0], draws[:, 1]
 
 
-def one_run(rng: np.random.Generator, s: Scenario, two_sequences: bool = False) -> str | None:
-    """What one simulated run ships: ``"dense fp32"`` (no loss), a false pass's name, or None."""
+def _drop(n: int, b: int, c: int, upper: float, confidence: float) -> dict:
+    return {"n": n, "ref_only": int(b), "new_only": int(c), "drop": 100.0 * (b - c) / n, "upper": float(upper),
+            "confidence": confidence}
+
+
+def simulate(trials: int, s: Scenario = Scenario(), two_sequences: bool = False, seed: int = 0) -> list[str | None]:
+    """What each of ``trials`` simulated runs ships: ``"dense fp32"`` (no loss), a false pass's name, or None.
+
+    The bounds are computed for every trial at once (:func:`cahp_deploy.paired.drop_upper` is
+    vectorized); the decisions are the very :func:`search_k` and :func:`ship`, run per trial.
+    """
     rates = ErrorRates(s.confidence)
     search_level, ship_level = (s.confidence, s.confidence) if two_sequences else (rates.search, rates.ship)
-    dense = rng.random(s.rows) < s.dense_accuracy
-    models = {k: dense if k == s.rungs[0] else _draw(rng, dense, s) for k in s.rungs}
+    rng = np.random.default_rng(seed)
+    # the dense anchor (rung 0) is dense itself: no discordant row; every other rung, and the two INT8
+    # graphs (the pruned one, dense INT8), sit exactly at the budget
+    names = [*s.rungs[1:], "pruned int8", "dense int8"]
+    counts = {name: _counts(rng, s, trials) for name in names}
+    counts[s.rungs[0]] = (np.zeros(trials, dtype=int), np.zeros(trials, dtype=int))
+    search_upper = {k: drop_upper(s.rows, *counts[k], search_level) for k in s.rungs}
+    ship_upper = {name: drop_upper(s.rows, *counts[name], ship_level) for name in counts}
+    outcomes = []
+    for t in range(trials):
+        def evaluate(k: int) -> CandidateResult:
+            b, c = counts[k][0][t], counts[k][1][t]
+            return CandidateResult(k=k, accuracy_before=0.0, drop=_drop(s.rows, b, c, search_upper[k][t], search_level))
 
-    def evaluate(k: int) -> CandidateResult:
-        return CandidateResult(k=k, accuracy_before=float(models[k].mean()),
-                               drop=paired_drop(dense, models[k], search_level).to_dict())
+        chosen = search_k(list(s.rungs), evaluate, s.dense_accuracy, s.max_drop).chosen.k
 
-    found = search_k(list(s.rungs), evaluate, float(dense.mean()), s.max_drop)
-    chosen = models[found.chosen.k]
-    # the chosen rung's fp32-exact graph is the chosen model; its INT8 graph and dense INT8 are new draws
-    # (the dense anchor's INT8 graph loses like dense INT8: at the boundary)
-    artifacts = {(PRUNED, "optimized"): (chosen, 300.0), (DENSE, "int8"): (_draw(rng, dense, s), 250.0),
-                 (PRUNED, "int8"): (_draw(rng, dense, s), 200.0)}
+        def judged(name, p50: float) -> dict:
+            b, c = counts[name][0][t], counts[name][1][t]
+            return {"decision": _drop(s.rows, b, c, ship_upper[name][t], ship_level), "p50_ms": p50}
 
-    def judged(rows: np.ndarray, p50: float) -> dict:
-        d = paired_drop(dense, rows, ship_level).to_dict()
-        return {"decision": d, "p50_ms": p50}
-
-    pruned = {v: judged(*artifacts[(a, v)]) for a, v in artifacts if a == PRUNED}
-    shipped = ship(pruned, judged(*artifacts[(DENSE, "int8")]), s.max_drop)
-    if shipped["artifact"] is None:
-        return None
-    if shipped["artifact"] == PRUNED and shipped["variant"] == "optimized" and found.chosen.k == s.rungs[0]:
-        return "dense fp32"  # the dense anchor's exact graph: no loss at all
-    return f"{shipped['artifact']} {shipped['variant']} (k={found.chosen.k})"
+        # the chosen rung's fp32-exact graph is the chosen model itself; fixed latencies order the rest
+        pruned = {"optimized": judged(chosen, 300.0), "int8": judged("pruned int8", 200.0)}
+        shipped = ship(pruned, judged("dense int8", 250.0), s.max_drop)
+        if shipped["artifact"] is None:
+            outcomes.append(None)
+        elif shipped["artifact"] == PRUNED and shipped["variant"] == "optimized" and chosen == s.rungs[0]:
+            outcomes.append("dense fp32")  # the dense anchor's exact graph: no loss at all
+        else:
+            outcomes.append(f"{shipped['artifact']} {shipped['variant']} (k={chosen})")
+    return outcomes
 
 
 def false_pass_rate(trials: int, s: Scenario = Scenario(), two_sequences: bool = False, seed: int = 0) -> float:
     """Share of ``trials`` simulated runs that ship an artifact whose true drop is the budget itself."""
-    rng = np.random.default_rng(seed)
-    outcomes = [one_run(rng, s, two_sequences) for _ in range(int(trials))]
+    outcomes = simulate(int(trials), s, two_sequences, seed)
     return sum(o is not None and o != "dense fp32" for o in outcomes) / len(outcomes)
 
 
-__all__ = ["Scenario", "false_pass_rate", "one_run"]
+__all__ = ["Scenario", "false_pass_rate", "simulate"]
