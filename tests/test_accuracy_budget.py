@@ -64,7 +64,7 @@ def planted(tmp_path_factory):
     return root, data, dense
 
 
-def settings_for(data, dense, max_drop, recover=RECOVER, search_step=None):
+def settings_for(data, dense, max_drop, recover=RECOVER, search_step=None, reconstruct=None):
     from cahp_deploy.data import load_labelled
     from cahp_deploy.run.pipeline import model_sha256
 
@@ -72,7 +72,7 @@ def settings_for(data, dense, max_drop, recover=RECOVER, search_step=None):
         model=str(dense), data=str(data), model_sha256=model_sha256(dense),
         select_data=load_labelled(data, "train"), eval_data=load_labelled(data, "validation"),
         recover_split="train", columns=COLUMNS, seed=0, cahp_options={}, recover=recover,
-        eval_max_examples=None, max_drop=max_drop, search_step=search_step,
+        eval_max_examples=None, max_drop=max_drop, search_step=search_step, reconstruct=reconstruct,
     )
 
 
@@ -218,3 +218,31 @@ def test_the_first_rung_is_dense_itself_and_is_not_recovered(planted, exhaustive
     assert upper[16] == pytest.approx(paired_drop(same, same, 0.9).upper) and upper[16] > 0
     others = [json.loads(p.read_text()) for p in search_root.glob("k*/candidate.json") if p.parent.name != "k016"]
     assert others and all(not c["dense_anchor"] if "dense_anchor" in c else c["judged"] == "recovered" for c in others)
+
+
+def test_a_rung_is_refit_against_dense_and_its_record_says_how_far_it_moved(planted, tmp_path):
+    """With the refit on (run's default under a budget) and no fine-tune, a pruned rung is the refit model;
+    its record has the MACs removed, agreement with dense before and after, and the refit's own record."""
+    from cahp_deploy import evaluation
+    from cahp_deploy.modeling import load_classifier
+    from cahp_deploy.paired import correct
+
+    _, data, dense = planted
+    settings = settings_for(data, dense, max_drop=100.0, recover=None, reconstruct={"max_examples": 40})
+    root = tmp_path / "search"
+    root.mkdir()
+    evidence = accuracy_budget.collect(settings, root)
+    net, tok = load_classifier(dense)
+    pred = evaluation.logits(net, tok, settings.eval_data).argmax(axis=1)
+    k = evidence.knee.k
+    result = accuracy_budget.measure_candidate(settings, evidence, k, root, correct(pred, settings.eval_data.labels), pred)
+    record = json.loads((root / f"k{k:03d}" / "candidate.json").read_text())
+    assert record["recovery"] == "least-squares refit" and result.judged == "recovered"
+    assert 0 < record["macs_removed"] < 1 and result.details["macs_removed"] == record["macs_removed"]
+    assert 0 <= record["agreement_before"] <= 1 and 0 <= record["agreement_after"] <= 1
+    refit = json.loads((root / f"k{k:03d}" / "refit.json").read_text())
+    assert refit["calibration"]["num_examples"] == 40 and refit["calibration"]["split"] == "train"
+    assert (root / f"k{k:03d}" / "model" / "refit.json").is_file()  # the judged model is the refit one
+    # the dense anchor is never refit: it is dense itself
+    first = accuracy_budget.measure_candidate(settings, evidence, 16, root, correct(pred, settings.eval_data.labels), pred)
+    assert first.judged == "pruned" and first.details["dense_anchor"] is True

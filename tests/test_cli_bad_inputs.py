@@ -417,13 +417,13 @@ def test_interrupted_run_leaves_no_partial_artifact_and_resumes(bert, broken, tm
     assert not (artifacts / "dense").exists()
     assert not [p for p in artifacts.iterdir() if p.name.startswith(".")] if artifacts.exists() else True
     record = json.loads((out / "run.json").read_text())
-    assert set(record["stages"]) == {"select", "prune", "recover"}
+    assert set(record["stages"]) == {"select", "prune", "refit", "recover"}
 
     monkeypatch.undo()
     code, stdout, err = cli("run", bert, "--data", broken["good"], "--out", out, *TINY_RUN)
     assert code == 0, err
     record = json.loads((out / "run.json").read_text())
     status = {name: s["status"] for name, s in record["stages"].items()}
-    assert status == {"select": "skipped", "prune": "skipped", "recover": "skipped", "export-dense": "done",
+    assert status == {"select": "skipped", "prune": "skipped", "refit": "skipped", "recover": "skipped", "export-dense": "done",
                       "export-pruned": "done", "bench": "done", "confirm": "done"}
     assert (out / "report" / "report.md").is_file()

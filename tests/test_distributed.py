@@ -310,7 +310,7 @@ def test_run_under_a_launcher_selects_as_one_process_and_ships_a_loadable_artifa
 
     out = two_rank_runs / "run"
     record = json.loads((out / "run.json").read_text())
-    assert list(record["stages"]) == ["select", "prune", "recover", "export-dense", "export-pruned", "bench", "confirm"]
+    assert list(record["stages"]) == ["select", "prune", "refit", "recover", "export-dense", "export-pruned", "bench", "confirm"]
     assert all(stage["status"] == "skipped" for stage in record["stages"].values())  # the resumed run's record
     assert not [p for p in two_rank_runs.rglob(".*")]  # no temp dir left by any rank
     one = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, options=OPTS, show_progress=False,

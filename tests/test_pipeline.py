@@ -11,7 +11,7 @@ import pytest
 from cahp_deploy import schema
 from cahp_deploy.run.pipeline import run
 
-STAGES = ["select", "prune", "recover", "export-dense", "export-pruned", "bench", "confirm"]
+STAGES = ["select", "prune", "refit", "recover", "export-dense", "export-pruned", "bench", "confirm"]
 #: tiny settings: a seeded baseline method (no t-SNE), one short grid cell, little timing
 TINY = dict(
     method="random", heads=6, batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1, traffic=False,
@@ -87,7 +87,8 @@ def test_summary_md_answers_in_words_first(first_run):
     assert "- Kept 6 of 12 attention heads (50%)." in lines  # a baseline: no knee, no budget
     text = "\n".join(lines)
     assert re.search(r"dense \d+\.\d%, pruned \d+\.\d% before recovery, \d+\.\d% after recovery "
-                     r"\(3 epochs on \d+ train rows\): drop [+-]\d+\.\d points", text), text
+                     r"\(least-squares refit against dense on \d+ train rows, then 3 epochs on \d+ train rows\): "
+                     r"drop [+-]\d+\.\d points", text), text
     assert "Heads were selected on train, recovery trained on train; accuracy is measured on validation" in text
     assert "final pruned model (Hugging Face dir): `recovered`" in text
     assert result["summary"]["recovery"]["epochs"] == 3
@@ -105,7 +106,7 @@ def test_changed_option_reruns_only_what_depends_on_it(first_run, tiny_models, t
     out = tmp_path / "run"
     shutil.copytree(first_run[0], out)
     run(tiny_models["bert"], tiny_data, out, **(TINY | {"heads": 8}))
-    assert _status(out) == {"select": "done", "prune": "done", "recover": "done", "export-dense": "skipped",
+    assert _status(out) == {"select": "done", "prune": "done", "refit": "done", "recover": "done", "export-dense": "skipped",
                             "export-pruned": "done", "bench": "done", "confirm": "done"}
     assert json.loads((out / "selection.json").read_text())["num_heads_kept"] == 8
 
@@ -146,12 +147,15 @@ def test_demo_fine_tunes_then_runs_and_resumes(tiny_models, tmp_path, monkeypatc
     monkeypatch.setattr(ft, "EPOCHS", 1)
 
     out = tmp_path / "demo"
-    opts = dict(TINY, heads=2, eval_max_examples=40)
+    # the demo's own path: an accuracy budget (CAHP's ladder, the refit), on the tiny encoder
+    opts = {k: v for k, v in TINY.items() if k not in ("method", "heads")}
     result = demo(out, **opts)
     err = capsys.readouterr().err
     assert "DEMONSTRATION" in err and "in-package" in err
     assert _status(out)["finetune"] == "done"
     assert json.loads((out / "model" / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
-    assert result["summary"]["eval_split"] == "test"
+    assert result["summary"]["eval_split"] == "validation" and result["summary"]["search"] is not None
+    assert result["summary"]["confirm"]["confirmation_rows"]["split"] == "test"
+    assert (out / "summary.md").read_text().splitlines()[4].startswith("- Shipped:")
     demo(out, **opts)
     assert set(_status(out).values()) == {"skipped"}

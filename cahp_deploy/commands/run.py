@@ -54,7 +54,14 @@ def run_options(f):
                      help="Fraction of FFN neurons to keep; with --max-accuracy-drop, the least any rung keeps (the "
                           "knee's): the share falls with the head count, from every neuron at every head."),
         click.option("--ffn-neurons", default=None, type=int, help="FFN neurons to keep in all (CAHP without a budget: each layer's knee)."),
-        click.option("--no-recover", "recover", flag_value=False, default=True, help="Skip recovery (fine-tuning after pruning; on by default)."),
+        click.option("--reconstruct/--no-reconstruct", default=True,
+                     help="Refit each pruned layer's output projections against the dense model by least squares "
+                          "(no training, no labels), before any fine-tune [on]."),
+        click.option("--reconstruct-rows", default=None, type=int,
+                     help="Calibration rows of the selection split the refit reads [2000]."),
+        click.option("--recover/--no-recover", default=None,
+                     help="Fine-tune after pruning (and the refit) [on, except under --max-accuracy-drop with the "
+                          "refit: measured, fine-tuning on gold labels moves pruned models away from dense]."),
         click.option("--recover-epochs", default=3, show_default=True, type=int, help="Recovery epochs (the CAHP reference uses 3)."),
         click.option("--recover-lr", default=None, type=float, help="Recovery learning rate [recover's default, 2e-5]."),
         click.option("--recover-max-examples", default=None, type=int, help="Recover on a seeded random subset of N rows."),

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 RECOVERY_FILE = "recovery.json"
 #: files of the input dir carried over unchanged (weights, config and tokenizer are re-saved)
-_CARRIED_FILES = ("pruning.json",)
+_CARRIED_FILES = ("pruning.json", "refit.json")  # what export and the summary read
 
 
 def sample_examples(data: LabelledData, max_examples: int | None, seed: int) -> LabelledData:

@@ -75,7 +75,7 @@ CANDIDATE_FILE = "candidate.json"
 MODEL_DIR = "model"
 #: the search's rules, in every candidate's cache key and the search stage's inputs: change it when a
 #: change of rule must not reuse what earlier runs measured
-RULES_VERSION = "dense anchor"
+RULES_VERSION = "refit"
 
 
 @dataclass
@@ -104,6 +104,7 @@ class SearchSettings:
     ffn_method: str = "cahp"
     search_step: int | None = None  # heads between the ladder's rungs (None: about N / 12)
     max_length: int = 128  # the run's one max length: every row is scored cut at it
+    reconstruct: dict[str, Any] | None = None  # options of the least-squares refit (None: off)
 
     def evidence_key(self) -> str:
         return sha256_json({
@@ -125,7 +126,7 @@ class SearchSettings:
             "eval_split": self.eval_data.split, "eval_rows": len(self.eval_data),
             "eval_rows_sha256": rows_fingerprint(self.eval_data), "ffn_keep_ratio": ffn_share,
             "ffn_method": self.ffn_method if self.ffn_keep_ratio is not None else None,
-            "rule": RULES_VERSION, "max_length": int(self.max_length),
+            "rule": RULES_VERSION, "max_length": int(self.max_length), "reconstruct": self.reconstruct,
         })
 
 
@@ -182,14 +183,23 @@ def collect_evidence_of(model: str, select_data, seed: int, cahp_options: dict[s
         return collect_evidence(ctx)
 
 
-def _correct(model_dir: Path, eval_data, max_length: int) -> np.ndarray:
-    """Per-row correctness of a model dir (PyTorch) on ``eval_data``, rows cut at ``max_length``."""
+def _predict(model_dir: Path, eval_data, max_length: int) -> np.ndarray:
+    """Per-row predicted label of a model dir (PyTorch) on ``eval_data``, rows cut at ``max_length``."""
     from cahp_deploy import evaluation
     from cahp_deploy.modeling import load_classifier
-    from cahp_deploy.paired import correct
 
     net, tokenizer = load_classifier(model_dir, attn_implementation=None)
-    return correct(evaluation.logits(net, tokenizer, eval_data, max_length=max_length), eval_data.labels)
+    return evaluation.logits(net, tokenizer, eval_data, max_length=max_length).argmax(axis=1)
+
+
+def _measured(record: dict[str, Any], when: str, pred: np.ndarray, eval_data, dense_pred: np.ndarray | None) -> np.ndarray:
+    """Record accuracy, per-row correctness and agreement with dense (same label) of predictions ``pred``."""
+    good = pred == np.asarray(eval_data.labels)
+    record[f"accuracy_{when}"] = float(good.mean())
+    record[f"correct_{when}"] = bits(good)
+    if dense_pred is not None:
+        record[f"agreement_{when}"] = float((pred == dense_pred).mean())
+    return good
 
 
 def _with_neurons(selection, settings: SearchSettings, evidence, share: float) -> None:
@@ -212,7 +222,8 @@ def _candidate_dir(root: Path, k: int) -> Path:
     return root / f"k{int(k):03d}"
 
 
-def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> dict[str, Any]:
+def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path,
+                     dense_pred: np.ndarray | None = None) -> dict[str, Any]:
     """Select at k, prune, recover, measure; everything into ``dest`` (atomically)."""
     from cahp_deploy import pruning, recovery
     from cahp_deploy.methods.cahp import select_at
@@ -237,28 +248,40 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path) -> 
             "params_before": costs["params_before"],
             "flop_ceiling_speedup": costs["flop_ceiling_speedup"],
             "neurons_kept": costs.get("num_neurons_kept"),
+            "macs_removed": round(1.0 - costs["macs_seq128"]["total_after"] / costs["macs_seq128"]["total_before"], 4),
         }
-        before = _correct(pruned, settings.eval_data, settings.max_length)
-        record["accuracy_before"] = float(before.mean())
-        record["correct_before"] = bits(before)
+        _measured(record, "before", _predict(pruned, settings.eval_data, settings.max_length), settings.eval_data, dense_pred)
         dense = _is_dense(costs)
-        if settings.recover is None or dense:
-            record.update(accuracy_after=None, judged="pruned", dense_anchor=dense)
-            final = pruned
-        else:
+        final = pruned
+        steps = []
+        if settings.reconstruct is not None and not dense:
+            from cahp_deploy.recovery.refit import REFIT_FILE, refit
+
+            final = tmp / "refit"
+            rec = refit(pruned, settings.model, settings.select_data, final, max_length=settings.max_length,
+                        seed=settings.seed, **settings.reconstruct)
+            record["refit_seconds"] = rec["total_seconds"]
+            shutil.copy2(final / REFIT_FILE, tmp / REFIT_FILE)
+            steps.append("least-squares refit")
+        if settings.recover is not None and not dense:
             # accuracy is measured here, on the decision rows, not by recover()
-            final = tmp / "recovered"
+            source, final = final, tmp / "recovered"
             rec = distributed.collective(  # launched: every rank trains, rank 0 writes
-                recovery.recover, pruned, settings.data, final, split=settings.recover_split,
+                recovery.recover, source, settings.data, final, split=settings.recover_split,
                 seed=settings.seed, **settings.columns, **settings.recover,
             )
-            after = _correct(final, settings.eval_data, settings.max_length)
-            record["accuracy_after"] = float(after.mean())
-            record["correct_after"] = bits(after)
             record["recovery_seconds"] = rec["total_seconds"]
-            record["judged"] = "recovered"
             shutil.copy2(final / recovery.RECOVERY_FILE, tmp / recovery.RECOVERY_FILE)
-            shutil.rmtree(pruned)
+            steps.append("fine-tune")
+        if steps:
+            _measured(record, "after", _predict(final, settings.eval_data, settings.max_length), settings.eval_data,
+                      dense_pred)
+            record.update(judged="recovered", recovery=" + ".join(steps))
+            for stale in ("pruned", "refit"):
+                if (tmp / stale).is_dir() and tmp / stale != final:
+                    shutil.rmtree(tmp / stale)
+        else:
+            record.update(accuracy_after=None, judged="pruned", dense_anchor=dense)
         shutil.copy2(final / "pruning.json", tmp / "pruning.json")  # the numbers outlive the model
         final.rename(tmp / MODEL_DIR)
         record["seconds"] = time.perf_counter() - start
@@ -297,13 +320,15 @@ def _as_result(record: dict[str, Any], dense_correct: np.ndarray | None, confide
         accuracy_after=None if record["accuracy_after"] is None else float(record["accuracy_after"]),
         seconds=float(record["seconds"]),
         details={key: record.get(key) for key in ("heads_kept", "neurons_kept", "flop_ceiling_speedup",
-                                                  "params_after", "params_before", "dense_anchor")},
+                                                  "params_after", "params_before", "dense_anchor", "recovery",
+                                                  "macs_removed", "refit_seconds", "recovery_seconds",
+                                                  "agreement_before", "agreement_after")},
         drop=drop,
     )
 
 
 def measure_candidate(settings: SearchSettings, evidence, k: int, root: Path,
-                      dense_correct: np.ndarray | None = None) -> CandidateResult:
+                      dense_correct: np.ndarray | None = None, dense_pred: np.ndarray | None = None) -> CandidateResult:
     """Candidate k's accuracies, built into ``root/kNNN`` or read back from there when made from these inputs.
 
     With ``dense_correct`` (dense per-row correctness on the same rows) the result carries the paired
@@ -314,7 +339,7 @@ def measure_candidate(settings: SearchSettings, evidence, k: int, root: Path,
     if record is None:
         settings.say(f"search: candidate k={k}: select, prune, "
                      f"{'recover (unless nothing is removed), ' if settings.recover else ''}measure")
-        record = _build_candidate(settings, evidence, k, dest)
+        record = _build_candidate(settings, evidence, k, dest, dense_pred)
     else:
         settings.say(f"search: candidate k={k}: done before, reused")
     result = _as_result(record, dense_correct, settings.confidence)
@@ -342,8 +367,8 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     from cahp_deploy.paired import correct
 
     net, tokenizer = _load_dense(settings)
-    dense_correct = correct(evaluation.logits(net, tokenizer, settings.eval_data, max_length=settings.max_length),
-                            settings.eval_data.labels)
+    dense_pred = evaluation.logits(net, tokenizer, settings.eval_data, max_length=settings.max_length).argmax(axis=1)
+    dense_correct = correct(dense_pred, settings.eval_data.labels)
     dense_accuracy = float(dense_correct.mean())
     del net
     evidence = collect(settings, root)
@@ -385,7 +410,7 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     tried: list[CandidateResult] = []
 
     def tracked(k: int) -> CandidateResult:
-        result = measure_candidate(settings, evidence, k, root, dense_correct)
+        result = measure_candidate(settings, evidence, k, root, dense_correct, dense_pred)
         tried.append(result)
         return result
 
@@ -398,7 +423,7 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     key = settings.candidate_key(found.chosen.k, settings.ffn_ratio_at(found.chosen.k, evidence))
     if _cached(chosen_dir, key, need_model=True) is None:
         # chosen before by another budget and its model removed since: build it again
-        _build_candidate(settings, evidence, found.chosen.k, chosen_dir)
+        _build_candidate(settings, evidence, found.chosen.k, chosen_dir, dense_pred)
     return write(found, found.tried, None)
 
 

@@ -117,7 +117,8 @@ def reach(rows: int, disagreement: float, confidence: float) -> float:
     return paired_drop(ref, new, confidence).upper
 
 
-def power(decision_rows: int, confirmation_rows: int, max_drop: float, confidence: float) -> dict[str, Any]:
+def power(decision_rows: int, confirmation_rows: int, max_drop: float, confidence: float,
+          confirm_split: bool = False) -> dict[str, Any]:
     """What the rows can prove, before any recovery: per disagreement rate, the smallest budget the decision
     rows (at the ship's level) and the confirmation rows can show; and whether ``max_drop`` is in reach."""
     rates = ErrorRates(float(confidence))
@@ -125,7 +126,7 @@ def power(decision_rows: int, confirmation_rows: int, max_drop: float, confidenc
              "confirmation": round(reach(confirmation_rows, r, rates.confidence), 3)} for r in POWER_DISAGREEMENTS]
     worst = [max(r["decision"], r["confirmation"]) for r in rows]
     return {"decision_rows": int(decision_rows), "confirmation_rows": int(confirmation_rows),
-            "max_drop_points": max_drop, "reach": rows,
+            "max_drop_points": max_drop, "reach": rows, "confirm_split": bool(confirm_split),
             "in_reach": {f"{r['disagreement']:.0%}": bool(w <= max_drop) for r, w in zip(rows, worst)}}
 
 
@@ -135,9 +136,11 @@ def power_words(p: dict[str, Any]) -> str:
     line = (f"power: {p['decision_rows']} decision and {p['confirmation_rows']} confirmation rows can show, for an "
             f"artifact as accurate as dense that disagrees with it on " + ", on ".join(parts))
     if not any(p["in_reach"].values()):
+        more = "more decision rows (a larger --eval-split)" if p.get("confirm_split") else \
+            "a --confirm-split (e.g. test), more rows (--eval-max-examples)"
         line += (f"; a budget of {points_word(p['max_drop_points'])} is OUT OF REACH even at "
-                 f"{POWER_DISAGREEMENTS[0]:.0%} disagreement: give a --confirm-split (e.g. test), more rows "
-                 "(--eval-max-examples), or a larger budget")
+                 f"{POWER_DISAGREEMENTS[0]:.0%} disagreement: only an artifact that disagrees with dense on fewer rows "
+                 f"can pass; give {more}, or a larger budget")
     elif not all(p["in_reach"].values()):
         line += (f"; at {points_word(p['max_drop_points'])} only artifacts that disagree with dense on fewer rows "
                  "can pass")

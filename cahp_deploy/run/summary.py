@@ -35,8 +35,11 @@ def _recovery_words(rec: dict[str, Any]) -> str:
     epochs = rec.get("epochs")
     rows = (rec.get("train") or {}).get("num_examples")
     split = (rec.get("train") or {}).get("split")
-    what = f"{epochs:g} epoch{'' if epochs == 1 else 's'}" if isinstance(epochs, (int, float)) else "recovery"
-    return what + (f" on {rows} {split} rows" if rows and split else "")
+    refit = rec.get("refit")
+    words = [] if not refit else [f"least-squares refit against dense on {refit['rows']} {refit['split']} rows"]
+    if isinstance(epochs, (int, float)):
+        words.append(f"{epochs:g} epoch{'' if epochs == 1 else 's'}" + (f" on {rows} {split} rows" if rows and split else ""))
+    return ", then ".join(words) or "recovery"
 
 
 def _shape(s: str) -> str:
@@ -171,19 +174,27 @@ def headline(summary: dict[str, Any]) -> list[str]:
 
 
 def _candidates_table(search: dict[str, Any]) -> list[str]:
+    """Every rung tested: what it removed, how it was recovered, how far it moved from dense, its bound."""
     out = [
-        "| order | k | heads | before recovery | after recovery | judged | drop vs dense, points (upper bound) | speedup ceiling (MACs) | seconds | |",
-        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "| order | k | heads | MACs removed | before recovery | after (how) | agreement with dense | discordant "
+        "(only dense right / only it right) | drop vs dense, points (upper bound) | speedup ceiling (MACs) | seconds | |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for i, c in enumerate(search["tried"], 1):
-        drop = c.get("drop")
+        drop, d = c.get("drop"), c.get("details") or {}
         meets = drop["upper"] <= search["max_drop_points"] + 1e-9 if drop else c["accuracy"] >= search["threshold"] - 1e-9
         mark = "**chosen**" if c["k"] == search.get("chosen_k") else ("meets budget" if meets else "misses budget")
         bound = "—" if not drop else f"{drop['drop']:+.2f} (upper {drop['upper']:+.2f})"
-        neurons = c["details"].get("neurons_kept")
+        neurons = d.get("neurons_kept")
+        how = "dense itself" if d.get("dense_anchor") else (d.get("recovery") or c.get("judged", "recovered"))
+        agree = d.get("agreement_after") if c.get("accuracy_after") is not None else d.get("agreement_before")
+        macs = d.get("macs_removed")
         out.append(
-            f"| {i} | {c['k']} | {c['details']['heads_kept']}{'' if neurons is None else f' (+{neurons} neurons)'} | {_pct(c['accuracy_before'])} | "
-            f"{_pct(c['accuracy_after'])} | {c.get('judged', 'recovered')} | {bound} | {c['details']['flop_ceiling_speedup']:.2f}x | {c['seconds']:.0f} | {mark} |"
+            f"| {i} | {c['k']} | {d['heads_kept']}{'' if neurons is None else f' (+{neurons} neurons)'} | "
+            f"{'—' if macs is None else f'{macs:.0%}'} | {_pct(c['accuracy_before'])} | "
+            f"{_pct(c['accuracy_after'])} ({how}) | {'—' if agree is None else f'{agree:.1%}'} | "
+            f"{'—' if not drop else '{} / {}'.format(drop['ref_only'], drop['new_only'])} | {bound} | "
+            f"{d['flop_ceiling_speedup']:.2f}x | {c['seconds']:.0f} | {mark} |"
         )
     return out
 
