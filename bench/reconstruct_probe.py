@@ -228,8 +228,9 @@ def report() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "minilm-sst5"))
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst5"))
+    # relative to the repository root (run from there), so no machine's absolute path is recorded
+    ap.add_argument("--model", default="../shared/models/minilm-sst5")
+    ap.add_argument("--data", default="../shared/data/sst5")
     ap.add_argument("--cut", default="h48")
     ap.add_argument("--variants", nargs="*", default=["dense:auto:all"])
     ap.add_argument("--calibration-rows", type=int, default=2000)
