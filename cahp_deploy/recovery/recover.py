@@ -34,6 +34,20 @@ RECOVERY_FILE = "recovery.json"
 _CARRIED_FILES = ("pruning.json", "refit.json")  # what export and the summary read
 
 
+def save_model_dir(out: Path, force: bool, model, tokenizer, source: Path, record_file: str, record: dict) -> None:
+    """Write a recovered model dir atomically: weights, tokenizer, what export and the summary read from
+    ``source`` (:data:`_CARRIED_FILES`), and the step's own JSON record."""
+    with atomic_dir(out, force) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name in _CARRIED_FILES:
+            if (source / name).exists():
+                shutil.copy2(source / name, tmp / name)
+        with open(tmp / record_file, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+
+
 def sample_examples(data: LabelledData, max_examples: int | None, seed: int) -> LabelledData:
     """A seeded random subset of ``max_examples`` rows (kept in their original order), or all rows."""
     if max_examples is None or max_examples >= len(data):
@@ -169,15 +183,7 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
     if not distributed.is_main():
         distributed.barrier()  # returns once rank 0 has written out
         return record
-    with atomic_dir(out, force) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name in _CARRIED_FILES:
-            if (pruned_dir / name).exists():
-                shutil.copy2(pruned_dir / name, tmp / name)
-        with open(tmp / RECOVERY_FILE, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
+    save_model_dir(out, force, model, tokenizer, pruned_dir, RECOVERY_FILE, record)
     if parallel:
         distributed.barrier()
     log.info("recovered model saved to %s (%.1f s per epoch)", out, stats["seconds_per_epoch"])

@@ -8,22 +8,18 @@ any pruned model.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from cahp_deploy.atomic import atomic_dir, check_output_path
+from cahp_deploy.atomic import check_output_path
 from cahp_deploy.data import LabelledData
 from cahp_deploy.hashing import sha256_dir
 
 REFIT_FILE = "refit.json"
 #: calibration rows (a seeded sample of the given split): Kwon et al. use 2,048
 DEFAULT_REFIT_ROWS = 2000
-#: files of the pruned dir the refit model keeps (what export and the summary read)
-_CARRIED_FILES = ("pruning.json",)
 
 
 def refit(
@@ -45,7 +41,7 @@ def refit(
     """
     from cahp_deploy.modeling import load_classifier
     from cahp_deploy.recovery.reconstruct import reconstruct
-    from cahp_deploy.recovery.recover import sample_examples
+    from cahp_deploy.recovery.recover import sample_examples, save_model_dir
 
     pruned_dir, out = Path(pruned_dir), Path(out)
     check_output_path(out, force)
@@ -64,15 +60,7 @@ def refit(
         "reconstruct": result,
         "total_seconds": time.perf_counter() - start,
     }
-    with atomic_dir(out, force) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name in _CARRIED_FILES:
-            if (pruned_dir / name).exists():
-                shutil.copy2(pruned_dir / name, tmp / name)
-        with open(tmp / REFIT_FILE, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
+    save_model_dir(out, force, model, tokenizer, pruned_dir, REFIT_FILE, record)
     return record
 
 

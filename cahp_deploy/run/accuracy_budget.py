@@ -65,6 +65,7 @@ from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_json
 from cahp_deploy.paired import DEFAULT_CONFIDENCE, paired_drop
 from cahp_deploy.run.promise import bits, from_bits, rows_fingerprint
+from cahp_deploy.run.summary import points_word
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,7 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     ks = ladder(evidence.knee.k, evidence.num_heads, settings.search_step)
     settings.say(
         f"search: dense {100 * dense_accuracy:.2f}% on {settings.eval_data.split} ({len(settings.eval_data)} rows); "
-        f"budget {settings.max_drop:g} points; ladder k = {', '.join(map(str, ks))} (every head first, the knee "
+        f"budget {points_word(settings.max_drop)}; ladder k = {', '.join(map(str, ks))} (every head first, the knee "
         "last), tested in order until the first miss"
     )
 
