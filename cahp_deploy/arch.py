@@ -7,8 +7,12 @@ Adding an architecture is one :class:`ArchSpec` entry here plus a tiny-model row
 Paths are dotted attribute paths. ``layers`` is relative to ``model.base_model``; every other path is
 relative to one layer (one Transformer block).
 
-transformers v5 note: the paths below are the 4.x module names. v5 keeps the module names for these
-encoders but drops ``head_mask``/``prune_heads``; nothing here relies on either.
+transformers 4.x and 5.x: the module paths below are the same in both (v5 drops ``head_mask`` and
+``prune_heads``; nothing here relies on either). What v5 changed that this project relies on is in
+the second table, :data:`TRANSFORMERS`, one row per major version: which attention implementation
+exports to a graph ONNX Runtime fuses, and whether eager attention runs ``attention_probs`` as a
+module (v5 computes the probabilities with a functional dropout, so a hook there never fires; the
+probe attention below restores the hook point). Code elsewhere asks this module, never the version.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class ArchSpec:
         output projection's bias in place of the attention output).
     heads_attr, width_attr : attributes on ``self_attention`` holding the head count and the
         concatenated width (heads * head_dim); the pruner rewrites both.
+    onnx_inputs : the exported graph's inputs, in order (Optimum's text-classification configs: RoBERTa
+        and DistilBERT take no ``token_type_ids``); both exporters write these names.
     attention_norm : path from a block to the LayerNorm that ``attention_block`` itself applies to
         residual + attention (BERT-like), or None when the block applies it outside (DistilBERT).
         It decides what a zero-head layer's replacement returns: LN(x + b) or b.
@@ -73,6 +79,7 @@ class ArchSpec:
     onnx_model_type: str = "bert"
     attention_probs: str | None = None
     attention_norm: str | None = None
+    onnx_inputs: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
 
 
 _BERT_LIKE = dict(
@@ -91,7 +98,7 @@ _BERT_LIKE = dict(
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(model_types=("bert",), **_BERT_LIKE),  # BERT and MiniLM checkpoints
-    ArchSpec(model_types=("roberta", "xlm-roberta"), **_BERT_LIKE),
+    ArchSpec(model_types=("roberta", "xlm-roberta"), **_BERT_LIKE, onnx_inputs=("input_ids", "attention_mask")),
     ArchSpec(model_types=("electra",), **_BERT_LIKE),
     ArchSpec(
         model_types=("distilbert",),
@@ -111,6 +118,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         attention_probs="attention.dropout",
         ffn_in="ffn.lin1",
         ffn_out="ffn.lin2",
+        onnx_inputs=("input_ids", "attention_mask"),
     ),
 )
 
@@ -198,7 +206,10 @@ def ffn_output_projection(model: nn.Module, layer: int) -> nn.Linear:
 def attention_probs_module(model: nn.Module, layer: int) -> nn.Module:
     """The module whose output is layer ``layer``'s attention probabilities (see ``ArchSpec.attention_probs``).
 
-    Only the eager attention path runs it; SDPA/flash kernels never materialize the maps.
+    Only the eager attention path runs it; SDPA/flash kernels never materialize the maps. Where
+    transformers' eager attention does not call it (5.x, ``TransformersRow.probs_via_module``), the
+    model is first switched to :data:`ATTENTION_PROBE` (the same math, the module called): a hook
+    on the returned module then fires on every version.
     """
     spec = spec_for(model)
     if spec.attention_probs is None:
@@ -208,12 +219,162 @@ def attention_probs_module(model: nn.Module, layer: int) -> nn.Module:
             f"attention maps need eager attention, the model uses {model.config._attn_implementation!r}; "
             "load it with attn_implementation='eager'"
         )
+    use_attention_probe(model)
     return get_path(layers(model)[layer], spec.attention_probs)
 
 
 def attention_probs_supported(model: nn.Module) -> bool:
-    """Whether the model returns attention probabilities (needs the eager attention path)."""
-    return getattr(model.config, "_attn_implementation", "eager") == "eager"
+    """Whether the model returns attention probabilities (needs the eager attention path or the probe)."""
+    return getattr(model.config, "_attn_implementation", "eager") in ("eager", ATTENTION_PROBE)
+
+
+# ----------------------------------------------------------------------------- transformers versions
+
+
+@dataclass(frozen=True)
+class TransformersRow:
+    """What one transformers major version does with the internals this project relies on.
+
+    Attributes
+    ----------
+    export_attention : attention implementation the exporters trace: ``"sdpa"`` (where the class
+        supports it, else ``"eager"``) or ``"eager"``. Measured with ORT 1.32's transformer optimizer
+        on tiny BERT/RoBERTa/DistilBERT/ELECTRA: 4.57's sdpa graphs fuse into ``Attention`` for every
+        architecture, its eager DistilBERT graph (``masked_fill``) does not; 5.x's eager graphs fuse
+        for all four, its sdpa graphs for none (a constant scale and an ``IsNaN`` guard the
+        optimizer does not match).
+    probs_via_module : eager attention runs ``ArchSpec.attention_probs`` as a module (4.x:
+        ``self.dropout(probs)``); False where it calls ``nn.functional.dropout`` (5.x).
+    dtype_kwarg : ``from_pretrained``'s keyword for the weight dtype (``torch_dtype`` was renamed in
+        4.56 and warns in 5.x).
+    hf_pruned_heads : ``config.pruned_heads`` + ``prune_heads`` exist, so a pruned dir that keeps a
+        head in every layer also reloads with plain ``from_pretrained`` (4.x; removed in 5.0, where
+        :func:`cahp_deploy.pruning.load_pruned` is the only loader).
+    """
+
+    major: int
+    export_attention: str
+    probs_via_module: bool
+    dtype_kwarg: str
+    hf_pruned_heads: bool
+
+
+TRANSFORMERS: dict[int, TransformersRow] = {
+    4: TransformersRow(4, export_attention="sdpa", probs_via_module=True, dtype_kwarg="torch_dtype",
+                       hf_pruned_heads=True),
+    5: TransformersRow(5, export_attention="eager", probs_via_module=False, dtype_kwarg="dtype",
+                       hf_pruned_heads=False),
+}
+
+#: attention implementation registered with transformers 5.x's ``AttentionInterface``: eager attention
+#: whose probabilities go through ``ArchSpec.attention_probs`` as a module, so hooks can read or replace them.
+ATTENTION_PROBE = "cahp_eager"
+
+
+@functools.lru_cache(maxsize=1)
+def transformers_row() -> TransformersRow:
+    """The :data:`TRANSFORMERS` row of the installed transformers (read from its metadata: no import)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError as e:
+        raise CahpError("transformers is not installed; pip install 'transformers>=4.45,<6'") from e
+    major = int(version.split(".")[0])
+    if major not in TRANSFORMERS:
+        raise CahpError(f"transformers {version} is not supported; supported: "
+                        f"{', '.join(f'{m}.x' for m in sorted(TRANSFORMERS))} (pip install 'transformers>=4.45,<6')")
+    return TRANSFORMERS[major]
+
+
+def export_attention(config) -> str:
+    """The attention implementation to load a model with for ONNX export (see ``TransformersRow.export_attention``)."""
+    if transformers_row().export_attention == "eager":
+        return "eager"
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers 5.x's eager attention, with the probabilities passed through the probe module.
+
+    ::
+
+        (B,N,S,d) q ──► q·kᵀ·scaling ──► + mask ──► softmax ──► attention_probs module ──► ·v ──► (B,S,N,d)
+
+    The module is the block's attention dropout (``ArchSpec.attention_probs``): in training it drops
+    with the same ``p`` as the functional call it replaces (``dropout`` is ignored), in eval it is
+    the identity, so outputs are those of ``eager``.
+    """
+    import torch
+
+    spec = spec_for(module.config)
+    prefix = spec.self_attention + "."
+    probs = get_path(module, spec.attention_probs[len(prefix):])
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    weights = probs(torch.nn.functional.softmax(weights, dim=-1))
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+@functools.lru_cache(maxsize=1)
+def _register_probe() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(ATTENTION_PROBE, _probe_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_PROBE, eager_mask)  # the additive mask eager gets
+
+
+def maps_attention() -> str:
+    """The attention implementation to load a model with when its attention maps are needed:
+    ``eager`` where eager attention runs ``ArchSpec.attention_probs``, else :data:`ATTENTION_PROBE`."""
+    if transformers_row().probs_via_module:
+        return "eager"
+    _register_probe()
+    return ATTENTION_PROBE
+
+
+def attentions_per_layer(model: nn.Module, attentions, attention_mask) -> list:
+    """``output_attentions``' maps with one entry per layer: an empty (B, 0, S, S) tensor for a layer
+    with no head.
+
+    transformers 4.x returns what each block's attention module returns (the zero-head module of
+    :mod:`cahp_deploy.pruning.empty_attention` returns the empty tensor); 5.x records the maps with
+    hooks on its own self-attention class, so a replaced zero-head layer contributes nothing and the
+    tuple is shorter. Either way the result lines up with :func:`heads_per_layer`.
+    """
+    heads = heads_per_layer(model)
+    maps = list(attentions)
+    if len(maps) == len(heads):
+        return maps
+    live = [i for i, h in enumerate(heads) if h > 0]
+    if len(maps) != len(live):
+        raise CahpError(f"the model returned {len(maps)} attention maps for {len(heads)} layers ({len(live)} with heads)")
+    n, s = attention_mask.shape
+    out = [attention_mask.new_zeros((n, 0, s, s), dtype=maps[0].dtype) for _ in heads]
+    for i, m in zip(live, maps):
+        out[i] = m
+    return out
+
+
+def use_attention_probe(model: nn.Module) -> None:
+    """Route an eager model's attention through :data:`ATTENTION_PROBE` where the version needs it (idempotent)."""
+    name = maps_attention()
+    if model.config._attn_implementation == name:
+        return
+    spec = spec_for(model)
+    prefix = spec.self_attention + "."
+    if spec.attention_probs is None or not spec.attention_probs.startswith(prefix):
+        raise CahpError(f"{model.config.model_type}: the attention-probability module is not inside the attention module")
+    model.config._attn_implementation = name
 
 
 def dense_head_grid(config) -> tuple[int, int]:
@@ -270,4 +431,12 @@ __all__ = [
     "spec_for",
     "attention_probs_supported",
     "attention_probs_module",
+    "ATTENTION_PROBE",
+    "attentions_per_layer",
+    "TRANSFORMERS",
+    "TransformersRow",
+    "export_attention",
+    "maps_attention",
+    "transformers_row",
+    "use_attention_probe",
 ]

@@ -75,6 +75,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # transformers 5.x draws a "Loading weights" bar on stderr for every model load; its bars follow
+    # huggingface_hub's switch, read at import, so in-process callers that imported it already are
+    # switched off directly (stderr carries only `error: ...` lines and warnings)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)

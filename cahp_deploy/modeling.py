@@ -77,7 +77,7 @@ def load_classifier(
     else:
         try:
             net = AutoModelForSequenceClassification.from_pretrained(
-                str(model), torch_dtype=torch.float32, attn_implementation=attn_implementation
+                str(model), attn_implementation=attn_implementation, **{arch.transformers_row().dtype_kwarg: torch.float32}
             )
         except (OSError, ValueError) as e:
             raise CahpError(f"cannot load model weights from {model}: {str(e).splitlines()[0]}") from e

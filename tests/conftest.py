@@ -17,6 +17,9 @@ import pytest
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers 5.x draws a "Loading weights" bar per load; tests that read a command's output in-process
+# (CliRunner) would see it (the CLI's main switches it off the same way)
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ARCHS = ("bert", "roberta", "distilbert", "electra")

@@ -134,6 +134,8 @@ def test_save_load_pruned_round_trip(models, batch, name):
     check()
 
 
+@pytest.mark.skipif(not arch.transformers_row().hf_pruned_heads,
+                    reason="transformers 5.x has no pruned_heads: load_pruned is the only loader")
 @pytest.mark.parametrize("name", ARCHS)
 def test_plain_from_pretrained_reloads_when_every_layer_keeps_a_head(models, batch, name, tmp_path):
     from transformers import AutoModelForSequenceClassification
@@ -158,6 +160,9 @@ def test_zero_head_layer_returns_empty_attentions(models, batch, name):
     pruned = prune_model(copy.deepcopy(models[name]), [[1, 2], [], [0]])
     with torch.no_grad():
         att = pruned(**batch, output_attentions=True).attentions
+    # 4.x returns the zero-head module's empty maps; 5.x skips the layer (arch.attentions_per_layer)
+    assert len(att) in (2, 3)
+    att = arch.attentions_per_layer(pruned, att, batch["attention_mask"])
     assert [tuple(a.shape) for a in att] == [(2, 2, 9, 9), (2, 0, 9, 9), (2, 1, 9, 9)]
 
 

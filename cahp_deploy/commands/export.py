@@ -32,7 +32,10 @@ from cahp_deploy.commands._options import data_options, force_option
 @click.option("--int8-tuning-margin", type=float, default=None,
               help="INT8 search target = gate + margin on the tuning set [default: two standard errors of that estimate].")
 @click.option("--fp16", is_flag=True, help="Also write model_fp16.onnx (for CUDA; fp32 inputs/outputs), checked on --provider.")
-@click.option("--opset", type=int, default=None, help="ONNX opset [default: Optimum's for the architecture].")
+@click.option("--opset", type=int, default=None, help="ONNX opset [default: 18, Optimum's for every supported architecture].")
+@click.option("--exporter", type=click.Choice(["auto", "optimum", "torch"]), default="auto", show_default=True,
+              help="ONNX exporter: optimum (the [optimum] extra), torch (torch.onnx), or auto: optimum when it is "
+                   "installed and supports the installed transformers, else torch. Same graph contract either way.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Device the artifact is made for (decides the fusions; checks fp16 there).")
 @click.option("--no-timing", "no_timing", is_flag=True,
@@ -41,7 +44,7 @@ from cahp_deploy.commands._options import data_options, force_option
 @click.option("--max-examples", type=int, default=None, help="Check parity on the first N rows of --split only [all].")
 @force_option
 def command(model_dir, out, optimize, quantize, int8_max_accuracy_drop, int8_min_agreement, int8_smooth, confidence, per_channel, int8_tuning_examples, int8_tuning_margin,
-            fp16, opset, provider, no_timing, data, split, text_column, text_pair_column, label_column, max_examples,
+            fp16, opset, exporter, provider, no_timing, data, split, text_column, text_pair_column, label_column, max_examples,
             force) -> None:
     """Export MODEL_DIR (a fine-tuned classifier, or a dir from `cahp-deploy prune`) to ONNX in --out.
 
@@ -70,6 +73,7 @@ def command(model_dir, out, optimize, quantize, int8_max_accuracy_drop, int8_min
         int8_max_accuracy_drop=int8_max_accuracy_drop, int8_min_agreement=int8_min_agreement, confidence=confidence,
         int8_tuning_examples=int8_tuning_examples,
         int8_tuning_margin=int8_tuning_margin, max_examples=max_examples, int8_smooth=int8_smooth,
+        exporter=exporter,
     )
     m = load_manifest(path)
     parts = []
@@ -85,4 +89,4 @@ def command(model_dir, out, optimize, quantize, int8_max_accuracy_drop, int8_min
                 extra += ", speed vs fp32 " + "/".join(f"x{x:.2f}" for x in v["speedup_vs_source"].values()) + \
                     " at " + "/".join(v["speedup_vs_source"])
         parts.append(f"{name} {size:.1f}MiB (max|diff| {p['max_abs_diff']:.1e}, agree {p['argmax_agreement']:.1%} on {p['on']}{extra})")
-    click.echo(f"wrote {path}: " + "; ".join(parts))
+    click.echo(f"wrote {path}: " + "; ".join(parts) + f" [exporter: {m['exporter']['name']}]")

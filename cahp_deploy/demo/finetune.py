@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from cahp_deploy import arch
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.data import LabelledData, check_labels, iter_batches, load_labelled
 from cahp_deploy.demo import data_dir
@@ -97,7 +98,7 @@ def finetune(
         num_labels=num_labels,
         id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
-        torch_dtype=torch.float32,
+        **{arch.transformers_row().dtype_kwarg: torch.float32},
     )
     # The word embeddings (a third of MiniLM's weights) stay as pre-trained: a few hundred sentences
     # cannot improve them, and their dense gradient and Adam state would double the cost of a step.

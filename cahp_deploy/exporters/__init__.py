@@ -5,7 +5,8 @@
 * :func:`verify` — re-check an artifact dir's hashes and run a parity smoke test of each variant.
 * :func:`load_manifest`, :func:`variant_path`, :func:`int8_mac_share` — read an artifact dir.
 
-Modules: ``onnx_export`` (Optimum export of a loaded model), ``optimize`` (ORT fusions, per-node
+Modules: ``onnx_export`` (export of a loaded model: the exporter choice, Optimum), ``torch_export``
+(the ``torch.onnx`` exporter: Optimum's graph contract without Optimum), ``optimize`` (ORT fusions, per-node
 head check, choice by timing), ``quantize`` (INT8, FP16), ``int8_tuning`` (which MatMuls stay fp32),
 ``int8_gate`` (when INT8 is good enough), ``parity``, ``manifest``, ``verify``.
 ``export`` is imported on first use: it pulls in torch and Optimum, which ``verify`` does not need.

@@ -4,7 +4,8 @@ Keys (DESIGN.md, "artifact dir"): ``schema``, ``variants`` ({fp32|optimized|int8
 ...}}), ``files`` ({name: {bytes, sha256}} for every file but the manifest itself), ``kept_heads``
 (null when dense), ``num_heads_kept``, ``num_heads_total``, ``pruning`` (pruning.json or null),
 ``source_model``, ``source_model_sha256``, ``selection_sha256``, ``num_labels``, ``id2label``,
-``model_type``, ``opset``, ``input_names``, ``max_position_embeddings``, ``versions``,
+``model_type``, ``opset``, ``exporter`` ({name: optimum|torch, why}), ``input_names``,
+``max_position_embeddings``, ``versions``,
 ``export_seconds``; plus ``task``, ``heads_per_layer``, ``attn_implementation``, ``created`` and
 ``smoke`` (a few fixed inputs and the PyTorch logits for them, so ``verify`` can re-check every
 variant against PyTorch without torch or the source model).

@@ -426,6 +426,7 @@ def export(
     int8_smooth: float | None = None,
     max_length: int | None = None,
     int8_tuning_split: str = "train",
+    exporter: str = "auto",
 ) -> Path:
     """Export ``model_dir`` (dense or pruned classifier) to a parity-checked ONNX artifact dir ``out``.
 
@@ -466,6 +467,9 @@ def export(
     int8_tuning_split : the split INT8 tunes on (random rows of it); when it is ``split`` itself, INT8
         tunes on its first half and is gated on the second. Under an accuracy budget `run` passes its
         selection split as both, so the gate's looks never touch the decision or confirmation rows.
+    exporter : ``auto`` (Optimum when installed and compatible with the installed transformers, else
+        torch), ``optimum`` or ``torch``; see :mod:`cahp_deploy.exporters.onnx_export`. Recorded in the
+        manifest as ``exporter`` ({name, why}).
 
     Returns ``out``. Raises :class:`CahpError` on bad input (before any work) or a failed parity
     gate (then nothing is written).
@@ -476,6 +480,7 @@ def export(
     _check_options(quantize, per_channel, fp16, opset, provider, int8_tuning_examples, int8_tuning_margin)
     if int8_smooth is not None and (quantize != "int8" or not 0.0 <= float(int8_smooth) <= 1.0):
         raise CahpError(f"--int8-smooth {int8_smooth} needs --quantize int8 and an alpha in [0, 1] (0.75 measured best)")
+    exporter_name, exporter_why = onnx_export.resolve_exporter(exporter)
     config = load_config(model_dir)
     from cahp_deploy.serving_length import check_max_length, default_serving_length
 
@@ -515,7 +520,7 @@ def export(
 
     attn = onnx_export.attn_implementation_for(config)
     model, tokenizer = load_classifier(model_dir, attn_implementation=attn)
-    opset = onnx_export.resolve_opset(model, opset)
+    opset = onnx_export.resolve_opset(model, opset, exporter_name)
     heads = arch.heads_per_layer(model)
     n_layers, dense_heads = arch.dense_head_grid(config)
     spec = arch.spec_for(config)
@@ -528,7 +533,7 @@ def export(
         scratch = Path(scratch)
         plain = tmp / VARIANT_FILES["fp32"]
         bar.update(task, description="export: ONNX")
-        input_names = onnx_export.export_onnx(model, plain, opset)
+        input_names = onnx_export.export_onnx(model, plain, opset, exporter_name)
         check = _Parity(model, tokenizer, config, input_names, parity_rows, gate, max_length)
         variants: dict[str, dict] = {"fp32": {"file": plain.name, "parity": check.check("fp32", _session(plain))}}
         bar.advance(task)
@@ -628,6 +633,7 @@ def export(
             "id2label": {str(k): v for k, v in (config.id2label or {}).items()},
             "model_type": config.model_type,
             "opset": opset,
+            "exporter": {"name": exporter_name, "why": exporter_why},
             "input_names": input_names,
             "max_position_embeddings": int(getattr(config, "max_position_embeddings", 0) or 0) or None,
             "max_length": max_length,

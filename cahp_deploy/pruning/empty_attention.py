@@ -10,10 +10,11 @@ These modules compute exactly that with plain tensor ops: no Q/K/V, no softmax, 
 empty head axis (which crashes transformers' own ``prune_heads``), no data-dependent branching, so
 ``torch.onnx`` / Optimum export them as an Add (+ LayerNorm).
 
-Both accept the keyword arguments their Hugging Face counterparts receive and return the same tuple
-shapes (transformers 4.57): BERT-like ``(output, attentions_or_None)``, DistilBERT ``(output,)`` or
-``(output, weights)``. Attention weights, when asked for, are an empty (B, 0, S, S) tensor: the layer
-has no heads, and callers that stack per-layer attentions still get the right rank.
+Both accept the keyword arguments their Hugging Face counterparts receive and return
+``(output, weights_or_None)``: what transformers 5.x's blocks unpack from every attention module, and
+what 4.x's take too (DistilBERT 4.x reads ``[0]`` when it did not ask for weights). Attention weights,
+when asked for (4.x's ``output_attentions``), are an empty (B, 0, S, S) tensor: the layer has no heads,
+and callers that stack per-layer attentions still get the right rank.
 """
 
 from __future__ import annotations
@@ -57,6 +58,4 @@ class EmptyAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, *args, output_attentions: bool = False, **kwargs):
         out = self.bias.expand_as(query)
-        if output_attentions:
-            return out, _no_heads_weights(query)
-        return (out,)
+        return out, (_no_heads_weights(query) if output_attentions else None)

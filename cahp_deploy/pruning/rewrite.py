@@ -24,15 +24,14 @@ The shape is recorded in the config (``cahp_kept_heads``, ``cahp_dense_heads``, 
 ``cahp_kept_neurons``, ``cahp_dense_intermediate``) so
 :func:`cahp_deploy.pruning.load_pruned` can rebuild it without ``prune_heads``.
 
-transformers v5 upgrade, where it touches this module:
-  * ``_hf_pruned_heads`` writes ``config.pruned_heads`` (4.x only; v5 removed the field and
-    ``PreTrainedModel.prune_heads``): on v5 it writes nothing and ``from_pretrained`` of a pruned dir
-    fails on shapes; ``load_pruned`` is then the only loader.
+transformers 4.x and 5.x, where they differ here (``arch.TRANSFORMERS``):
+  * ``_hf_pruned_heads`` writes ``config.pruned_heads`` only where ``hf_pruned_heads`` (4.x; 5.0
+    removed the field and ``PreTrainedModel.prune_heads``): on 5.x it writes nothing and
+    ``from_pretrained`` of a pruned dir fails on shapes; ``load_pruned`` is then the only loader.
   * ``_narrow_layer`` sets ``pruned_heads`` on the attention modules when they have it (4.x
-    bookkeeping for a later ``prune_heads`` call); v5 modules lack it and it is skipped.
-  * the head-count/width attribute names (``ArchSpec.heads_attr``/``width_attr``) and the tuple
-    conventions in ``empty_attention`` follow the 4.57 modules; v5's attention refactor renames
-    some of them (check ``cahp_deploy/arch.py`` and the forward signatures then).
+    bookkeeping for a later ``prune_heads`` call); 5.x modules lack it and it is skipped.
+  * the head-count/width attributes (``ArchSpec.heads_attr``/``width_attr``) keep their names in 5.x,
+    whose attention reshapes with ``-1`` heads anyway; ``empty_attention`` returns the pair both take.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ import numbers
 from collections.abc import Sequence
 
 import torch
-import transformers
 from torch import nn
 
 from cahp_deploy import arch
@@ -54,9 +52,6 @@ DENSE_HEADS_FIELD = "cahp_dense_heads"
 #: config.json field: FFN neurons per layer of the dense architecture the kept neuron indices refer to.
 DENSE_INTERMEDIATE_FIELD = "cahp_dense_intermediate"
 KEPT_NEURONS_FIELD = arch.KEPT_NEURONS_FIELD
-
-_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
-
 
 def validate_kept_heads(kept_heads, num_layers: int, heads_per_layer: int, source: str = "selection") -> list[list[int]]:
     """Check a per-layer list of kept head indices against a (layers, heads) grid; return it sorted.
@@ -197,10 +192,10 @@ def _empty_layer(block: nn.Module, spec: arch.ArchSpec) -> None:
 def _hf_pruned_heads(kept_heads: list[list[int]], dense: int) -> dict[int, list[int]]:
     """``config.pruned_heads`` for transformers 4.x ``from_pretrained``, or {} when it cannot apply.
 
-    v5 UPGRADE POINT: v5 dropped ``pruned_heads``/``prune_heads``; return {} there. 4.x's
-    ``prune_heads`` crashes on a layer losing every head, so {} then too (use ``load_pruned``).
+    {} where transformers has no ``pruned_heads`` (``arch.TransformersRow.hf_pruned_heads``, 5.x).
+    4.x's ``prune_heads`` crashes on a layer losing every head, so {} then too (use ``load_pruned``).
     """
-    if _TRANSFORMERS_MAJOR >= 5 or any(len(k) == 0 for k in kept_heads):
+    if not arch.transformers_row().hf_pruned_heads or any(len(k) == 0 for k in kept_heads):
         return {}
     return {i: sorted(set(range(dense)) - set(k)) for i, k in enumerate(kept_heads) if len(k) < dense}
 

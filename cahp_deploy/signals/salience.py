@@ -98,7 +98,8 @@ def head_salience(
                 per_layer = [next(grads).abs().sum(dim=0) if h > 0 else torch.zeros(0) for h in heads]
                 total += torch.cat(per_layer).to(torch.float64)
                 if want_attn:
-                    attention_sink(out.attentions, enc["attention_mask"], labels)
+                    attention_sink(arch.attentions_per_layer(model, out.attentions, enc["attention_mask"]),
+                                   enc["attention_mask"], labels)
                 if task is not None:
                     progress.advance(task, n)
     finally:

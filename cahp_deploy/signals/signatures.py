@@ -253,7 +253,8 @@ def forward_until_attention(model: nn.Module, inputs: dict, maps: list[torch.Ten
     (the forward pass stops after the last layer's maps), or from a full pass when ``maps`` is None.
     A layer without heads contributes an empty (n, 0, S, S) tensor, as the full pass returns."""
     if maps is None:
-        return list(model(**inputs, output_attentions=True).attentions)
+        return arch.attentions_per_layer(model, model(**inputs, output_attentions=True).attentions,
+                                         inputs["attention_mask"])
     for i in range(len(maps)):
         maps[i] = None
     try:
