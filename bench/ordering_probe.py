@@ -94,7 +94,8 @@ def main(run_out: str, model: str, data: str, k: int, floor: float = 0.5, orderi
     out.mkdir(parents=True, exist_ok=True)
     stem = "ordering" if len(cuts) > 1 else f"rung_k{k:03d}"
     (out / f"{stem}.json").write_text(json.dumps({"k": k, "ffn_share": share, "rows": rows}, indent=2) + "\n")
-    lines = [f"# Head ordering at the same cut: CAHP vs gradient ({Path(data).name}, k={k}, FFN share {share:.3f})", "",
+    title = "Head ordering at the same cut: CAHP vs gradient" if len(cuts) > 1 else "One rung, none vs the refit: CAHP cut"
+    lines = [f"# {title} ({Path(data).name}, k={k}, FFN share {share:.3f})", "",
              f"`python bench/ordering_probe.py RUN_OUT {Path(model).name} {Path(data).name} {k} {floor}`. Both cuts keep "
              f"{heads} heads and the same FFN neurons (CAHP's complementary neurons at the ladder's share); both are "
              "refit against dense on 2,000 train rows. Drop = dense minus the cut, points; upper bound at 95% (the "

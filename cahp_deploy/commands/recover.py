@@ -15,7 +15,7 @@ from cahp_deploy.commands._options import data_options, force_option
 @click.option("--epochs", default=3, show_default=True, type=int, help="Epochs (the CAHP reference uses 3).")
 @click.option("--lr", default=2e-5, show_default=True, type=float, help="Peak AdamW learning rate.")
 @click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--max-length", default=128, show_default=True, type=int, help="Tokens per example.")
+@click.option("--max-length", default=None, type=int, help="Tokens per example [128, capped at the model's positions].")
 @click.option("--distill-from", default=None, type=click.Path(), help="Dense model whose logits to distil from.")
 @click.option("--temperature", default=2.0, show_default=True, type=float, help="Distillation temperature T.")
 @click.option("--alpha", default=0.5, show_default=True, type=float, help="Weight of the distillation loss vs cross-entropy.")

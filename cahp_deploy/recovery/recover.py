@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 RECOVERY_FILE = "recovery.json"
 #: files of the input dir carried over unchanged (weights, config and tokenizer are re-saved)
+#: tokens per example when no --max-length is given (capped at the model's positions)
+DEFAULT_MAX_LENGTH = 128
 _CARRIED_FILES = ("pruning.json", "refit.json")  # what export and the summary read
 
 
@@ -81,7 +84,7 @@ def recover(
     epochs: int = 3,
     lr: float = 2e-5,
     batch_size: int = 32,
-    max_length: int = 128,
+    max_length: int | None = None,
     distill_from: str | os.PathLike | None = None,
     temperature: float = 2.0,
     alpha: float = 0.5,
@@ -115,7 +118,7 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
     measures ``eval_split`` and writes ``out``; every rank returns once it is written.
     """
     params = RecoveryParams(
-        epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, temperature=temperature,
+        epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length or DEFAULT_MAX_LENGTH, temperature=temperature,
         alpha=alpha, seed=seed, freeze_embeddings=freeze_embeddings, time_budget=time_budget, qat=qat,
     )
     params.validate()
@@ -136,9 +139,13 @@ rows, the rows ``bench --max-examples`` scores). ``max_examples`` trains on a se
         held_out = held_out.head(eval_max_examples)  # the first N rows, as bench scores them
     parallel = distributed.init_from_env()
     model, tokenizer = load_classifier(pruned_dir, attn_implementation=None)  # sdpa where supported
+    from cahp_deploy.arch import max_sequence_length
     from cahp_deploy.serving_length import check_max_length
 
-    check_max_length(max_length, model.config)
+    # asked for: it must fit the position table; by default 128 tokens, capped at the positions
+    params = replace(params, max_length=check_max_length(max_length, model.config)
+                     or min(DEFAULT_MAX_LENGTH, max_sequence_length(model.config)))
+    max_length = params.max_length
     model.to(distributed.device())
     num_labels = int(model.config.num_labels)
     check_labels(train, num_labels, min_classes=2)
