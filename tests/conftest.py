@@ -72,6 +72,23 @@ def tiny_config(arch: str, num_labels: int = 3, layers: int = 3, heads: int = 4,
     return cfg
 
 
+
+def save_strong_model(arch: str, out: Path, seed: int, layers: int = 3, heads: int = 4) -> Path:
+    """A tiny classifier whose weights are re-drawn with std 0.3, so one head moves the logits by ~0.1
+    (parity gates with teeth); saved with the tiny tokenizer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_config(tiny_config(arch, layers=layers, heads=heads),
+                                                           attn_implementation="eager")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.eval().save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(out)
+    return out
+
 def build_tiny_model(arch: str, seed: int = 0, **kw):
     import torch
     from transformers import AutoModelForSequenceClassification

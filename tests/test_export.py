@@ -25,7 +25,7 @@ from cahp_deploy.exporters import optimize as ortopt
 from cahp_deploy.exporters import onnx_export, parity
 from cahp_deploy.pruning import prune
 from cahp_deploy.selection.result import Selection
-from conftest import tiny_config, tokenizer_dir, write_tiny_data
+from conftest import save_strong_model, tiny_config, tokenizer_dir, write_tiny_data
 
 LAYERS, HEADS = 3, 4
 #: optimum.onnxruntime's ORTModel loads the artifacts where optimum-onnx is installed (the pinned lane)
@@ -35,16 +35,7 @@ OPTIMUM_ERA = cahp_arch.transformers_row().export_attention == "sdpa"
 
 
 def _save_strong_model(arch: str, out: Path, seed: int = 1) -> Path:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_config(tiny_config(arch, layers=LAYERS, heads=HEADS), attn_implementation="eager")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.eval().save_pretrained(out)
-    AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(out)
-    return out
+    return save_strong_model(arch, out, seed, layers=LAYERS, heads=HEADS)
 
 
 @pytest.fixture(scope="module")

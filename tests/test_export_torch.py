@@ -24,7 +24,7 @@ from cahp_deploy.exporters import export, load_manifest, onnx_export, parity, va
 from cahp_deploy.exporters.torch_export import pin_head_counts
 from cahp_deploy.pruning import prune
 from cahp_deploy.selection.result import Selection
-from conftest import cli, tiny_config, tokenizer_dir
+from conftest import cli, save_strong_model, tiny_config, tokenizer_dir
 
 LAYERS, HEADS = 3, 4
 INTERMEDIATE = 2 * HEADS * 8  # conftest's tiny models: hidden = heads * 8, FFN = 2 * hidden
@@ -32,18 +32,7 @@ OPTIMUM = onnx_export.optimum_unusable() is None
 
 
 def _strong_model(arch_name: str, out: Path, seed: int = 3) -> Path:
-    """Weights re-drawn with std 0.3 so one head moves the logits by ~0.1 (parity gates with teeth)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_config(tiny_config(arch_name, layers=LAYERS, heads=HEADS),
-                                                           attn_implementation="eager")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.eval().save_pretrained(out)
-    AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(out)
-    return out
+    return save_strong_model(arch_name, out, seed, layers=LAYERS, heads=HEADS)
 
 
 def _pattern(arch_name: str) -> tuple[list[list[int]], list[list[int]]]:
