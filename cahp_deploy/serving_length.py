@@ -37,6 +37,12 @@ def default_serving_length(config) -> int:
     return min(DEFAULT_SERVING_LENGTH, max_sequence_length(config))
 
 
+def of_manifest(manifest: dict, config) -> int:
+    """The length an exported artifact serves: its manifest's ``max_length`` (what `run` chose and measured
+    its promise at), else :func:`default_serving_length` of its config (``config.json`` dict or HF config)."""
+    return int(manifest.get("max_length") or default_serving_length(config))
+
+
 def _lengths(tokenizer, data, cap: int) -> np.ndarray:
     """Tokens per row (special tokens included), counted up to ``cap``."""
     from cahp_deploy.data import token_lengths
@@ -74,4 +80,5 @@ def words(record: dict[str, Any]) -> str:
     return f"max length {record['max_length']} tokens ({record['how']}){tail}"
 
 
-__all__ = ["DEFAULT_SERVING_LENGTH", "check_max_length", "default_serving_length", "resolve_max_length", "words"]
+__all__ = ["DEFAULT_SERVING_LENGTH", "check_max_length", "default_serving_length", "of_manifest", "resolve_max_length",
+           "words"]

@@ -48,16 +48,22 @@ class Artifact:
         return float(pruning.get("flop_ceiling_speedup") or 1.0)
 
     @property
-    def max_seq(self) -> int:
+    def _position_config(self) -> dict:
         cfg = dict(self.config)
         if self.manifest.get("max_position_embeddings"):
             cfg["max_position_embeddings"] = self.manifest["max_position_embeddings"]
-        return max_sequence_length(cfg)
+        return cfg
+
+    @property
+    def max_seq(self) -> int:
+        return max_sequence_length(self._position_config)
 
     @property
     def serving_length(self) -> int:
-        """The length the artifact serves (manifest ``max_length``; older manifests: 512, capped)."""
-        return int(self.manifest.get("max_length") or min(512, self.max_seq))
+        """The length the artifact serves (:func:`cahp_deploy.serving_length.of_manifest`)."""
+        from cahp_deploy.serving_length import of_manifest
+
+        return of_manifest(self.manifest, self._position_config)
 
     def file_of(self, variant: str) -> Path | None:
         """The file of ``variant`` if the artifact has it (timed or not)."""

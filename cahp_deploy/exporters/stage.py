@@ -425,7 +425,7 @@ def export(
     rows: Sequence[int] | None = None,
     int8_smooth: float | None = None,
     max_length: int | None = None,
-    int8_tuning_split: str = "train",
+    int8_tuning_split: str = INT8_TUNING_SPLIT,
     exporter: str = "auto",
 ) -> Path:
     """Export ``model_dir`` (dense or pruned classifier) to a parity-checked ONNX artifact dir ``out``.

@@ -35,6 +35,7 @@ from cahp_deploy.exporters.verify import verify as verify_artifact
 from cahp_deploy.handoff import model_card, ort_mobile, triton, vocab
 from cahp_deploy.handoff.verify import HANDOFF_FILE, SCHEMA
 from cahp_deploy.hashing import sha256_file
+from cahp_deploy.serving_length import of_manifest
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,6 @@ TRIM_ATOL = 1e-5
 ORT_PARITY_ROWS = 256
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                     "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
-
-
-def serving_length(manifest: dict, config: dict) -> int:
-    """The length the artifact serves: the manifest's ``max_length`` (what `run` chose and measured its
-    promise at), else 512 capped at the model's positions."""
-    return int(manifest.get("max_length") or min(512, parity.max_sequence(SimpleNamespace(**config))))
 
 
 def choose_variant(manifest: dict, variant: str | None = None) -> tuple[str, str]:
@@ -114,7 +109,7 @@ def _trim(artifact: Path, src: Path, staged: Path, tokdir: Path, config: dict, m
     before = vocab.unk_stats(orig, held.texts, held.pairs)
     after = vocab.unk_stats(new, held.texts, held.pairs)
     covered, dropped = vocab.coverage(orig, keep, held.texts, held.pairs)
-    max_length = serving_length(manifest, config)
+    max_length = of_manifest(manifest, config)
     names = manifest["input_names"]
     ref = _logits_per_row(src, orig, held, names, max_length)
     got = _logits_per_row(staged, new, held, names, max_length)
@@ -230,7 +225,7 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
             labels = manifest.get("id2label") or {}
             (model_dir / "labels.txt").write_text(
                 "".join(f"{labels.get(str(i), i)}\n" for i in range(int(manifest["num_labels"]))))
-            max_length = serving_length(manifest, config)
+            max_length = of_manifest(manifest, config)
             (tmp / "client.py").write_text(triton.client_script(name, io, labels, max_length, trim is not None))
             record["triton"] = {"config": f"model_repository/{name}/config.pbtxt", "model": f"model_repository/{name}/1/model.onnx",
                                 "device": device, "max_batch_size": max_batch_size, "instances": instances, "io": io}

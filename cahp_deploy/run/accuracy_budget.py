@@ -193,14 +193,13 @@ def _predict(model_dir: Path, eval_data, max_length: int) -> np.ndarray:
     return evaluation.logits(net, tokenizer, eval_data, max_length=max_length).argmax(axis=1)
 
 
-def _measured(record: dict[str, Any], when: str, pred: np.ndarray, eval_data, dense_pred: np.ndarray | None) -> np.ndarray:
+def _measured(record: dict[str, Any], when: str, pred: np.ndarray, eval_data, dense_pred: np.ndarray | None) -> None:
     """Record accuracy, per-row correctness and agreement with dense (same label) of predictions ``pred``."""
     good = pred == np.asarray(eval_data.labels)
     record[f"accuracy_{when}"] = float(good.mean())
     record[f"correct_{when}"] = bits(good)
     if dense_pred is not None:
         record[f"agreement_{when}"] = float((pred == dense_pred).mean())
-    return good
 
 
 def _with_neurons(selection, settings: SearchSettings, evidence, share: float) -> None:

@@ -81,10 +81,6 @@ class ErrorRates:
         return {"alpha": round(self.alpha, 6), "search_alpha": round(1 - self.search, 6),
                 "ship_alpha": round(1 - self.ship, 6), "confirmation_confidence": self.confidence}
 
-    def words(self) -> str:
-        return (f"one error rate for the whole run, {self.alpha:.0%}: {1 - self.search:.0%} for the search's ladder "
-                f"and {1 - self.ship:.0%} for the shipping sequence (both on the decision rows)")
-
 
 def default_confirm_fraction(confidence: float = DEFAULT_CONFIDENCE) -> float:
     """Share of the evaluation rows held out to confirm on when no --confirm-split is given.

@@ -206,7 +206,8 @@ def _rows_section(summary: dict[str, Any]) -> list[str]:
 
     out = []
     if summary.get("power"):
-        out.append(f"- {power_words(summary['power'])[0].upper()}{power_words(summary['power'])[1:]}.")
+        line = power_words(summary["power"])
+        out.append(f"- {line[0].upper()}{line[1:]}.")
     rates = (summary.get("confirm") or {}).get("error_rates")
     if rates:
         out.append(f"- One error rate for the whole run, {rates['alpha']:.0%}: {rates['search_alpha']:.0%} for the "
