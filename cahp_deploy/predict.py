@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cahp_deploy import onnx_runtime
 from cahp_deploy.errors import CahpError
 
 #: Variant tried first when none is asked for: the ORT-optimized fp32 graph, then the plain export.
@@ -24,7 +25,8 @@ DEFAULT_VARIANTS = ("optimized", "fp32")
 _PLAIN_FILE = "model.onnx"
 # RoBERTa-style position ids start after the padding index, so fewer tokens fit than positions exist.
 _POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert")
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+#: --provider choices (ONNX Runtime names in :data:`cahp_deploy.onnx_runtime.PROVIDERS`)
+PROVIDER_CHOICES = ("cpu", "cuda")
 
 
 @dataclass
@@ -149,26 +151,6 @@ def _labels(artifact_dir: Path, num_outputs: int) -> dict[int, str]:
     return {i: f"LABEL_{i}" for i in range(num_outputs)}
 
 
-def _session(path: Path, provider: str, threads: int | None):
-    import onnxruntime as ort
-
-    if provider not in _PROVIDERS:
-        raise CahpError(f"unknown provider {provider!r}; choose from {', '.join(_PROVIDERS)}")
-    wanted = _PROVIDERS[provider]
-    if wanted not in ort.get_available_providers():
-        raise CahpError(
-            f"provider {provider!r} ({wanted}) is not available in the installed onnxruntime "
-            f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use --provider cpu"
-        )
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), options, providers=[wanted])
-    except Exception as e:  # a corrupt or foreign file: the user's to fix by re-exporting
-        raise CahpError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
-
-
 def predict(
     artifact_dir: str | os.PathLike,
     texts: list[str],
@@ -197,8 +179,9 @@ def predict(
 
         print(warning, file=sys.stderr)
     tok = load_tokenizer(artifact_dir, max_length)
-    session = _session(path, provider, threads)
-    inputs = {i.name: (np.int32 if "int32" in i.type else np.int64) for i in session.get_inputs()}
+    onnx_runtime.check_provider(provider, PROVIDER_CHOICES)
+    session = onnx_runtime.load_session(path, provider, threads=threads)
+    inputs = onnx_runtime.input_dtypes(session)
 
     results: list[Prediction] = []
     for start in range(0, len(texts), batch_size):
@@ -210,11 +193,7 @@ def predict(
             "attention_mask": [e.attention_mask for e in encs],
             "token_type_ids": [e.type_ids for e in encs],
         }
-        missing = [n for n in inputs if n not in fields]
-        if missing:
-            raise CahpError(f"{path.name} declares inputs this tool cannot fill: {', '.join(missing)}")
-        feed = {n: np.asarray(fields[n], dtype=dt) for n, dt in inputs.items()}
-        logits = np.asarray(session.run(None, feed)[0], dtype=np.float64)
+        logits = onnx_runtime.logits(session, [onnx_runtime.feed(inputs, fields)]).astype(np.float64)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         names = _labels(artifact_dir, probs.shape[-1])

@@ -152,6 +152,31 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_tiny_data(tmp_path_factory.mktemp("tiny_data"))
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_models):
+    """A tiny BERT as plain ONNX (no manifest): enough for session-level tests."""
+    import torch
+
+    from cahp_deploy.modeling import load_classifier
+
+    net, _ = load_classifier(tiny_models["bert"])
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.ones(1, 8, dtype=torch.long)
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = net
+
+        def forward(self, a, b, c):
+            return self.m(input_ids=a, attention_mask=b, token_type_ids=c).logits
+
+    torch.onnx.export(Logits(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path), input_names=names,
+                      output_names=["logits"], dynamic_axes={n: {0: "b", 1: "s"} for n in names}, opset_version=17, dynamo=False)
+    return path
+
+
 def cli(*args) -> tuple[int, str, str]:
     """Run ``cahp-deploy ARGS`` in-process; return (exit code, stdout, stderr)."""
     import io

@@ -1,8 +1,7 @@
-"""The bench harness's parts: timing loop, statistics, providers, memory, inputs, report text."""
+"""The bench harness's parts: timing loop, statistics, runner, memory, inputs, report text."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import subprocess
 import time
 
@@ -11,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cahp_deploy.bench import inputs, memory, providers, timing
+from cahp_deploy import onnx_runtime
+from cahp_deploy.bench import inputs, memory, timing
 from cahp_deploy.errors import CahpError
 
 # ----------------------------------------------------------------------------- timing
@@ -66,96 +66,18 @@ def test_budget_checks(kw, match):
         timing.check_budget(**args)
 
 
-# ----------------------------------------------------------------------------- providers
-
-
-def test_missing_gpu_provider_names_package_and_provider():
-    with pytest.raises(CahpError) as e:
-        providers.check_provider("cuda")
-    msg = str(e.value)
-    assert "CUDAExecutionProvider" in msg and f"onnxruntime {importlib.metadata.version('onnxruntime')}" in msg
-    assert "\n" not in msg
-    with pytest.raises(CahpError, match="TensorrtExecutionProvider"):
-        providers.check_provider("tensorrt")
-    with pytest.raises(CahpError, match="unknown provider 'rocm'"):
-        providers.check_provider("rocm")
-
-
-def test_installed_package_prefers_the_gpu_build(monkeypatch):
-    real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda d: "1.99.0" if d == "onnxruntime-gpu" else real(d))
-    assert providers.installed_ort_package() == "onnxruntime-gpu 1.99.0"
-
-
-def test_provider_lists_put_the_asked_provider_first():
-    assert providers.provider_list("cpu") == ["CPUExecutionProvider"]
-    assert providers.provider_list("cuda") == [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
-    trt = providers.provider_list("tensorrt")
-    assert trt[0][0] == "TensorrtExecutionProvider" and trt[1][0] == "CUDAExecutionProvider" and trt[-1] == "CPUExecutionProvider"
-    assert providers.device_of("cuda") == ("cuda", 0) and providers.device_of("cpu") == ("cpu", 0)
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory, tiny_models):
-    """A tiny BERT as plain ONNX (no manifest): enough for session-level tests."""
-    import torch
-
-    from cahp_deploy.modeling import load_classifier
-
-    net, _ = load_classifier(tiny_models["bert"])
-    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    ids = torch.ones(1, 8, dtype=torch.long)
-
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = net
-
-        def forward(self, a, b, c):
-            return self.m(input_ids=a, attention_mask=b, token_type_ids=c).logits
-
-    torch.onnx.export(Logits(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path), input_names=names,
-                      output_names=["logits"], dynamic_axes={n: {0: "b", 1: "s"} for n in names}, opset_version=17, dynamo=False)
-    return path
-
-
-def test_silent_cpu_fallback_is_an_error(tiny_onnx, monkeypatch):
-    """onnxruntime falls back to the CPU when CUDA cannot start; bench must not time that as 'cuda'."""
-    import onnxruntime as ort
-
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert providers.check_provider("cuda") == "CUDAExecutionProvider"
-    with pytest.raises(CahpError, match="CUDAExecutionProvider was requested but the session .* runs on CPUExecutionProvider"):
-        providers.create_session(tiny_onnx, "cuda", providers.thread_settings(1))
-
-
-def test_session_options_follow_thread_settings(tiny_onnx):
-    opts = providers.session_options(providers.thread_settings(2))
-    assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
-    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    sess, seconds = providers.create_session(tiny_onnx, "cpu", providers.thread_settings(1))
-    assert seconds > 0 and sess.get_providers() == ["CPUExecutionProvider"]
-    with pytest.raises(CahpError, match="--threads"):
-        providers.thread_settings(0)
+# ----------------------------------------------------------------------------- runner
 
 
 def test_io_binding_runner_matches_plain_run(tiny_onnx):
     from cahp_deploy.bench.runner import Runner
 
-    sess, _ = providers.create_session(tiny_onnx, "cpu", providers.thread_settings(1))
+    sess = onnx_runtime.session(tiny_onnx, settings=onnx_runtime.thread_settings(1))
     feeds = [inputs.grid_feed(2, 8, 30522, seed=1), inputs.grid_feed(3, 5, 30522, seed=2)]
     plain, bound = Runner(sess, feeds), Runner(sess, feeds, ("cpu", 0), io_binding=True)
     for i in range(2):
         np.testing.assert_allclose(bound.logits(i), plain.logits(i), rtol=1e-5, atol=1e-6)
         assert bound.logits(i).shape == (feeds[i].num_sequences, 3)
-
-
-def test_broken_onnx_file_is_a_user_error(tmp_path):
-    bad = tmp_path / "model.onnx"
-    bad.write_bytes(b"not a model")
-    with pytest.raises(CahpError, match="onnxruntime cannot load"):
-        providers.create_session(bad, "cpu", providers.thread_settings(1))
 
 
 # ----------------------------------------------------------------------------- memory
@@ -217,14 +139,6 @@ def test_grid_feed_is_full_and_reproducible():
     assert f.arrays["attention_mask"].all() and not f.arrays["token_type_ids"].any()
     assert (f.num_sequences, f.padded_length, f.real_tokens) == (4, 16, 64)
     np.testing.assert_array_equal(f.arrays["input_ids"], inputs.grid_feed(4, 16, 100, seed=3).arrays["input_ids"])
-
-
-def test_feed_for_selects_and_casts_inputs():
-    f = inputs.grid_feed(2, 4, 100)
-    out = inputs.feed_for([("input_ids", np.int32), ("attention_mask", np.int64)], f)
-    assert set(out) == {"input_ids", "attention_mask"} and out["input_ids"].dtype == np.int32
-    with pytest.raises(CahpError, match="position_ids"):
-        inputs.feed_for([("position_ids", np.int64)], f)
 
 
 def test_traffic_batches_are_random_and_padded_per_batch(tiny_data):

@@ -332,7 +332,7 @@ def test_a_held_out_miss_retunes_once_with_the_gap_added(monkeypatch, tmp_path):
                              "passed": agreement >= 0.99}, "argmax_agreement": agreement}
 
     monkeypatch.setattr(stage.int8_tuning, "tune_int8", fake_tune)
-    monkeypatch.setattr(stage, "_session", lambda path: None)
+    monkeypatch.setattr(stage.onnx_runtime, "session", lambda path: None)
     first_target = gate.target(10_000, None)
     tuned, rec, result = stage._tune_and_check_int8(FakeCheck(1), tmp_path, tmp_path, [], None, {"on": "t"}, None, None,
                                                      say=lambda m: None)
@@ -374,7 +374,7 @@ def test_the_accuracy_gate_looks_at_every_candidate_int8_first(monkeypatch, tmp_
                                                                      "ref_only": 3, "new_only": 2}}}
 
     monkeypatch.setattr(stage.int8_tuning, "tune_int8", fake_tune)
-    monkeypatch.setattr(stage, "_session", lambda path: None)
+    monkeypatch.setattr(stage.onnx_runtime, "session", lambda path: None)
     run = lambda check, margin=None: stage._tune_and_check_int8(check, tmp_path, tmp_path, [], None, {"on": "t"}, None,
                                                                  margin, say=lambda m: None)
     _, rec, _ = run(FakeCheck([0.4]))  # every candidate INT8 passes: no search

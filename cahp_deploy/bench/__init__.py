@@ -3,7 +3,6 @@
 :func:`bench` is the stage (``cahp-deploy bench``). Modules, each one concern:
 
 * ``artifacts`` — open, verify (the export's ``verify``) and check comparability of artifact dirs;
-* ``providers`` — ONNX Runtime providers, thread settings, session creation that fails on fallback;
 * ``inputs`` — the fixed (batch x seq) grid and real-traffic batches from the data;
 * ``runner`` — one session on a list of feeds (IO binding on GPUs);
 * ``timing`` — warm-up, interleaved round-robin repetitions, statistics;
@@ -11,7 +10,7 @@
 * ``accuracy`` — predictions through ONNX Runtime, accuracy and agreement;
 * ``machine``, ``report``, ``plots`` — what the report dir holds.
 
-Importing is cheap: ``onnxruntime``, ``transformers`` and ``matplotlib`` load when :func:`bench` runs.
+Sessions, providers and thread settings come from :mod:`cahp_deploy.onnx_runtime`. Importing is cheap: ``onnxruntime``, ``transformers`` and ``matplotlib`` load when :func:`bench` runs.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cahp_deploy.bench.inputs import Feed, feed_for, session_inputs
+from cahp_deploy.bench.inputs import Feed
 from cahp_deploy.data import LabelledData, iter_batches
+from cahp_deploy.onnx_runtime import feed, input_dtypes
 
 
 def encode(tokenizer, data: LabelledData, max_length: int, batch_size: int = 32) -> list[tuple[np.ndarray, Feed]]:
@@ -27,11 +28,11 @@ def encode(tokenizer, data: LabelledData, max_length: int, batch_size: int = 32)
 
 def predict(session, batches: list[tuple[np.ndarray, Feed]], num_examples: int) -> np.ndarray:
     """Predicted class id of every row, in the split's order."""
-    spec = session_inputs(session)
+    dtypes = input_dtypes(session)
     output = session.get_outputs()[0].name
     preds = np.full(num_examples, -1, dtype=np.int64)
-    for idx, feed in batches:
-        logits = session.run([output], feed_for(spec, feed))[0]
+    for idx, batch in batches:
+        logits = session.run([output], feed(dtypes, batch.arrays))[0]
         preds[idx] = np.asarray(logits, dtype=np.float32).argmax(axis=-1)
     return preds
 

@@ -14,9 +14,6 @@ import numpy as np
 
 from cahp_deploy import arch
 from cahp_deploy.data import LabelledData, iter_batches
-from cahp_deploy.errors import CahpError
-
-_ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 @dataclass
@@ -67,24 +64,3 @@ def traffic_feeds(
             arrays["token_type_ids"] = np.zeros((b, s), dtype=np.int64)
         feeds.append(Feed(arrays, num_sequences=b, padded_length=s, real_tokens=real))
     return feeds
-
-
-def session_inputs(session) -> list[tuple[str, type]]:
-    """(name, numpy dtype) of every input the session takes; integer inputs only (token ids, masks)."""
-    spec = []
-    for inp in session.get_inputs():
-        dtype = _ORT_INT_TYPES.get(inp.type)
-        if dtype is None:
-            raise CahpError(f"model input {inp.name!r} has type {inp.type}; bench feeds token ids (int64/int32) only")
-        spec.append((inp.name, dtype))
-    return spec
-
-
-def feed_for(spec: list[tuple[str, type]], feed: Feed) -> dict[str, np.ndarray]:
-    """The subset of ``feed`` one session takes, in its dtypes (DistilBERT has no token_type_ids)."""
-    out = {}
-    for name, dtype in spec:
-        if name not in feed.arrays:
-            raise CahpError(f"model input {name!r} is not one bench can provide ({', '.join(feed.arrays)})")
-        out[name] = np.ascontiguousarray(feed.arrays[name], dtype=dtype)
-    return out

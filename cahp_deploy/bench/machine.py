@@ -59,7 +59,7 @@ def describe(provider: str, threads: dict, load_average_start: list[float] | Non
     import onnxruntime as ort
 
     from cahp_deploy import __version__
-    from cahp_deploy.bench.providers import installed_ort_package
+    from cahp_deploy.onnx_runtime import installed_ort_package
 
     try:
         affinity = len(os.sched_getaffinity(0))

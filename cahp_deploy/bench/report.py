@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from cahp_deploy import schema
+from cahp_deploy.formatting import percent
 
 DEFINITIONS = {
     "speedup": "median over interleaved rounds of (baseline latency / this latency), same inputs in the same round",
@@ -70,12 +71,6 @@ def _f(x, digits: int = 2, suffix: str = "") -> str:
 
 def _x(x) -> str:
     return "—" if x is None else f"{x:.2f}x"
-
-
-def _pct(x, signed: bool = False) -> str:
-    if x is None:
-        return "—"
-    return f"{100 * x:+.1f} pp" if signed else f"{100 * x:.1f}%"
 
 
 def _mb(x) -> str:
@@ -160,8 +155,8 @@ def to_markdown(rep: dict) -> str:
                     v, name + (" (baseline)" if a["baseline"] else "") + (" (recommended)" if a.get("recommended") == v else ""), _heads(a), _params(a["params"]), _mb(info["size_bytes"]),
                     _f(c and c["p50_ms"]), _f(c and c["p99_ms"]), _f(c and c["throughput_seq_per_s"], 1),
                     _x(c and c["speedup_vs_baseline_same_variant"]), _x(c and c["speedup_vs_baseline_fp32"]),
-                    _x(a["flop_ceiling_speedup"]), _pct(info.get("accuracy")),
-                    _pct(info.get("accuracy_change_vs_baseline_fp32"), signed=True),
+                    _x(a["flop_ceiling_speedup"]), percent(info.get("accuracy")),
+                    percent(info.get("accuracy_change_vs_baseline_fp32"), " pp", signed=True),
                 ]
             )
     lines += _table(
@@ -181,13 +176,13 @@ def to_markdown(rep: dict) -> str:
             row = [
                 name, _heads(a), _params(a["params"]), _mb(info["size_bytes"]), _f(info["session_create_s"], 3),
                 _mb(info["rss_growth_bytes"]), _mb(info.get("device_memory_bytes")),
-                _pct(info.get("accuracy")), _pct(info.get("accuracy_change_vs_baseline_fp32"), signed=True),
-                _pct(info.get("agreement_with_baseline_fp32")), _pct(info.get("int8_mac_share")),
+                percent(info.get("accuracy")), percent(info.get("accuracy_change_vs_baseline_fp32"), " pp", signed=True),
+                percent(info.get("agreement_with_baseline_fp32")), percent(info.get("int8_mac_share")),
             ]
             if v != "fp32":
                 row += [
-                    _pct(info.get("accuracy_change_vs_baseline_same_variant"), signed=True),
-                    _pct(info.get("agreement_with_baseline_same_variant")),
+                    percent(info.get("accuracy_change_vs_baseline_same_variant"), " pp", signed=True),
+                    percent(info.get("agreement_with_baseline_same_variant")),
                 ]
             rows.append(row)
         header = ["artifact", "heads kept", "params", "size", "session s", "RSS growth", "GPU memory", "accuracy",
@@ -207,7 +202,7 @@ def to_markdown(rep: dict) -> str:
             [
                 c["artifact"], str(c["batch"]), str(c["seq"]), _f(c["p50_ms"]), _f(c["p90_ms"]), _f(c["p99_ms"]),
                 f"{c['mean_ms']:.2f} ± {c['std_ms']:.2f}", str(c["reps"]), _f(c["throughput_seq_per_s"], 1),
-                *speedup_cols(c), _x(c["flop_ceiling_speedup"]), _pct(c["share_of_flop_ceiling"]),
+                *speedup_cols(c), _x(c["flop_ceiling_speedup"]), percent(c["share_of_flop_ceiling"]),
             ]
             for c in grid
             if c["variant"] == v

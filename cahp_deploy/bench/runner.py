@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cahp_deploy.bench.inputs import Feed, feed_for, session_inputs
+from cahp_deploy.bench.inputs import Feed
+from cahp_deploy.onnx_runtime import feed, input_dtypes
 
 
 class Runner:
@@ -20,9 +21,9 @@ class Runner:
         self.session = session
         self.device = device
         self.io_binding = io_binding
-        spec = session_inputs(session)
+        dtypes = input_dtypes(session)
         self.output_names = [o.name for o in session.get_outputs()]
-        self._feeds = [feed_for(spec, f) for f in feeds]
+        self._feeds = [feed(dtypes, f.arrays) for f in feeds]
         self._bindings = [self._bind(f) for f in self._feeds] if io_binding else None
 
     def _bind(self, arrays: dict[str, np.ndarray]):

@@ -22,7 +22,8 @@ import numpy as np
 
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.bench import accuracy as acc
-from cahp_deploy.bench import machine, memory, providers, report, timing
+from cahp_deploy import onnx_runtime
+from cahp_deploy.bench import machine, memory, report, timing
 from cahp_deploy.bench.artifacts import (
     Artifact,
     attention_layers,
@@ -89,13 +90,16 @@ def _check_grid(name: str, values) -> tuple[int, ...]:
 
 def _create_sessions(arts: list[Artifact], provider: str, settings, first_feed: Feed, step) -> list[Session]:
     """One session per (artifact, variant); memory measured over creation plus a first run."""
-    device = providers.device_of(provider)
+    device = onnx_runtime.device_of(provider)
     sessions = []
     for a in arts:
         for variant, path in a.variants.items():
             step(f"loading {a.name} {variant}")
             with memory.device_memory_growth(*device) as dev, memory.PeakRSS() as rss:
-                sess, create_s = providers.create_session(path, provider, settings)
+                start = time.perf_counter()
+                sess = onnx_runtime.load_session(path, provider, settings=settings)
+                create_s = time.perf_counter() - start
+                onnx_runtime.check_kept_provider(sess, provider, path)
                 start = time.perf_counter()
                 Runner(sess, [first_feed], device, io_binding=provider != "cpu")(0)
                 first_run_s = time.perf_counter() - start
@@ -114,7 +118,7 @@ def _create_sessions(arts: list[Artifact], provider: str, settings, first_feed: 
 
 
 def _time_cell(sessions: list[Session], feeds: list[Feed], provider: str, budget: dict) -> list[np.ndarray]:
-    device = providers.device_of(provider)
+    device = onnx_runtime.device_of(provider)
     runners = [Runner(s.session, feeds, device, io_binding=provider != "cpu") for s in sessions]
     return timing.time_round_robin(runners, len(feeds), **budget)
 
@@ -262,8 +266,8 @@ def bench(
     timing.check_budget(min_reps, min_seconds, warmup)
     if traffic_sequences < 1:
         raise CahpError(f"traffic_sequences must be >= 1, got {traffic_sequences}")
-    providers.check_provider(provider)
-    settings = providers.thread_settings(threads)
+    onnx_runtime.check_provider(provider)
+    settings = onnx_runtime.thread_settings(threads)
     started = time.perf_counter()
     load_start = machine.load_average()
 
@@ -346,7 +350,7 @@ def bench(
         machine_info=machine.describe(provider, settings.to_dict(), load_start),
         settings={
             "provider": provider,
-            "ort_providers": [p if isinstance(p, str) else p[0] for p in providers.provider_list(provider)],
+            "ort_providers": [p if isinstance(p, str) else p[0] for p in onnx_runtime.provider_list(provider)],
             "io_binding": provider != "cpu",
             "variants": variants,
             "batches": list(batches),

@@ -52,10 +52,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from cahp_deploy import onnx_runtime
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import quantize as quant
 from cahp_deploy.exporters.int8_gate import ACCURACY, MARGIN_STANDARD_ERRORS, Int8Gate, score
 from cahp_deploy.exporters.parity import Feed, ort_logits
+from cahp_deploy.onnx_runtime import ThreadSettings
 
 log = logging.getLogger(__name__)
 
@@ -245,14 +247,7 @@ class Mixer:
 def session(model: onnx.ModelProto | Path, threads: int = TUNING_THREADS):
     """A CPU session with ``threads`` intra-op threads and ORT's default graph optimizations (the
     fusions a deployment gets, e.g. DynamicQuantizeLinear + MatMulInteger -> one kernel)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    src = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return onnx_runtime.session(model, settings=ThreadSettings(intra_op_num_threads=threads, inter_op_num_threads=1, quiet=True))
 
 
 @dataclass

@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from cahp_deploy import onnx_runtime
 from cahp_deploy.arch import clamp_shapes
 
 log = logging.getLogger(__name__)
@@ -266,16 +267,14 @@ def time_graphs(
     shapes: Sequence[tuple[int, int]] = TIMING_SHAPES,
     vocab: int = 1000,
     budget_s: float = 6.0,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    provider: str = "cpu",
 ) -> dict[str, dict[str, float]]:
     """Median ms per run of each graph at each (batch, seq), runs interleaved (order reversed every round).
 
     Interleaving spreads load from other processes over all candidates alike; the round count per
     shape is set from one warm-up so the whole measurement stays near ``budget_s``.
     """
-    import onnxruntime as ort
-
-    sessions = {k: ort.InferenceSession(str(p), providers=list(providers)) for k, p in paths.items()}
+    sessions = {k: onnx_runtime.session(p, provider) for k, p in paths.items()}
     names = list(paths)
     per_shape = budget_s / max(1, len(shapes))
     result: dict[str, dict[str, float]] = {k: {} for k in names}

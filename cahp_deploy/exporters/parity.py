@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cahp_deploy.arch import max_sequence_length
+from cahp_deploy.onnx_runtime import Feed, compare
+from cahp_deploy.onnx_runtime import logits as ort_logits
 
 if TYPE_CHECKING:  # torch is only needed for the reference logits; verify() runs without it
     from torch import nn
@@ -38,9 +40,6 @@ INT8_MIN_AGREEMENT_RANDOM = 0.90
 MAX_DATA_EXAMPLES = 5000
 #: (batch, sequence) shapes of the random parity inputs; sequences are capped by the model's positions
 RANDOM_SHAPES: tuple[tuple[int, int], ...] = ((1, 7), (2, 16), (3, 37), (4, 64))
-
-Feed = dict[str, np.ndarray]
-
 
 def max_sequence(config) -> int:
     """Longest sequence the position table allows (see :func:`cahp_deploy.arch.max_sequence_length`)."""
@@ -93,30 +92,6 @@ def torch_logits(model: nn.Module, feeds: Iterable[Feed]) -> np.ndarray:
     with torch.no_grad():
         out = [model(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.float().numpy() for f in feeds]
     return np.concatenate(out)
-
-
-def ort_logits(session, feeds: Iterable[Feed]) -> np.ndarray:
-    """Run ``session`` on each feed, passing only the inputs the graph declares."""
-    names = {i.name for i in session.get_inputs()}
-    out = [np.asarray(session.run(None, {k: v for k, v in f.items() if k in names})[0], dtype=np.float32) for f in feeds]
-    return np.concatenate(out)
-
-
-def compare(reference: np.ndarray, got: np.ndarray, tie_margin: float = 0.0) -> dict:
-    """Max |diff| and argmax agreement; rows whose reference top-2 margin is <= ``tie_margin`` are
-    left out of ``argmax_mismatches`` (they are reported in ``near_ties``)."""
-    diff = float(np.abs(reference - got).max()) if reference.size else 0.0
-    ref_top, got_top = reference.argmax(-1), got.argmax(-1)
-    srt = np.sort(reference, axis=-1)
-    margin = srt[:, -1] - srt[:, -2] if reference.shape[-1] > 1 else np.full(len(reference), np.inf)
-    decided = margin > tie_margin
-    return {
-        "num_examples": int(len(reference)),
-        "max_abs_diff": diff,
-        "argmax_agreement": float((ref_top == got_top).mean()) if len(reference) else 1.0,
-        "argmax_mismatches": int(((ref_top != got_top) & decided).sum()),
-        "near_ties": int((~decided).sum()),
-    }
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

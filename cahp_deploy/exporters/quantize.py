@@ -23,9 +23,12 @@ from pathlib import Path
 
 import onnx
 
+from cahp_deploy import onnx_runtime
 from cahp_deploy.errors import CahpError
 
 log = logging.getLogger(__name__)
+
+FP16_CHECK = "to check the fp16 model (use --provider cpu to check it on the CPU, or drop --fp16)"
 
 
 class _BelowError(logging.Filter):
@@ -82,23 +85,12 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
 def fp16_session(path: Path, provider: str):
     """A session that can run the fp16 graph, or a :class:`CahpError` saying there is no way to check it."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if provider == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise CahpError(
-                "--fp16 with --provider cuda, but CUDAExecutionProvider is not available "
-                "(install onnxruntime-gpu), so the fp16 model cannot be checked; use --provider cpu or drop --fp16"
-            )
-        providers = ["CUDAExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
+    name = onnx_runtime.check_provider(provider, purpose=FP16_CHECK)
     try:
-        return ort.InferenceSession(str(path), providers=providers)
+        return onnx_runtime.session(path, provider)
     except Exception as e:  # ORT raises its own Fail/NotImplemented types, all "cannot run this graph"
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CahpError(
-            f"--fp16: ONNX Runtime ({providers[0]}) cannot run the fp16 graph, so it cannot be checked ({first}); "
+            f"--fp16: ONNX Runtime ({name}) cannot run the fp16 graph, so it cannot be checked ({first}); "
             "export it where CUDA is available (--provider cuda) or drop --fp16"
         ) from e

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cahp_deploy import arch, schema
+from cahp_deploy import arch, onnx_runtime, schema
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import int8_tuning, onnx_export, optimize as ortopt, parity, quantize as quant
@@ -40,6 +40,7 @@ from cahp_deploy.paired import DEFAULT_CONFIDENCE
 log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("int8",)
+#: --provider choices (ONNX Runtime names in :data:`cahp_deploy.onnx_runtime.PROVIDERS`)
 PROVIDERS = ("cpu", "cuda")
 #: random-input batches stored in the manifest for ``verify``'s smoke test (kept small)
 _SMOKE_FEEDS = 2
@@ -102,14 +103,8 @@ def _check_options(quantize, per_channel, fp16, opset, provider,
             raise CahpError(
                 f"--opset {opset} cannot be exported (torch/Optimum support {onnx_export.MIN_OPSET}..{hi}); pick one in that range"
             )
-    if fp16 and provider == "cuda":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise CahpError(
-                "--fp16 --provider cuda needs CUDAExecutionProvider to check the fp16 model, and it is not available "
-                "(install onnxruntime-gpu); use --provider cpu to check it on the CPU, or drop --fp16"
-            )
+    if fp16:  # the fp16 graph is checked on --provider, which must be there (export alone need not run on it)
+        onnx_runtime.check_provider(provider, PROVIDERS, purpose=quant.FP16_CHECK)
 
 
 def _gate_close(variant: str, result: dict, atol: float, where: str) -> None:
@@ -174,7 +169,7 @@ def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_rec
         rec = {**tuned.record, "data": tune_record}
         if measured_granularity is not None:  # the granularity was measured by the first look
             rec.update(measured_granularity)
-        result = check.check("int8", _session(dst), g)
+        result = check.check("int8", onnx_runtime.session(dst), g)
         held_out = result["gate"]
         attempts.append(_attempt(rec, held_out, g, LOOKS[look]))
         if held_out["passed"] or k == len(looks) - 1:
@@ -335,13 +330,6 @@ def _time_int8(source: Path, int8: Path, vocab: int, max_seq: int) -> dict:
             "timing_note": "median ms, interleaved, ONNX Runtime default threads, on the exporting machine"}
 
 
-def _session(path: Path, provider: str = "cpu"):
-    import onnxruntime as ort
-
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), providers=providers)
-
-
 def _read_pruning(model_dir: Path) -> dict | None:
     p = model_dir / "pruning.json"
     if not p.is_file():
@@ -375,7 +363,7 @@ def _qat_match(model, check: _Parity, int8: Path, per_channel: bool, excluded: i
     feeds = check.data_feeds or check.random_feeds
     with simulated_int8(model, per_channel):
         simulated = parity.torch_logits(model, feeds)
-    got = parity.ort_logits(_session(int8), feeds)
+    got = parity.ort_logits(onnx_runtime.session(int8), feeds)
     fp32 = check.data_ref if check.data_feeds else check.random_ref
     keep = ("num_examples", "max_abs_diff", "argmax_agreement")
     return {
@@ -535,7 +523,7 @@ def export(
         bar.update(task, description="export: ONNX")
         input_names = onnx_export.export_onnx(model, plain, opset, exporter_name)
         check = _Parity(model, tokenizer, config, input_names, parity_rows, gate, max_length)
-        variants: dict[str, dict] = {"fp32": {"file": plain.name, "parity": check.check("fp32", _session(plain))}}
+        variants: dict[str, dict] = {"fp32": {"file": plain.name, "parity": check.check("fp32", onnx_runtime.session(plain))}}
         bar.advance(task)
 
         fused_source = plain  # what int8 quantizes
@@ -549,7 +537,7 @@ def export(
                 measure=measure, provider=provider, max_seq=arch.max_sequence_length(config),
             )
             variants["optimized"] = {"file": result.path.name, **result.record,
-                                     "parity": check.check("optimized", _session(result.path))}
+                                     "parity": check.check("optimized", onnx_runtime.session(result.path))}
             fused_source = result.path
             fp16_source = result.candidates.get("ort_default", result.path)
             bar.advance(task)
@@ -567,7 +555,7 @@ def export(
                 smoothed, smoothing = smooth(onnx.load(str(fused_source)), tune_feeds, int8_smooth)
                 int8_source = scratch / "smoothed.onnx"
                 onnx.save(smoothed, str(int8_source))
-                smoothing["parity"] = check.check("optimized", _session(int8_source))  # exact in fp32, or raise
+                smoothing["parity"] = check.check("optimized", onnx_runtime.session(int8_source))  # exact in fp32, or raise
             tuned, rec, result = _tune_and_check_int8(
                 check, int8_source, dst, tune_feeds, tune_labels, tune_record,
                 per_channel, int8_tuning_margin, say=lambda msg: bar.update(task, description=f"export: {msg}"),

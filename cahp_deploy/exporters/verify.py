@@ -18,12 +18,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import parity
 from cahp_deploy.exporters.manifest import MANIFEST_FILE, VARIANT_FILES, load_manifest
 from cahp_deploy.hashing import sha256_file
+from cahp_deploy.onnx_runtime import smoke_check
 
 # Unlisted files with these suffixes could change what the artifact computes.
 _BEHAVIOUR_SUFFIXES = (".onnx", ".onnx_data", ".data", ".json", ".txt", ".model", ".safetensors", ".bin")
@@ -53,30 +52,18 @@ def _check_files(root: Path, manifest: dict) -> int:
 
 
 def _smoke(root: Path, manifest: dict) -> dict:
-    import onnxruntime as ort
-
     smoke = manifest.get("smoke")
     if not smoke:
         raise CahpError(f"{root}: {MANIFEST_FILE} has no smoke inputs; re-export the artifact")
-    feeds = [{k: np.asarray(v, dtype=np.int64) for k, v in f.items()} for f in smoke["inputs"]]
-    ref = np.asarray(smoke["logits"], dtype=np.float32)
     out = {}
     for variant, rec in manifest["variants"].items():
-        try:
-            session = ort.InferenceSession(str(root / rec["file"]), providers=["CPUExecutionProvider"])
-            got = parity.ort_logits(session, feeds)
-        except Exception as e:  # ORT's own exception types: the graph does not load or run
-            raise CahpError(f"{root}: variant {variant} does not run in ONNX Runtime ({str(e).splitlines()[0][:200]}); re-export") from e
-        if got.shape != ref.shape or not np.isfinite(got).all():
-            raise CahpError(f"{root}: variant {variant} returned logits of shape {got.shape} (expected {ref.shape}) or non-finite values")
         atol = {"fp32": parity.FP32_ATOL, "optimized": parity.FP32_ATOL, "fp16": parity.FP16_ATOL}.get(variant)
-        res = parity.compare(ref, got, tie_margin=2 * atol if variant == "fp16" else 0.0)
-        if atol is not None and (res["max_abs_diff"] > atol or res["argmax_mismatches"]):
-            raise CahpError(
-                f"{root}: variant {variant} no longer matches the PyTorch logits recorded at export "
-                f"(max |diff| {res['max_abs_diff']:.2e} > {atol:g}); re-export the artifact"
-            )
-        out[variant] = {**res, "atol": atol, "passed": True}
+        try:
+            out[variant] = smoke_check(root / rec["file"], smoke["inputs"], smoke["logits"], atol,
+                                       tie_margin=2 * atol if variant == "fp16" else 0.0,
+                                       recorded="the PyTorch logits recorded at export")
+        except CahpError as e:
+            raise CahpError(f"{root}: variant {variant} {e}; re-export the artifact") from e
     return out
 
 

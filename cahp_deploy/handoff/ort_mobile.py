@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cahp_deploy import onnx_runtime
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import parity
 
@@ -60,12 +61,9 @@ def convert(onnx_path: Path, out_dir: Path) -> list[str]:
 
 def check_parity(onnx_path: Path, ort_path: Path, feeds: list[dict]) -> dict:
     """Logits of the .ort model vs the .onnx model on ``feeds``; raise when beyond :data:`ATOL`."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    ref = parity.ort_logits(ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"]), feeds)
-    got = parity.ort_logits(ort.InferenceSession(str(ort_path), opts, providers=["CPUExecutionProvider"]), feeds)
-    res = parity.compare(ref, got)
+    ref = onnx_runtime.logits(onnx_runtime.session(onnx_path), feeds)
+    got = onnx_runtime.logits(onnx_runtime.session(ort_path), feeds)
+    res = onnx_runtime.compare(ref, got)
     res["atol"] = ATOL
     res["reference"] = f"{onnx_path.name} (ONNX Runtime CPU)"
     if res["max_abs_diff"] > ATOL or res["argmax_mismatches"] or not np.isfinite(got).all():

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from cahp_deploy import onnx_runtime
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import parity
@@ -69,18 +70,13 @@ def choose_variant(manifest: dict, variant: str | None = None) -> tuple[str, str
 
 def _logits_per_row(model_path: Path, tokenizer, data, input_names, max_length: int) -> np.ndarray:
     """Logits row by row (batch 1, no padding: a covered row then gets exactly the same computation)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    out = []
+    sess = onnx_runtime.session(model_path, threads=1)
+    feeds = []
     for i, text in enumerate(data.texts):
         pair = None if data.pairs is None else data.pairs[i]
         enc = tokenizer(text, pair, truncation=True, max_length=max_length, return_tensors="np")
-        out.append(sess.run(None, {k: np.asarray(v, np.int64) for k, v in enc.items() if k in names and k in input_names})[0][0])
-    return np.asarray(out, dtype=np.float32)
+        feeds.append({k: np.asarray(v, np.int64) for k, v in enc.items() if k in input_names})
+    return onnx_runtime.logits(sess, feeds)
 
 
 def _trim(artifact: Path, src: Path, staged: Path, tokdir: Path, config: dict, manifest: dict, data: str,
@@ -134,12 +130,9 @@ def _trim(artifact: Path, src: Path, staged: Path, tokdir: Path, config: dict, m
 
 
 def _smoke(model_path: Path, input_names, config: dict) -> dict:
-    import onnxruntime as ort
-
     feeds = parity.random_feeds(input_names, SimpleNamespace(**config), seed=7, shapes=((2, 16),))
-    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     return {"inputs": [{k: v.tolist() for k, v in f.items()} for f in feeds],
-            "logits": parity.ort_logits(sess, feeds).tolist(), "file": model_path.name}
+            "logits": onnx_runtime.logits(onnx_runtime.session(model_path), feeds).tolist(), "file": model_path.name}
 
 
 def _reproduce(manifest: dict, artifact: Path) -> list[str]:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import parity
 from cahp_deploy.hashing import sha256_file
+from cahp_deploy.onnx_runtime import smoke_check
 from cahp_deploy.schema import check_schema
 
 HANDOFF_FILE = "handoff.json"
@@ -58,18 +57,11 @@ def verify_handoff(handoff_dir, smoke: bool = True) -> dict:
     result = {"artifact": str(root), "files_checked": len(files), "variants": [rec.get("variant")], "smoke": None,
               "record": HANDOFF_FILE}
     if smoke:
-        import onnxruntime as ort
-
         s = rec["smoke"]
-        feeds = [{k: np.asarray(v, dtype=np.int64) for k, v in f.items()} for f in s["inputs"]]
-        ref = np.asarray(s["logits"], dtype=np.float32)
         try:
-            got = parity.ort_logits(ort.InferenceSession(str(root / s["file"]), providers=["CPUExecutionProvider"]), feeds)
-        except Exception as e:  # ORT's own exception types: the model does not load or run
-            raise CahpError(f"{root}: {s['file']} does not run in ONNX Runtime ({str(e).splitlines()[0][:200]})") from e
-        res = parity.compare(ref, got)
-        if res["max_abs_diff"] > parity.FP32_ATOL or res["argmax_mismatches"]:
-            raise CahpError(f"{root}: {s['file']} no longer gives the logits recorded at handoff "
-                            f"(max |diff| {res['max_abs_diff']:.2e} > {parity.FP32_ATOL:g})")
-        result["smoke"] = {rec.get("variant"): {**res, "atol": parity.FP32_ATOL, "passed": True}}
+            res = smoke_check(root / s["file"], s["inputs"], s["logits"], parity.FP32_ATOL,
+                              recorded="the logits recorded at handoff")
+        except CahpError as e:
+            raise CahpError(f"{root}: {s['file']} {e}; re-run `cahp-deploy handoff`") from e
+        result["smoke"] = {rec.get("variant"): res}
     return result

@@ -270,7 +270,7 @@ def run(
     exports, benchmarks and writes (:func:`cahp_deploy.distributed.collective`). The other ranks write
     nothing, are let go once no data-parallel stage is left, and return None.
     """
-    from cahp_deploy.bench.providers import check_provider
+    from cahp_deploy.onnx_runtime import check_provider
     from cahp_deploy.data import check_labels, load_labelled
     from cahp_deploy.modeling import load_config
 

@@ -180,15 +180,11 @@ def from_bits(text: str) -> np.ndarray:
 def ort_correct(artifact_dir: Path, variant: str, batches, labels, threads: int | None = None) -> np.ndarray:
     """Per-row correctness of one variant of an artifact through ONNX Runtime (CPU), on ``batches``
     (:func:`cahp_deploy.bench.accuracy.encode` of the rows whose ``labels`` are given)."""
-    import onnxruntime as ort
-
     from cahp_deploy.bench.accuracy import predict
     from cahp_deploy.exporters.manifest import variant_path
+    from cahp_deploy.onnx_runtime import session as ort_session
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(str(variant_path(artifact_dir, variant)), options, providers=["CPUExecutionProvider"])
+    session = ort_session(variant_path(artifact_dir, variant), threads=int(threads) if threads else None)
     return correct(predict(session, batches, len(labels)), labels)
 
 

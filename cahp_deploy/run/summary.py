@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cahp_deploy.formatting import percent
+
 #: the variant the headline compares: what a CPU deployment ships without quantization
 HEADLINE_VARIANT = "optimized"
 
@@ -19,7 +21,7 @@ def _row(summary: dict[str, Any], artifact_is_dense: bool, variant: str) -> dict
 
 
 def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+    return percent(x, missing="n/a")
 
 
 def _points(x: float | None) -> str:

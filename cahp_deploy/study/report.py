@@ -19,18 +19,15 @@ from typing import Any
 import numpy as np
 
 from cahp_deploy.atomic import atomic_file
+from cahp_deploy.formatting import percent
 
 FILES = ("study.json", "study.md", "accuracy_vs_heads.png", "kept_heads_heatmap.png", "mss_curve.png")
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
 
 
 def _entry(stats: dict | None, budget_heads: int) -> str:
     if stats is None:
         return "–"
-    text = _pct(stats["mean"])
+    text = percent(stats["mean"], unit="", missing="–")
     if stats["n"] > 1:
         text += f" ± {100 * stats['std']:.1f}"
     if round(stats["heads"]) != budget_heads:  # CAHP's cut at a budget may keep fewer heads
@@ -118,9 +115,9 @@ def markdown(result: dict) -> str:
     lines = [f"# Head-selection study: `{Path(result['model']).name}` on `{Path(result['data']).name}`", ""]
     if cfg.get("note"):
         lines += [f"> **{cfg['note']}**", ""]
-    dense_text = f"{_pct(dense['eval'])}% on `{sp['eval']}`"
+    dense_text = f"{percent(dense['eval'], unit='', missing='–')}% on `{sp['eval']}`"
     if "test" in dense:
-        dense_text += f", {_pct(dense['test'])}% on `{sp['test']}`"
+        dense_text += f", {percent(dense['test'], unit='', missing='–')}% on `{sp['test']}`"
     lines += [
         f"- Model: `{result['model']}` ({result['num_layers']} layers x {result['heads_per_layer']} heads = "
         f"{result['num_heads_total']}); dense accuracy {dense_text}.",
