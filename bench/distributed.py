@@ -149,7 +149,7 @@ def stats_worker(model: str, n: int, out: str) -> None:
     from cahp_deploy import arch, distributed
     from cahp_deploy.data import load_labelled
     from cahp_deploy.modeling import load_classifier
-    from cahp_deploy.signals.salience import head_salience
+    from cahp_deploy.signals.salience import head_salience, head_salience_over_ranks
     from cahp_deploy.signals.signatures import SignatureCollector, collect_signatures
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -159,7 +159,7 @@ def stats_worker(model: str, n: int, out: str) -> None:
     collector = SignatureCollector(arch.heads_per_layer(net), data.classes, 32)
     kw = dict(batch_size=32, max_length=128)
     if distributed.is_distributed():
-        salience = distributed.head_salience_over_ranks(net, tok, data, **kw)
+        salience = head_salience_over_ranks(net, tok, data, **kw)
     else:
         salience = head_salience(net, tok, data, fraction=1.0, **kw)
     collect_signatures(net, tok, distributed.shard_examples(data, tok, 32, 128), collector=collector, **kw)

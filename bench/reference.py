@@ -82,7 +82,7 @@ QUICK = {
 
 def cli(*args: str) -> None:
     """Run one ``cahp-deploy`` command, echoing it; stop the script when it fails."""
-    cmd = [sys.executable, "-m", "cahp_deploy.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "cahp_deploy.commands.cli", *map(str, args)]
     print("$ cahp-deploy " + " ".join(map(str, args)), flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT)

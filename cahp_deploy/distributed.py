@@ -285,27 +285,7 @@ def serve() -> None:
 
 
 __all__ = [
-    "NotMainRank", "any_rank", "barrier", "collective", "device", "head_salience_over_ranks", "init_from_env",
+    "NotMainRank", "any_rank", "barrier", "collective", "device", "init_from_env",
     "is_distributed", "is_main", "launched", "leading", "merge_welford", "rank", "release", "serve",
     "shard_batches", "shard_examples", "shutdown", "sum_over_ranks", "world_size",
 ]
-
-
-def head_salience_over_ranks(model, tokenizer, data, batch_size: int, max_length: int, **kwargs) -> np.ndarray:
-    """:func:`~cahp_deploy.signals.salience.head_salience` of all of ``data``, each rank doing its batches.
-
-    Per-example gradients do not depend on batching, and each rank takes whole batches of the
-    single-process order; the per-rank sums are added in rank order, divided by ``len(data)`` and
-    min-max normalised as one process does.
-    """
-    from cahp_deploy import arch
-    from cahp_deploy.signals.salience import head_salience, min_max_normalise
-
-    kwargs.pop("fraction", None)
-    mine = shard_examples(data, tokenizer, batch_size, max_length)
-    if len(mine):
-        total = head_salience(model, tokenizer, mine, fraction=1.0, batch_size=batch_size, max_length=max_length,
-                              normalise=False, **kwargs) * len(mine)
-    else:
-        total = np.zeros(sum(arch.heads_per_layer(model)), dtype=np.float64)
-    return min_max_normalise(sum_over_ranks([total])[0] / len(data))

@@ -16,7 +16,7 @@ from torch import nn
 from cahp_deploy import arch, gates
 from cahp_deploy.data import LabelledData, iter_batches
 from cahp_deploy.errors import CahpError
-from cahp_deploy.signals import model_inputs
+from cahp_deploy.hf_classifier import model_inputs
 
 
 def _check_batching(batch_size: int, max_length: int) -> None:

@@ -182,7 +182,7 @@ def cli(*args) -> tuple[int, str, str]:
     import io
     import sys
 
-    from cahp_deploy.cli import main
+    from cahp_deploy.commands.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     old = sys.stdout, sys.stderr

@@ -247,7 +247,7 @@ def test_cuda_path_uses_io_binding_and_device_memory(arts, tiny_data, tmp_path, 
 
 
 def _in_process(args, capsys):
-    from cahp_deploy.cli import main
+    from cahp_deploy.commands.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["bench", *args])
@@ -302,7 +302,7 @@ def test_bad_input_is_one_line_exit_2(case, expect, arts, tmp_path, capsys):
 
 
 def test_cli_runs_end_to_end(arts, tiny_data, tmp_path, capsys):
-    from cahp_deploy.cli import main
+    from cahp_deploy.commands.cli import main
 
     main(["bench", str(arts["pruned"]), "--baseline", str(arts["dense"]), "--out", str(tmp_path / "r"),
           "--batch", "2", "--seq", "8", "--variant", "fp32", "--min-seconds", "0", "--min-reps", "2",

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cahp_deploy import arch as cahp_arch
-from cahp_deploy.cli import main
+from cahp_deploy.commands.cli import main
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import export, load_manifest, variant_path, verify
 from cahp_deploy.exporters import optimize as ortopt
@@ -75,7 +75,7 @@ def full_artifact(root, dense, data) -> Path:
     """Dense BERT with every variant and real (tiny) data, through the CLI."""
     from click.testing import CliRunner
 
-    from cahp_deploy.cli import cli
+    from cahp_deploy.commands.cli import cli
 
     out = root / "art-full"
     args = ["export", str(dense["bert"]), "--out", str(out), "--quantize", "int8", "--fp16",

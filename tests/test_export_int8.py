@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from cahp_deploy import arch
-from cahp_deploy.cli import main
+from cahp_deploy.commands.cli import main
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import export, int8_tuning, load_manifest, parity, variant_path
 from cahp_deploy.exporters import quantize as quant

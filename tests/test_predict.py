@@ -86,7 +86,7 @@ def test_cli_prints_label_and_scores_and_reads_jsonl(artifacts, tmp_path):
 def test_predict_path_never_imports_torch(artifacts):
     code = (
         "import sys\n"
-        "from cahp_deploy.cli import main\n"
+        "from cahp_deploy.commands.cli import main\n"
         f"main(['predict', {str(artifacts['distilbert'])!r}, 'a lovely film'])\n"
         "heavy = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cahp_deploy.cli import main
+from cahp_deploy.commands.cli import main
 from cahp_deploy.gates import head_mask
 from cahp_deploy.hashing import sha256_dir
 from cahp_deploy.modeling import load_classifier

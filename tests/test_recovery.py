@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from cahp_deploy import evaluation, schema
-from cahp_deploy.cli import cli, main
+from cahp_deploy.commands.cli import cli, main
 from cahp_deploy.data import load_labelled
 from cahp_deploy.errors import CahpError
 from cahp_deploy.modeling import load_classifier

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cahp_deploy import evaluation, schema
 from cahp_deploy.study import experiment as study_mod
-from cahp_deploy.cli import cli
+from cahp_deploy.commands.cli import cli
 from cahp_deploy.data import load_labelled
 from cahp_deploy.errors import CahpError
 from cahp_deploy.methods import REGISTRY, MethodContext

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cahp_deploy.cli import main
+from cahp_deploy.commands.cli import main
 from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import export, load_manifest, verify
 

@@ -67,13 +67,17 @@ def _smoke(root: Path, manifest: dict) -> dict:
     return out
 
 
+def is_handoff_dir(path: str | os.PathLike) -> bool:
+    """A dir written by ``cahp-deploy handoff`` (``handoff.json``, no ``manifest.json``)."""
+    return (Path(path) / "handoff.json").is_file() and not (Path(path) / "manifest.json").is_file()
+
+
 def verify(artifact_dir: str | os.PathLike, smoke: bool = True) -> dict:
     """Re-check an artifact dir; return ``{"artifact", "files_checked", "variants", "smoke"}``."""
     root = Path(artifact_dir)
-    if (root / "handoff.json").is_file() and not (root / "manifest.json").is_file():
-        from cahp_deploy.handoff.verify import verify_handoff  # a `cahp-deploy handoff` dir
-
-        return verify_handoff(root, smoke=smoke)
+    if is_handoff_dir(root):  # handoff sits above export: the command (or the caller) picks the check
+        raise CahpError(f"{root} is a `cahp-deploy handoff` dir, not an artifact dir; check it with "
+                        "`cahp-deploy verify` or cahp_deploy.handoff.verify_handoff")
     manifest = load_manifest(root)
     n = _check_files(root, manifest)
     result = {"artifact": str(root), "files_checked": n, "variants": sorted(manifest["variants"]), "smoke": None}

@@ -163,7 +163,7 @@ def collect_evidence(ctx: MethodContext) -> CahpEvidence:
 
 def _evidence_passes(ctx: MethodContext, opts: dict[str, Any], collector, heads: list[int]) -> CahpEvidence:
     """One pass over the split: salience rows (whose forward also feeds signatures), then the rest."""
-    from cahp_deploy.signals.salience import head_salience, salience_examples
+    from cahp_deploy.signals.salience import head_salience, head_salience_over_ranks, salience_examples
     from cahp_deploy.signals.signatures import collect_signatures
 
     timings: dict[str, float] = {}
@@ -176,7 +176,7 @@ def _evidence_passes(ctx: MethodContext, opts: dict[str, Any], collector, heads:
     rest = ctx.data
     if _needs_salience(opts):
         n_sal = salience_examples(len(ctx.data), opts["salience_fraction"])
-        salience_fn = distributed.head_salience_over_ranks if distributed.is_distributed() else head_salience
+        salience_fn = head_salience_over_ranks if distributed.is_distributed() else head_salience
         salience = salience_fn(ctx.model, ctx.tokenizer, ctx.data.head(n_sal), fraction=1.0,
                                batch_size=opts["salience_batch_size"], max_length=opts["max_length"],
                                progress=ctx.progress, attention_sink=collector.add, ffn=ctx.ffn)

@@ -19,7 +19,7 @@ from torch import nn
 
 from cahp_deploy import arch
 from cahp_deploy.errors import CahpError
-from cahp_deploy.modeling import KEPT_HEADS_FIELD, load_config
+from cahp_deploy.hf_classifier import KEPT_HEADS_FIELD, load_config
 from cahp_deploy.pruning.rewrite import (
     DENSE_HEADS_FIELD,
     DENSE_INTERMEDIATE_FIELD,

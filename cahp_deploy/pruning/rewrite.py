@@ -44,7 +44,7 @@ from torch import nn
 
 from cahp_deploy import arch
 from cahp_deploy.errors import CahpError
-from cahp_deploy.modeling import KEPT_HEADS_FIELD
+from cahp_deploy.hf_classifier import KEPT_HEADS_FIELD
 from cahp_deploy.pruning.empty_attention import EmptyAttention, EmptyAttentionWithNorm
 
 #: config.json field: heads per layer of the dense architecture the kept indices refer to.

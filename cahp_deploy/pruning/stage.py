@@ -17,7 +17,7 @@ from cahp_deploy import arch, schema
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_dir, sha256_file, sha256_json
-from cahp_deploy.modeling import count_parameters, is_pruned, load_classifier, load_config
+from cahp_deploy.hf_classifier import count_parameters, is_pruned, load_config, load_dense, load_tokenizer
 from cahp_deploy.pruning.costs import SEQ_LEN, layer_parameters, pruning_costs
 from cahp_deploy.pruning.rewrite import prune_model, validate_kept_heads, validate_kept_neurons
 from cahp_deploy.selection.result import Selection
@@ -81,7 +81,7 @@ def prune(model: str | os.PathLike, selection: str | os.PathLike | Selection, ou
     kept = _check_selection_fits(sel, config, model, model_sha, source)
     neurons = _check_neurons_fit(sel, config, model, source)
 
-    net, tokenizer = load_classifier(model)
+    net, tokenizer = load_dense(model).float().eval(), load_tokenizer(model)
     params_before = count_parameters(net)
     layer_params = {"before": layer_parameters(net)}
     prune_model(net, kept, neurons)

@@ -5,15 +5,6 @@ Nothing here decides which heads to keep; that is :mod:`cahp_deploy.selection` (
 
 from __future__ import annotations
 
-import inspect
-
-from torch import nn
-
-
-def model_inputs(model: nn.Module, encoding: dict) -> dict:
-    """The tokenizer outputs the model's ``forward`` accepts (DistilBERT takes no ``token_type_ids``)."""
-    accepted = inspect.signature(model.forward).parameters
-    return {k: v for k, v in encoding.items() if k in accepted}
-
+from cahp_deploy.hf_classifier import model_inputs
 
 __all__ = ["model_inputs"]

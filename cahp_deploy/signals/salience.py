@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cahp_deploy import arch
+from cahp_deploy import arch, distributed
 from cahp_deploy.data import LabelledData, iter_batches
 from cahp_deploy.errors import CahpError
 from cahp_deploy.gates import HeadGates
@@ -109,4 +109,22 @@ def head_salience(
     return min_max_normalise(flat) if normalise else flat
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_FRACTION", "head_salience", "min_max_normalise", "salience_examples"]
+def head_salience_over_ranks(model, tokenizer, data, batch_size: int, max_length: int, **kwargs) -> np.ndarray:
+    """:func:`head_salience` of all of ``data`` under torchrun, each rank doing its batches.
+
+    Per-example gradients do not depend on batching, and each rank takes whole batches of the
+    single-process order; the per-rank sums are added in rank order, divided by ``len(data)`` and
+    min-max normalised as one process does.
+    """
+    kwargs.pop("fraction", None)
+    mine = distributed.shard_examples(data, tokenizer, batch_size, max_length)
+    if len(mine):
+        total = head_salience(model, tokenizer, mine, fraction=1.0, batch_size=batch_size, max_length=max_length,
+                              normalise=False, **kwargs) * len(mine)
+    else:
+        total = np.zeros(sum(arch.heads_per_layer(model)), dtype=np.float64)
+    return min_max_normalise(distributed.sum_over_ranks([total])[0] / len(data))
+
+
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_FRACTION", "head_salience", "head_salience_over_ranks", "min_max_normalise",
+           "salience_examples"]
