@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "export": "export",
     "verify": "verify",
     "handoff": "handoff",
+    "serve": "serve",
     "bench": "bench",
     "predict": "predict",
     "study": "study",

@@ -117,6 +117,18 @@ def render(manifest: dict, record: dict) -> str:
                      f"(limit {p['atol']:g}) on {p['num_examples']} rows ({p['inputs']}).")
     if record.get("triton"):
         lines.append("- Triton `config.pbtxt` parsed back and checked against the graph (names, dtypes, ranks).")
+    if record.get("triton_text"):
+        t = record["triton_text"]
+        st, sm = t["settings"], t["text_smoke"]
+        lines += [
+            "- Triton text model (Python backend): `config.pbtxt` parsed back and checked against `serving.json` and "
+            "the graph.",
+            f"- Text in: truncated at {st['max_length']} tokens, padded with `{st['pad_token']}`; at most "
+            f"{st['max_text_chars']} characters and {t['max_batch_size']} texts a request; "
+            f"{'one ONNX batch per dynamic batch' if st['merge_requests'] else 'one ONNX batch per request'}.",
+            f"- Its classifier vs `cahp-deploy predict` on {len(sm['texts'])} smoke texts: same labels, max |prob diff| "
+            f"{sm['vs_predict_max_abs_diff']:.1e} (limit {sm['atol']:g}). Serve it with `cahp-deploy serve HANDOFF_DIR`.",
+        ]
     lines += ["", "## Latency", ""]
     timed = manifest["variants"].get("optimized", {}).get("timings_ms")
     if record.get("bench"):

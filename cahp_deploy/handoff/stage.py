@@ -5,6 +5,8 @@
     verify the artifact's hashes ──► choose the variant ──► [--trim-vocab: keep the tokens DATA uses;
         rewrite embeddings + tokenizer; [UNK] rate, covered-row parity <= 1e-5, accuracy on the held-out split]
         ──► target: triton (model repository + config.pbtxt checked against the graph + client.py)
+                    triton-text (Python-backend model: text in, labels out; its tokenizer settings are
+                                 predict's, and its classifier is run here against predict)
                     ort-mobile (model.ort + reduced-operator config, parity vs the .onnx)
                     dir (model.onnx + tokenizer)
         ──► smoke inputs/logits, MODEL_CARD.md, handoff.json (sha256 of every file)
@@ -33,7 +35,7 @@ from cahp_deploy.errors import CahpError
 from cahp_deploy.exporters import parity
 from cahp_deploy.exporters.manifest import VARIANT_FILES, file_records, load_manifest, versions
 from cahp_deploy.exporters.verify import verify as verify_artifact
-from cahp_deploy.handoff import model_card, ort_mobile, triton, vocab
+from cahp_deploy.handoff import model_card, ort_mobile, triton, triton_text, vocab
 from cahp_deploy.handoff.verify import HANDOFF_FILE, SCHEMA
 from cahp_deploy.hashing import sha256_file
 from cahp_deploy.serving_length import of_manifest
@@ -41,7 +43,7 @@ from cahp_deploy.serving_length import of_manifest
 log = logging.getLogger(__name__)
 
 CARD_FILE = "MODEL_CARD.md"
-TARGETS = ("triton", "ort-mobile", "dir")
+TARGETS = ("triton", "triton-text", "ort-mobile", "dir")
 #: fallback order when the manifest recommends nothing usable
 PREFERENCE = ("optimized", "fp32")
 #: covered rows must give the untrimmed logits (the same ids, the same embedding rows)
@@ -160,7 +162,10 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
             trim_split: str = "train", heldout_split: str = "validation", text_column: str | None = None,
             text_pair_column: str | None = None, label_column: str = "label", max_examples: int | None = None,
             device: str = "cpu", max_batch_size: int = 32, instances: int = 1, force: bool = False,
-            bench_report: str | os.PathLike | None = None, command: list[str] | None = None) -> Path:
+            bench_report: str | os.PathLike | None = None, command: list[str] | None = None,
+            max_text_chars: int = triton_text.DEFAULT_MAX_TEXT_CHARS, dynamic_batching: bool = True,
+            max_queue_delay_us: int = triton_text.DEFAULT_QUEUE_DELAY_US, merge_requests: bool | None = None,
+            ort_threads: int = 0) -> Path:
     """Write the handoff dir for ``target``; return its path. See the module docstring."""
     if target not in TARGETS:
         raise CahpError(f"--target {target!r} is not supported; choose from {', '.join(TARGETS)}")
@@ -176,6 +181,14 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", artifact.resolve().name)
     if target == "triton":  # fail on bad serving options before any work
         triton.make_config(name, {"inputs": [], "outputs": []}, max_batch_size, device, instances)
+    if target == "triton-text":
+        if device != "cpu":
+            raise CahpError("--target triton-text runs ONNX Runtime on CPU inside Triton's Python backend; "
+                            "drop --device gpu (or use --target triton on a server with the ORT backend)")
+        triton_text.make_config(name, 2, max_batch_size, instances, dynamic_batching=dynamic_batching,
+                                max_queue_delay_us=max_queue_delay_us)
+        if max_text_chars < 1:
+            raise CahpError(f"--max-text-chars {max_text_chars} must be >= 1")
     bench = None
     if bench_report is not None:
         from cahp_deploy.handoff.bench_report import latency
@@ -203,7 +216,7 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
         record: dict = {"schema": SCHEMA, "target": target, "name": name, "variant": variant, "variant_reason": why,
                         "artifact": str(artifact), "artifact_manifest_sha256": sha256_file(artifact / "manifest.json"),
                         "trim_vocab": trim,
-                        "ort_parity": None, "triton": None, "bench": bench, "versions": versions(),
+                        "ort_parity": None, "triton": None, "triton_text": None, "bench": bench, "versions": versions(),
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         names = manifest["input_names"]
         if target == "triton":
@@ -223,6 +236,13 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
             record["triton"] = {"config": f"model_repository/{name}/config.pbtxt", "model": f"model_repository/{name}/1/model.onnx",
                                 "device": device, "max_batch_size": max_batch_size, "instances": instances, "io": io}
             record["smoke"] = {**_smoke(final, names, config), "file": record["triton"]["model"]}
+        elif target == "triton-text":
+            record["triton_text"] = triton_text.write_repository(
+                artifact, tmp, tokdir, staged, name, manifest, variant, max_batch_size=max_batch_size,
+                instances=instances, max_text_chars=max_text_chars, dynamic_batching=dynamic_batching,
+                max_queue_delay_us=max_queue_delay_us, merge_requests=merge_requests, ort_threads=ort_threads)
+            record["smoke"] = {**_smoke(tmp / record["triton_text"]["model"], names, config),
+                               "file": record["triton_text"]["model"]}
         elif target == "ort-mobile":
             ort_mobile.convert(staged, tmp)
             feeds = parity.random_feeds(names, SimpleNamespace(**config))

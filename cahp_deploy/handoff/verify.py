@@ -2,7 +2,9 @@
 
 1. ``handoff.json`` is there; every file it lists exists with its size and sha256; no unlisted file
    that could change behaviour (model, json, vocab, config) is present.
-2. triton: ``config.pbtxt`` parses and matches the graph (names, dtypes, ranks).
+2. triton: ``config.pbtxt`` parses and matches the graph (names, dtypes, ranks); triton-text: it
+   matches ``serving.json`` and the graph, and (with smoke) ``model.py``'s classifier, run here
+   without a server, gives the labels and probabilities recorded at handoff.
 3. smoke (``smoke=True``): the handed-off model (``.onnx`` or ``.ort``) on the stored inputs gives the
    logits recorded at handoff within 1e-4.
 """
@@ -56,6 +58,11 @@ def verify_handoff(handoff_dir, smoke: bool = True) -> dict:
         check_config((root / t["config"]).read_text(), root / t["model"])
     result = {"artifact": str(root), "files_checked": len(files), "variants": [rec.get("variant")], "smoke": None,
               "record": HANDOFF_FILE}
+    text_model = None
+    if rec.get("triton_text"):
+        from cahp_deploy.handoff.triton_text import verify_repository
+
+        text_model = verify_repository(root, rec, run_model=smoke)
     if smoke:
         s = rec["smoke"]
         try:
@@ -64,4 +71,6 @@ def verify_handoff(handoff_dir, smoke: bool = True) -> dict:
         except CahpError as e:
             raise CahpError(f"{root}: {s['file']} {e}; re-run `cahp-deploy handoff`") from e
         result["smoke"] = {rec.get("variant"): res}
+        if text_model:
+            result["smoke"]["text_model"] = text_model
     return result
