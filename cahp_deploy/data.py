@@ -371,6 +371,40 @@ def load_labelled(
     )
 
 
+def load_texts(
+    data: str | os.PathLike,
+    split: str = "train",
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+) -> LabelledData:
+    """Load the text columns of one split, with no label column needed (unlabelled in-domain text,
+    e.g. ``run --distill-data``); the returned rows carry label 0, which nothing may read."""
+    data = str(data)
+    ds, split_name, hashes = _load_table(data, split)
+    ds = _strip_bom_from_columns(ds)
+    columns = list(ds.column_names)
+    text_column, text_pair_column = _pick_columns(columns, text_column, text_pair_column)
+    for col in (text_column, text_pair_column):
+        if col is not None and col not in columns:
+            raise CahpError(f"column {col!r} not found in {data} [{split_name}]; columns: {', '.join(columns)} "
+                            "(choose with --text-column / --text-pair-column)")
+    if len(ds) == 0:
+        raise CahpError(f"split {split_name!r} of {data} is empty")
+    where = f"{data} [{split_name}]"
+    texts = _text_values(ds[text_column], text_column, where)
+    pairs = _text_values(ds[text_pair_column], text_pair_column, where) if text_pair_column else None
+    return LabelledData(texts=texts, labels=np.zeros(len(texts), dtype=np.int64), pairs=pairs, source=data,
+                        split=split_name, file_hashes=hashes, text_column=text_column,
+                        text_pair_column=text_pair_column)
+
+
+def without_rows_of(rows: LabelledData, *others: LabelledData) -> tuple[LabelledData, int]:
+    """``rows`` less every row whose text (and pair) appears verbatim in ``others``; and how many went."""
+    seen = {(t, None if o.pairs is None else o.pairs[i]) for o in others for i, t in enumerate(o.texts)}
+    keep = [i for i, t in enumerate(rows.texts) if (t, None if rows.pairs is None else rows.pairs[i]) not in seen]
+    return rows.subset(keep), len(rows) - len(keep)
+
+
 def check_labels(data: LabelledData, num_labels: int, min_classes: int = 1) -> None:
     """Labels must be model label ids; ``min_classes`` >= 2 for anything that compares classes."""
     bad = data.labels[(data.labels < 0) | (data.labels >= num_labels)]

@@ -77,6 +77,20 @@ def run_options(f):
                           "fastest measured artifact that keeps it, dense INT8 included, confirmed on rows no decision saw."),
         click.option("--search-step", default=None, type=int,
                      help="With --max-accuracy-drop: heads between the ladder's rungs [about a twelfth of the heads]."),
+        click.option("--ladder", default="heads", show_default=True, type=click.Choice(["heads", "macs"]),
+                     help="With --max-accuracy-drop: 'heads' tests CAHP head counts (FFN share falling with them); "
+                          "'macs' the progressive ladder: each rung removes a further ~5%% of the dense MACs from heads "
+                          "and FFN neurons together, nested, the cheaper move per rung measured on calibration rows."),
+        click.option("--mac-step", default=None, type=float,
+                     help="With --ladder macs: share of the dense MACs between rungs [0.05]."),
+        click.option("--distill-data", default=None,
+                     help="With --max-accuracy-drop: unlabelled in-domain text (a dataset dir or file; only the text "
+                          "columns are read) each rung is distilled towards dense on after the refit (logits and every "
+                          "layer's hidden states), kept only where it raises agreement with dense on a held-out part "
+                          "of it. Rows found in the evaluation or confirmation splits are dropped."),
+        click.option("--distill-split", default="train", show_default=True, help="Split of --distill-data to read."),
+        click.option("--distill-max-examples", default=20000, show_default=True, type=int,
+                     help="At most this many --distill-data rows train each rung (a seeded sample)."),
         click.option("--confirm-split", default=None,
                      help="Split that confirms the shipped artifact on rows no decision saw [a held-out part of --eval-split]."),
         click.option("--confirm-fraction", default=None, type=float,

@@ -106,28 +106,47 @@ class SearchSettings:
     search_step: int | None = None  # heads between the ladder's rungs (None: about N / 12)
     max_length: int = 128  # the run's one max length: every row is scored cut at it
     reconstruct: dict[str, Any] | None = None  # options of the least-squares refit (None: off)
+    ladder: str = "heads"  # "heads": CAHP head counts (joint FFN share by k); "macs": the progressive ladder
+    mac_step: float = 0.05  # progressive ladder: share of dense MACs between rungs
+    mac_floor: float = 0.5  # progressive ladder: the last rung keeps about this share of dense MACs
+    distill_rows: Any = None  # LabelledData: text to distil each rung towards dense on (None: no distillation)
+    distill_judge: Any = None  # LabelledData: held-out text that decides whether a rung keeps its distillation
+    distill_params: dict[str, Any] | None = None  # DistillParams fields
+
+    def distill_key(self) -> dict[str, Any] | None:
+        if self.distill_rows is None:
+            return None
+        return {"params": self.distill_params, "data": self.distill_rows.file_hashes,
+                "rows": rows_fingerprint(self.distill_rows), "judge": rows_fingerprint(self.distill_judge)}
 
     def evidence_key(self) -> str:
         return sha256_json({
             "model_sha256": self.model_sha256, "data": self.select_data.file_hashes,
             "split": self.select_data.split, "rows": len(self.select_data), "columns": self.columns,
-            "seed": self.seed, "options": self.cahp_options, "ffn": self.ffn_keep_ratio is not None,
+            "seed": self.seed, "options": self.cahp_options, "ffn": self.wants_ffn,
         })
 
+    @property
+    def wants_ffn(self) -> bool:
+        """Whether the evidence pass collects FFN statistics (a joint head ladder, or the progressive one)."""
+        return self.ffn_keep_ratio is not None or self.ladder == "macs"
+
     def ffn_ratio_at(self, k: int, evidence) -> float | None:
-        """Rung k's share of FFN neurons (None: a heads-only search)."""
-        if self.ffn_keep_ratio is None:
+        """Rung k's share of FFN neurons (None: a heads-only search, or the progressive ladder's own sets)."""
+        if self.ffn_keep_ratio is None or self.ladder == "macs":
             return None
         return ffn_ratio(k, evidence.knee.k, evidence.num_heads, self.ffn_keep_ratio)
 
-    def candidate_key(self, k: int, ffn_share: float | None = None) -> str:
+    def candidate_key(self, k: int, ffn_share: float | None = None, rung: dict[str, Any] | None = None) -> str:
         return sha256_json({
+            "ladder": self.ladder, "rung": None if rung is None else {key: rung[key] for key in ("kept_heads", "kept_neurons")},
             "evidence": self.evidence_key(), "k": int(k), "recover": self.recover,
             "recover_split": self.recover_split, "eval": self.eval_data.file_hashes,
             "eval_split": self.eval_data.split, "eval_rows": len(self.eval_data),
             "eval_rows_sha256": rows_fingerprint(self.eval_data), "ffn_keep_ratio": ffn_share,
             "ffn_method": self.ffn_method if self.ffn_keep_ratio is not None else None,
             "rule": RULES_VERSION, "max_length": int(self.max_length), "reconstruct": self.reconstruct,
+            "distill": self.distill_key(),
         })
 
 
@@ -150,9 +169,9 @@ def collect(settings: SearchSettings, root: Path):
         except Exception:  # a truncated or foreign cache is only a cache: recompute
             log.warning("ignoring unreadable %s", path)
     settings.say("search: collecting CAHP evidence (signatures, salience, cluster sweep"
-                 + (", FFN neurons)" if settings.ffn_keep_ratio is not None else ")"))
+                 + (", FFN neurons)" if settings.wants_ffn else ")"))
     evidence = distributed.collective(collect_evidence_of, settings.model, settings.select_data, settings.seed,
-                                      dict(settings.cahp_options), settings.ffn_keep_ratio is not None)
+                                      dict(settings.cahp_options), settings.wants_ffn)
     with atomic_file(path, force=True) as tmp:
         with open(tmp, "wb") as f:
             pickle.dump({"key": key, "evidence": evidence}, f)
@@ -218,22 +237,40 @@ def _with_neurons(selection, settings: SearchSettings, evidence, share: float) -
     selection.kept_neurons, selection.neurons_per_layer, selection.ffn = kept, inter, details
 
 
-def _candidate_dir(root: Path, k: int) -> Path:
-    return root / f"k{int(k):03d}"
+def _candidate_dir(root: Path, k: int, ladder: str = "heads") -> Path:
+    """``kNNN`` (a head-count rung) or ``mNNN`` (a progressive rung: NNN percent of dense MACs targeted)."""
+    return root / f"{'m' if ladder == 'macs' else 'k'}{int(k):03d}"
+
+
+def _rung_selection(evidence, rung):
+    """A progressive rung's kept heads and neurons as a Selection (CAHP's, with its sweep and knee)."""
+    from cahp_deploy.methods.cahp import select_at
+
+    selection = select_at(evidence, evidence.num_heads)
+    selection.kept_heads = [list(h) for h in rung.kept_heads]
+    selection.kept_neurons = [list(n) for n in rung.kept_neurons]
+    selection.neurons_per_layer = int(evidence.ffn.neurons_per_layer[0])
+    selection.details["ladder_rung"] = {"k": rung.k, "target_macs": rung.target, "macs_kept": rung.macs_kept,
+                                        "move": rung.move, "kl": rung.kl}
+    selection.ffn = {"method": "progressive ladder", "order": "see search/schedule.json"}
+    return selection
 
 
 def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path,
-                     dense_pred: np.ndarray | None = None) -> dict[str, Any]:
-    """Select at k, prune, recover, measure; everything into ``dest`` (atomically)."""
+                     dense_pred: np.ndarray | None = None, rung=None) -> dict[str, Any]:
+    """Select at k (or take a progressive ``rung``'s sets), prune, recover, measure; into ``dest`` (atomically)."""
     from cahp_deploy import pruning, recovery
     from cahp_deploy.methods.cahp import select_at
 
     start = time.perf_counter()
-    selection = select_at(evidence, k)
-    selection.details["k_from"] = "accuracy budget"
     share = settings.ffn_ratio_at(k, evidence)
-    if share is not None:
-        _with_neurons(selection, settings, evidence, share)
+    if rung is not None:
+        selection = _rung_selection(evidence, rung)
+    else:
+        selection = select_at(evidence, k)
+        if share is not None:
+            _with_neurons(selection, settings, evidence, share)
+    selection.details["k_from"] = "accuracy budget"
     selection.provenance.update({"model": settings.model, "model_sha256": settings.model_sha256,
                                  **settings.select_data.provenance()})
     with atomic_dir(dest, force=True) as tmp:
@@ -263,6 +300,18 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path,
             record["refit_seconds"] = rec["total_seconds"]
             shutil.copy2(final / REFIT_FILE, tmp / REFIT_FILE)
             steps.append("least-squares refit")
+        if settings.distill_rows is not None and not dense:
+            from cahp_deploy.recovery.distill import DISTILL_FILE, DistillParams, distill_model_dir
+
+            rec = distill_model_dir(final, settings.model, settings.distill_rows, settings.distill_judge,
+                                    tmp / "distilled", max_length=settings.max_length,
+                                    params=DistillParams(**(settings.distill_params or {})))
+            record["distill"] = {key: rec[key] for key in ("kept", "judge_rows", "agreement_before", "agreement_after",
+                                                           "total_seconds")}
+            if rec["kept"]:
+                final = tmp / "distilled"
+                shutil.copy2(final / DISTILL_FILE, tmp / DISTILL_FILE)
+                steps.append("distillation towards dense")
         if settings.recover is not None and not dense:
             # accuracy is measured here, on the decision rows, not by recover()
             source, final = final, tmp / "recovered"
@@ -277,7 +326,7 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path,
             _measured(record, "after", _predict(final, settings.eval_data, settings.max_length), settings.eval_data,
                       dense_pred)
             record.update(judged="recovered", recovery=" + ".join(steps))
-            for stale in ("pruned", "refit"):
+            for stale in ("pruned", "refit", "distilled"):
                 if (tmp / stale).is_dir() and tmp / stale != final:
                     shutil.rmtree(tmp / stale)
         else:
@@ -285,7 +334,9 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path,
         shutil.copy2(final / "pruning.json", tmp / "pruning.json")  # the numbers outlive the model
         final.rename(tmp / MODEL_DIR)
         record["seconds"] = time.perf_counter() - start
-        record["key"] = settings.candidate_key(k, share)
+        if rung is not None:
+            record.update(move=rung.move, target_macs=rung.target)
+        record["key"] = settings.candidate_key(k, share, None if rung is None else rung.to_dict())
         with open(tmp / CANDIDATE_FILE, "w") as f:
             json.dump(record, f, indent=2)
             f.write("\n")
@@ -322,24 +373,28 @@ def _as_result(record: dict[str, Any], dense_correct: np.ndarray | None, confide
         details={key: record.get(key) for key in ("heads_kept", "neurons_kept", "flop_ceiling_speedup",
                                                   "params_after", "params_before", "dense_anchor", "recovery",
                                                   "macs_removed", "refit_seconds", "recovery_seconds",
-                                                  "agreement_before", "agreement_after")},
+                                                  "agreement_before", "agreement_after", "move", "target_macs",
+                                                  "distill")},
         drop=drop,
     )
 
 
 def measure_candidate(settings: SearchSettings, evidence, k: int, root: Path,
-                      dense_correct: np.ndarray | None = None, dense_pred: np.ndarray | None = None) -> CandidateResult:
-    """Candidate k's accuracies, built into ``root/kNNN`` or read back from there when made from these inputs.
+                      dense_correct: np.ndarray | None = None, dense_pred: np.ndarray | None = None,
+                      rung=None) -> CandidateResult:
+    """Candidate k's accuracies, built into ``root/kNNN`` (``mNNN`` for a progressive ``rung``) or read back
+    from there when made from these inputs.
 
     With ``dense_correct`` (dense per-row correctness on the same rows) the result carries the paired
     drop, and the search judges it on the drop's upper confidence bound.
     """
-    dest = _candidate_dir(root, k)
-    record = _cached(dest, settings.candidate_key(k, settings.ffn_ratio_at(k, evidence)), need_model=False)
+    dest = _candidate_dir(root, k, settings.ladder)
+    key = settings.candidate_key(k, settings.ffn_ratio_at(k, evidence), None if rung is None else rung.to_dict())
+    record = _cached(dest, key, need_model=False)
     if record is None:
         settings.say(f"search: candidate k={k}: select, prune, "
                      f"{'recover (unless nothing is removed), ' if settings.recover else ''}measure")
-        record = _build_candidate(settings, evidence, k, dest, dense_pred)
+        record = _build_candidate(settings, evidence, k, dest, dense_pred, rung)
     else:
         settings.say(f"search: candidate k={k}: done before, reused")
     result = _as_result(record, dense_correct, settings.confidence)
@@ -372,11 +427,20 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     dense_accuracy = float(dense_correct.mean())
     del net
     evidence = collect(settings, root)
-    ks = ladder(evidence.knee.k, evidence.num_heads, settings.search_step)
+    rungs: dict[int, Any] = {}
+    if settings.ladder == "macs":
+        from cahp_deploy.run import progressive
+
+        rungs = {r.k: r for r in progressive.load_or_build(settings, evidence, root)}
+        ks = list(rungs)
+        order = "% of dense MACs, every unit first"
+    else:
+        ks = ladder(evidence.knee.k, evidence.num_heads, settings.search_step)
+        order = "every head first, the knee last"
     settings.say(
         f"search: dense {100 * dense_accuracy:.2f}% on {settings.eval_data.split} ({len(settings.eval_data)} rows); "
-        f"budget {points_word(settings.max_drop)}; ladder k = {', '.join(map(str, ks))} (every head first, the knee "
-        "last), tested in order until the first miss"
+        f"budget {points_word(settings.max_drop)}; ladder k = {', '.join(map(str, ks))} ({order}), tested in order "
+        "until the first miss"
     )
 
     def write(found: SearchResult | None, tried: list[CandidateResult], error: str | None) -> dict[str, Any]:
@@ -387,7 +451,13 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
             "rule": f"paired drop vs dense, one-sided {settings.confidence:.0%} upper bound <= max_drop_points; {RULE}",
             "confidence": settings.confidence,
             "ffn_keep_ratio": settings.ffn_keep_ratio,
-            "ffn_ratios": None if settings.ffn_keep_ratio is None else {k: settings.ffn_ratio_at(k, evidence) for k in ks},
+            "ffn_ratios": None if settings.ffn_keep_ratio is None or rungs else {k: settings.ffn_ratio_at(k, evidence)
+                                                                                  for k in ks},
+            "ladder": settings.ladder,
+            "ladder_rungs": None if not rungs else {k: {"heads": sum(map(len, r.kept_heads)),
+                                                        "neurons": sum(map(len, r.kept_neurons)),
+                                                        "macs_kept": round(r.macs_kept, 4), "move": r.move}
+                                                    for k, r in rungs.items()},
             "eval": settings.eval_data.provenance(),
             "select": settings.select_data.provenance(),
             "recover_split": None if settings.recover is None else settings.recover_split,
@@ -397,11 +467,11 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
             "tried": [c.to_dict() for c in tried],
             "stopped_at": None if found is None else found.stopped_at,
             "chosen_k": None if found is None else found.chosen.k,
-            "chosen_dir": None if found is None else _candidate_dir(root, found.chosen.k).name,
+            "chosen_dir": None if found is None else _candidate_dir(root, found.chosen.k, settings.ladder).name,
             "error": error,
             "seconds": time.perf_counter() - start,
         }
-        _keep_only_chosen_model(root, None if found is None else found.chosen.k)
+        _keep_only_chosen_model(root, None if found is None else _candidate_dir(root, found.chosen.k, settings.ladder).name)
         with atomic_file(root / SEARCH_FILE, force=True) as tmp:
             tmp.write_text(json.dumps(record, indent=2) + "\n")
         plot_tradeoff(record, root / TRADEOFF_PLOT)
@@ -410,7 +480,7 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     tried: list[CandidateResult] = []
 
     def tracked(k: int) -> CandidateResult:
-        result = measure_candidate(settings, evidence, k, root, dense_correct, dense_pred)
+        result = measure_candidate(settings, evidence, k, root, dense_correct, dense_pred, rungs.get(k))
         tried.append(result)
         return result
 
@@ -419,18 +489,20 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     except CahpError as e:
         write(None, tried, str(e))
         raise
-    chosen_dir = _candidate_dir(root, found.chosen.k)
-    key = settings.candidate_key(found.chosen.k, settings.ffn_ratio_at(found.chosen.k, evidence))
+    chosen_dir = _candidate_dir(root, found.chosen.k, settings.ladder)
+    rung = rungs.get(found.chosen.k)
+    key = settings.candidate_key(found.chosen.k, settings.ffn_ratio_at(found.chosen.k, evidence),
+                                 None if rung is None else rung.to_dict())
     if _cached(chosen_dir, key, need_model=True) is None:
         # chosen before by another budget and its model removed since: build it again
-        _build_candidate(settings, evidence, found.chosen.k, chosen_dir, dense_pred)
+        _build_candidate(settings, evidence, found.chosen.k, chosen_dir, dense_pred, rung)
     return write(found, found.tried, None)
 
 
-def _keep_only_chosen_model(root: Path, chosen_k: int | None) -> None:
-    """Candidates' models take ~100 MB each: keep the chosen one, drop the rest (their numbers stay)."""
-    keep = None if chosen_k is None else _candidate_dir(root, chosen_k).name
-    for cand in root.glob("k[0-9][0-9][0-9]"):
+def _keep_only_chosen_model(root: Path, keep: str | None) -> None:
+    """Candidates' models take ~100 MB each: keep the chosen one (dir name ``keep``), drop the rest (their
+    numbers stay)."""
+    for cand in [*root.glob("k[0-9][0-9][0-9]"), *root.glob("m[0-9][0-9][0-9]")]:
         if cand.name != keep and (cand / MODEL_DIR).is_dir():
             shutil.rmtree(cand / MODEL_DIR)
 
@@ -459,7 +531,8 @@ def plot_tradeoff(record: dict[str, Any], path: Path) -> None:
         ax.scatter(xs, [100 * c["accuracy"] for c in tried], marker="o", color="tab:blue",
                    label="judged version (recovered or only pruned)")
     for c, x in zip(tried, xs):
-        ax.annotate(f"{c['details']['heads_kept']}h", (x, 100 * c["accuracy"]), textcoords="offset points",
+        label = f"{c['k']}% MACs" if record.get("ladder") == "macs" else f"{c['details']['heads_kept']}h"
+        ax.annotate(label, (x, 100 * c["accuracy"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     ax.scatter([1.0], [100 * record["dense_accuracy"]], marker="s", color="black", label="dense")
     ax.axhline(100 * record["threshold"], color="tab:red", linestyle="--", linewidth=1,
@@ -468,7 +541,8 @@ def plot_tradeoff(record: dict[str, Any], path: Path) -> None:
     if chosen:
         c = chosen[0]
         ax.scatter([c["details"]["flop_ceiling_speedup"]], [100 * c["accuracy"]], marker="*", s=220,
-                   color="tab:orange", zorder=5, label=f"chosen: {c['details']['heads_kept']} heads")
+                   color="tab:orange", zorder=5, label=f"chosen: {c['details']['heads_kept']} heads"
+                   + (f", {c['details']['neurons_kept']} neurons" if c["details"].get("neurons_kept") else ""))
     ax.set_xlabel("speedup ceiling from multiply-accumulates (seq 128)")
     ax.set_ylabel(f"accuracy on {record['eval']['split']} (%)")
     ax.set_title("accuracy budget search: every candidate tried")

@@ -61,6 +61,45 @@ DEFAULT_SEQS = (128,)
 #: of the MACs; measured on SST-5, 48 heads refit: 83 rows disagree with dense, 48 heads + 75% of the
 #: neurons refit: 90).
 DEFAULT_BUDGET_FFN_FLOOR = 0.5
+#: the budget search's ladder: "macs" (progressive: ~5% of dense MACs per rung, heads and neurons
+#: together, nested; :mod:`cahp_deploy.run.progressive`) or "heads" (CAHP head counts, N/12 apart)
+LADDERS = ("macs", "heads")
+DEFAULT_LADDER = "heads"
+
+
+#: text rows each rung is distilled on, at most (``--distill-max-examples``)
+DEFAULT_DISTILL_ROWS = 20000
+
+
+def _distill_rows(path, split: str, max_examples: int | None, max_drop: float | None, columns: dict[str, Any],
+                  evaluation_rows: list, seed: int) -> dict[str, Any] | None:
+    """``--distill-data``'s text: rows that appear in the evaluation or confirmation splits dropped, a judge
+    part held out (:func:`cahp_deploy.recovery.distill.split_judge`), the rest cut to ``max_examples``."""
+    if path is None:
+        return None
+    if max_drop is None:
+        raise CahpError("--distill-data trains each rung of the accuracy budget's ladder; give --max-accuracy-drop too")
+    from cahp_deploy.data import load_texts, without_rows_of
+    from cahp_deploy.recovery.distill import split_judge
+    from cahp_deploy.recovery.recover import sample_examples
+
+    rows = load_texts(path, split, columns["text_column"], columns["text_pair_column"])
+    rows, dropped = without_rows_of(rows, *[r for r in evaluation_rows if r is not None])
+    train, judge = split_judge(rows, seed)
+    train = sample_examples(train, max_examples, seed)
+    return {"rows": train, "judge": judge, "record": {
+        **train.provenance(), "rows": len(train), "judge_rows": len(judge), "dropped_as_evaluation_rows": dropped}}
+
+
+def _check_ladder(ladder: str, mac_step: float | None, search_step: int | None, max_drop: float | None) -> None:
+    if ladder not in LADDERS:
+        raise CahpError(f"unknown --ladder {ladder!r}; choose from {', '.join(LADDERS)}")
+    if mac_step is not None and not 0.0 < mac_step < 0.5:
+        raise CahpError(f"--mac-step is a share of the dense MACs in (0, 0.5), got {mac_step}")
+    if mac_step is not None and (ladder != "macs" or max_drop is None):
+        raise CahpError("--mac-step sets the progressive ladder's step; give --ladder macs and --max-accuracy-drop")
+    if search_step is not None and ladder != "heads":
+        raise CahpError("--search-step is the head ladder's step; with --ladder macs give --mac-step")
 #: The reference pipeline's recovery: 3 epochs of fine-tuning after pruning.
 DEFAULT_RECOVER_EPOCHS = 3
 
@@ -205,6 +244,11 @@ def run(
     qat: bool | None = None,
     max_accuracy_drop: float | None = None,
     search_step: int | None = None,
+    ladder: str = DEFAULT_LADDER,
+    mac_step: float | None = None,
+    distill_data: str | os.PathLike | None = None,
+    distill_split: str = "train",
+    distill_max_examples: int | None = DEFAULT_DISTILL_ROWS,
     confirm_split: str | None = None,
     confirm_fraction: float | None = None,
     confidence: float | None = None,
@@ -319,6 +363,7 @@ def run(
                     search_step=search_step)
     if search_step is not None and max_accuracy_drop is None:
         raise CahpError("--search-step sets the accuracy budget's ladder; give --max-accuracy-drop too")
+    _check_ladder(ladder, mac_step, search_step, max_accuracy_drop)
     if console is None:
         from rich.console import Console
 
@@ -357,6 +402,8 @@ def run(
         decision, confirmation = eval_rows, confirm_data if confirm_data is not None else eval_rows
         how = f"split {confirm_split!r}" if confirm_data is not None else "the evaluation rows"
     lengths = _serving_length(model, config, [select_data, eval_rows, confirm_data], max_length)
+    distill = _distill_rows(distill_data, distill_split, distill_max_examples, max_accuracy_drop, columns,
+                            [eval_rows, confirm_data], seed)
     if quantize == "int8":  # export's INT8 gate options, checked now rather than after select and recovery
         from cahp_deploy.exporters.parity import MAX_DATA_EXAMPLES
         from cahp_deploy.exporters.stage import resolve_int8_gate
@@ -413,7 +460,7 @@ def run(
             eval_max_examples=eval_max_examples, export_kwargs=export_kwargs, bench_kwargs=bench_kwargs,
             decision=decision, confirmation=confirmation, confirm_how=how, confidence=confidence,
             ffn_keep_ratio=ffn_keep_ratio, ffn_method=ffn_method or "cahp", search_step=search_step,
-            lengths=lengths, power=power, reconstruct_kwargs=reconstruct_kwargs,
+            ladder=ladder, mac_step=mac_step, distill=distill, lengths=lengths, power=power, reconstruct_kwargs=reconstruct_kwargs,
         )
         with distributed.leading():
             result = _run_stages(record, model, data, out, plan)
@@ -481,6 +528,9 @@ class _Plan:
     ffn_keep_ratio: float | None = None
     ffn_method: str = "cahp"
     search_step: int | None = None
+    ladder: str = "heads"
+    mac_step: float | None = None
+    distill: dict[str, Any] | None = None  # _distill_rows: training and judge text, their record
     lengths: dict[str, Any] | None = None  # the one max length (serving_length.resolve_max_length)
     power: dict[str, Any] | None = None  # what the decision and confirmation rows can show (promise.power)
     reconstruct_kwargs: dict[str, Any] | None = None  # None: --no-reconstruct
@@ -585,6 +635,9 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
         max_drop=float(plan.max_accuracy_drop), say=record.say, confidence=ErrorRates(plan.confidence).search,
         ffn_keep_ratio=plan.ffn_keep_ratio, ffn_method=plan.ffn_method,
         search_step=plan.search_step, max_length=plan.max_length, reconstruct=plan.reconstruct_kwargs,
+        ladder=plan.ladder, **({} if plan.mac_step is None else {"mac_step": plan.mac_step}),
+        **({} if plan.distill is None else {"distill_rows": plan.distill["rows"], "distill_judge": plan.distill["judge"],
+                                            "distill_params": {}}),
     )
     search_dir = out / SEARCH_DIR
     record.stage(
@@ -597,6 +650,8 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, mo
             "eval": _eval_inputs(plan), "max_accuracy_drop": plan.max_accuracy_drop,
             "decision_rows": _rows_key(plan.decision), "confidence": ErrorRates(plan.confidence).search,
             "ffn_keep_ratio": plan.ffn_keep_ratio, "search_step": plan.search_step, "max_length": plan.max_length,
+            "ladder": plan.ladder, "mac_step": plan.mac_step,
+            "distill": None if plan.distill is None else plan.distill["record"],
             "reconstruct": plan.reconstruct_kwargs,
             "rule": accuracy_budget.RULES_VERSION,
         },
@@ -788,7 +843,7 @@ def _search_summary(out: Path) -> dict[str, Any] | None:
         return None
     r = _read(path)
     keys = ("dense_accuracy", "max_drop_points", "threshold", "chosen_k", "candidates_k", "tried", "seconds", "knee",
-            "confidence", "ffn_keep_ratio", "stopped_at")
+            "confidence", "ffn_keep_ratio", "stopped_at", "ladder", "ladder_rungs")
     return {k: r.get(k) for k in keys} | {"plot": f"{SEARCH_DIR}/tradeoff.png"}
 
 

@@ -123,7 +123,11 @@ def headline(summary: dict[str, Any]) -> list[str]:
     kept, total = pruned["heads_kept"], pruned["heads_total"]
     search = summary.get("search")
     how = ""
-    if search is not None:
+    if search is not None and search.get("ladder") == "macs":
+        how = (f", the last of {len(search['tried'])} progressive rungs (each ~{_mac_step(search):.0%} fewer dense MACs, "
+               f"heads and FFN neurons together) tested down from dense that stays within "
+               f"{points_word(search['max_drop_points'])} of dense")
+    elif search is not None:
         how = (f", the last of {len(search['tried'])} CAHP candidates tested down from every head that stays within "
                f"{points_word(search['max_drop_points'])} of dense")
     elif summary.get("method") == "cahp":
@@ -175,6 +179,24 @@ def headline(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _mac_step(search: dict[str, Any]) -> float:
+    ks = search.get("candidates_k") or [100, 95]
+    return (ks[0] - ks[1]) / 100 if len(ks) > 1 else 0.05
+
+
+def _ladder_words(search: dict[str, Any]) -> str:
+    """How the ladder was made, in one sentence."""
+    ks = ", ".join(map(str, search["candidates_k"]))
+    if search.get("ladder") == "macs":
+        return (f"The ladder, fixed before any decision row was seen: rungs k = {ks} percent of the dense MACs "
+                f"(seq 128), each removing a further ~{_mac_step(search):.0%} from heads (CAHP's order) and FFN neurons "
+                "(the FFN ranking's order) together, nested so a removed unit never returns; each step's move (heads, "
+                "neurons or both) is the one whose masked logits stay closest to dense on calibration rows of the "
+                "selection split (`search/schedule.json`). Tested in that order and stopped at the first miss")
+    return (f"The ladder, fixed before any accuracy was seen: k = {ks} (every head first, CAHP's knee last), tested in "
+            "that order and stopped at the first miss")
+
+
 def _candidates_table(search: dict[str, Any]) -> list[str]:
     """Every rung tested: what it removed, how it was recovered, how far it moved from dense, its bound."""
     out = [
@@ -189,6 +211,12 @@ def _candidates_table(search: dict[str, Any]) -> list[str]:
         bound = "—" if not drop else f"{drop['drop']:+.2f} (upper {drop['upper']:+.2f})"
         neurons = d.get("neurons_kept")
         how = "dense itself" if d.get("dense_anchor") else (d.get("recovery") or c.get("judged", "recovered"))
+        if d.get("move"):
+            how += f"; step: {d['move']}"
+        dist = d.get("distill")
+        if dist and not dist.get("kept"):
+            how += (f"; distillation not kept: held-out agreement {dist['agreement_before']:.1%} -> "
+                    f"{dist['agreement_after']:.1%}")
         agree = d.get("agreement_after") if c.get("accuracy_after") is not None else d.get("agreement_before")
         macs = d.get("macs_removed")
         out.append(
@@ -235,9 +263,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"Dense (PyTorch) {_pct(search['dense_accuracy'])} on the decision rows; budget "
             f"{points_word(search['max_drop_points'])}: a candidate passes when the {search.get('confidence', 0.9):.0%} "
             f"upper confidence bound of its paired drop vs dense is within it (not the point estimate). "
-            f"The ladder, fixed before any accuracy was seen: k = {', '.join(map(str, search['candidates_k']))} "
-            f"(every head first, CAHP's knee last), tested in that order and stopped at the first miss, so "
-            f"that its many looks at the same rows do not inflate the chance of a false pass. The first rung "
+            f"{_ladder_words(search)}, so that its many looks at the same rows do not inflate the chance of a false pass. The first rung "
             f"removes nothing: it is dense itself, not recovered, and passes any budget the rows can resolve. "
             f"Tested ({search['seconds']:.0f} s in all):",
             "",
