@@ -4,9 +4,8 @@ What a user promises downstream is accuracy, so the default gate is the **accura
 graph against its fp32 source on labelled rows, judged on a paired basis (:mod:`cahp_deploy.paired`):
 it passes when the one-sided upper confidence bound of the drop is at most ``max_drop`` points. Why not
 argmax agreement (the older gate, kept for users who need identical outputs): five classes with small
-margins flip in both directions, so 93 % agreement can come with no accuracy lost at all (measured on
-MiniLM/SST-5 validation: full per-channel INT8, 93.7 % agreement, +0.5 points accuracy), and a 99 %
-agreement gate kept 75-99 % of the MACs in fp32 for nothing.
+margins flip in both directions, so low agreement can come with no accuracy lost at all, and a 99 %
+agreement gate kept most of the MACs in fp32 for nothing (DESIGN.md, "Measurements behind the code").
 
 Without labels (random tokens) accuracy cannot be measured; the agreement gate is the only one.
 
@@ -18,9 +17,7 @@ On the tuning rows the accuracy rule predicts the bound the *gate rows* will sho
 from how often INT8 changes whether a row is right (the discordant rows), not from the tuning drop:
 
 * tuning rows are training rows, where the fp32 model is overfit, so INT8's noise costs accuracy
-  there that it does not cost elsewhere. Measured, every MatMul per-channel INT8: MiniLM-MNLI
-  +0.93 points on 2,048 train rows (train accuracy 83.9 %), -0.28 on validation_matched and -0.07 on
-  validation_mismatched (9,8xx rows each); the train drop would keep 22 % of the MACs fp32 for nothing;
+  there that it does not cost elsewhere (the train drop would keep MACs fp32 for nothing);
 * what the gate can accept depends on its own row count: at a zero drop a 0.5-point bound at 90 %
   allows about 8 discordant rows in 1,101, 348 in 5,000.
 
@@ -30,7 +27,7 @@ there shrinks the target by the overshoot's factor for one more search.
 
 The gate rows are looked at up to three times (:data:`LOOK_SHARES`): first the graph with *every*
 candidate INT8 (the fastest; the search's zero-drop prediction cannot see that INT8 may even gain
-accuracy, measured +0.82 points on MiniLM/SST-5 validation), then the searched graph, then the one
+accuracy), then the searched graph, then the one
 retuned after a miss. Each look spends a share of the error rate ``1 - confidence`` (Bonferroni), so
 the chance that *some* look passes a graph that breaks the budget stays within ``1 - confidence``.
 Pure numpy: no ONNX Runtime here.

@@ -1,29 +1,26 @@
 """Accuracy-aware mixed-precision INT8: quantize every weight MatMul, keep the most sensitive in fp32.
 
-Why: dynamic INT8 of a whole small classifier changes many predictions. Measured on MiniLM-L6
-(6 x 12 heads, hidden 384) fine-tuned on SST-5, on its validation split: 85 % agreement with fp32
-per-tensor, 94 % per-channel, while accuracy barely moves; a gate (:mod:`int8_gate`: by default the
-accuracy drop's upper bound, which grows with the discordant rows) can need some nodes in fp32. Five classes with small
-margins flip easily, and the error is concentrated: quantizing *one* node at a time, the FFN MatMuls
-of layers 0-2 each flip 1.5-4 % of the examples, layers 4-5 almost none (per-tensor uint8 activation
-scales computed over a whole batch do not suit the outlier-heavy inputs of the early FFNs).
+Why: dynamic INT8 of a whole small classifier changes many predictions while accuracy barely moves;
+a gate (:mod:`int8_gate`: by default the accuracy drop's upper bound, which grows with the discordant
+rows) can need some nodes in fp32. Small margins flip easily, and the error is concentrated in the
+early FFN MatMuls (per-tensor uint8 activation scales computed over a whole batch do not suit their
+outlier-heavy inputs). The figures: DESIGN.md, "Measurements behind the code".
 
 So, as Intel Neural Compressor's fallback tuning and ORT users do it, INT8 becomes a search:
 
 1. Candidates: ``MatMul``, fused ``Attention`` and ``Gemm`` nodes with a constant weight, what ORT's
    dynamic quantizer turns into ``MatMulInteger`` / ``QAttention`` (it rewrites ``Gemm``, the pooler
    and classifier, into MatMul + Add first). The embeddings stay fp32 (table lookups, no MACs to
-   gain; alone they cost 1.6 % agreement on MiniLM/SST-5).
+   gain, and a cost in agreement).
 2. Quantize every candidate, per-tensor and per-channel, and keep the weight-scale granularity with
    the higher agreement on the tuning set (lower logit MSE on a tie), unless the caller chose one.
 3. If that misses the gate's target on the tuning rows (:meth:`~cahp_deploy.exporters.int8_gate.Int8Gate.target`:
    by default the paired accuracy drop vs fp32 within the budget): leave-one-in
    sensitivity. For each candidate, the graph with only that node INT8; its sensitivity is the logit
    MSE vs fp32 on ~128 tuning rows. Logit MSE rather than agreement: a few hundred examples flip in
-   steps of 0.2-0.8 %, too coarse to rank 20+ nodes. Leave-one-in rather than leave-one-out: measured
-   on MiniLM/SST-5, dropping one node from the fully quantized graph barely moves its MSE (the other
-   23 nodes' errors dominate, and the ranking came out noisy: 16 of 24 nodes had to stay fp32), while
-   one node alone against fp32 gives a clean ranking (early FFN first; 10 of 24 nodes, same gate).
+   steps of 0.2-0.8 %, too coarse to rank 20+ nodes. Leave-one-in rather than leave-one-out: dropping
+   one node from the fully quantized graph barely moves its MSE (the other nodes' errors dominate),
+   while one node alone against fp32 gives a clean ranking, early FFN first.
 4. Bisection over the ranked list for the smallest ``k`` such that keeping the top ``k`` in fp32
    meets the target on the whole tuning set (near-monotone in ``k``; every probe is in the trace).
 5. ``k == n`` (every candidate back in fp32): INT8 would be the fp32 model, a :class:`CahpError`.
@@ -63,9 +60,8 @@ log = logging.getLogger(__name__)
 
 #: ONNX Runtime intra-op threads for the tuning sessions (what a small CPU box has; keeps timings comparable)
 TUNING_THREADS = 2
-#: default number of tuning examples (drawn from the train split). 512 was too few: MiniLM-MNLI tuned
-#: to 99.61 % on 512 train rows agreed only 98.75 % on validation_matched (the search stops at the
-#: first node set that clears the target, so it overfits a small tuning set).
+#: default number of tuning examples (drawn from the train split). Fewer overfit: the search stops at
+#: the first node set that clears the target on them (512 was too few; DESIGN.md, "Measurements behind the code").
 TUNING_EXAMPLES = 2048
 #: about this many of them rank the nodes (the ranking signal is strong; bisection uses all)
 SENSITIVITY_EXAMPLES = 128

@@ -15,10 +15,8 @@ its ``model_type``. Batch and sequence axes are dynamic (the config's ``batch_si
 ``sequence_length``).
 
 Attention implementation: :func:`cahp_deploy.arch.export_attention` (transformers 4.x: ``sdpa``
-wherever transformers supports it, else ``eager`` (ELECTRA); 5.x: ``eager``). Measured on ORT 1.32's
-transformer optimizer: 4.57's BERT and RoBERTa graphs fuse into ``Attention`` from either path
-(identical fused graphs), but DistilBERT's eager path (``masked_fill`` with ``finfo.min``) is not
-matched at all, while its sdpa path is; under 5.x it is the other way round for every architecture.
+wherever transformers supports it, else ``eager`` (ELECTRA); 5.x: ``eager``): the path ORT's
+transformer optimizer fuses into ``Attention`` for each version (DESIGN.md, "Measurements behind the code").
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ def _quiet_root_logger() -> Iterator[None]:
 
 #: op types INT8 quantizes: the weight MatMuls (ORT rewrites each ``Gemm`` into ``<name>_MatMul`` +
 #: ``<name>_Add`` first, so the pooler and classifier count) and the fused attention's packed QKV
-#: projection. Not the embeddings (EmbedLayerNormalization / Gather: lookups, no MACs to gain, and
-#: on MiniLM/SST-5 alone 1.6 % of argmax agreement).
+#: projection. Not the embeddings (EmbedLayerNormalization / Gather: lookups, no MACs to gain, and a
+#: cost in argmax agreement; DESIGN.md, "Measurements behind the code").
 INT8_OP_TYPES: tuple[str, ...] = ("MatMul", "Attention")
 
 

@@ -258,8 +258,8 @@ def _read_until_stable(ctx: MethodContext, opts: dict[str, Any], collector, head
     the selection has been stable over ``auto_patience`` consecutive chunks: each time k* moved by at
     most 1 and the kept heads overlap the previous check's by at least ``auto_overlap`` (shared
     heads / the larger set; 1.0 asks for the identical set). Exact equality is too strict in
-    practice: on minilm-sst5 the whole-split kept set itself moves by a few heads from one 1,024-row
-    chunk to the next while k* stays within 13..16 (bench/results/select_speed/). Checks start once
+    practice: the kept set moves by a few heads from one chunk to the next while k* stays put
+    (DESIGN.md, "Measurements behind the code"). Checks start once
     every class has two rows (a variance needs them). The evidence returned is the last check's, so the selection written is
     exactly the one found stable. Salience rows differ from a whole-split run (the first fraction of
     every chunk read, not of the split), so reading to the end may cut slightly differently.

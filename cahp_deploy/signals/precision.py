@@ -2,15 +2,12 @@
 
 Why: CAHP's evidence is *statistics* of attention maps (per-class means and variances of pooled
 maps, float64) and summed gradient magnitudes, not any single logit, and ~2/3 of the passes' time
-is ``nn.Linear``. Measured on minilm-sst5 (one thread, 384 rows, three interleaved repeats): the
-signature forward takes 3.4-4.7 s in fp32 and 1.4-1.6 s under bfloat16 autocast on this AVX-512
-BF16 CPU, the salience forward+backward 1.7-2.2 s vs 0.8-1.0 s; single attention probabilities
-move by up to 0.08.
+is ``nn.Linear``; bfloat16 autocast runs the passes much faster where it is native, and moves
+single attention probabilities.
 
-Why fp32 stays the default: that noise moves CAHP's selection. On minilm-sst5 (all 8,544 train
-rows) bf16 gave k* 15 instead of 14 and kept 10 of the same 15 heads; the kept set's head-masked
-accuracy on validation fell from 37.15 % to 35.06 % (``bench/results/select_speed/``). bf16 is for
-users who trade that for speed, and knowingly.
+Why fp32 stays the default: that noise moves CAHP's selection (k* and the kept heads, and with them
+accuracy). bf16 is for users who trade that for speed, and knowingly. The figures:
+DESIGN.md, "Measurements behind the code".
 
 Only the model runs in bfloat16: the collectors pool and accumulate in float32/float64 with autocast
 switched off (:func:`full_precision`). ``auto`` picks bfloat16 only where it is native (AVX-512 BF16
