@@ -84,6 +84,16 @@ def test_text_handoff_writes_a_checked_repository(text_handoff, artifact):
     assert "Triton text model" in (text_handoff / "MODEL_CARD.md").read_text()
 
 
+def test_text_handoff_with_a_trimmed_vocabulary(artifact, tiny_data, tmp_path):
+    """--trim-vocab: the served tokenizer is the trimmed one, and the text model still agrees with predict on it."""
+    h = handoff(artifact, tmp_path / "h", "triton-text", name="tiny", trim_vocab=str(tiny_data))
+    rec = json.loads((h / "handoff.json").read_text())
+    served = json.loads((_version(h) / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(served) == rec["trim_vocab"]["vocab_after"] < rec["trim_vocab"]["vocab_before"]
+    assert rec["triton_text"]["text_smoke"]["vs_predict_max_abs_diff"] <= 1e-5
+    assert verify_handoff(h)["smoke"]["text_model"]["passed"]
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda t: t.replace('backend: "python"', 'backend: "onnxruntime"'), "backend"),
     (lambda t: t.replace("TYPE_STRING\n    dims: [ 1 ]\n  }\n]\noutput", "TYPE_INT64\n    dims: [ 1 ]\n  }\n]\noutput"), "inputs must be"),
@@ -284,3 +294,21 @@ def test_server_binary_is_where_serve_looks():
 
     dist = triton_dist()
     assert (dist / "bin" / "tritonserver").is_file() and stub_path(dist).is_file()
+
+
+@needs_server
+def test_stop_reaps_the_stubs_of_a_killed_server(text_handoff, tmp_path):
+    """SIGKILLed, tritonserver leaves its Python stubs running (and their /dev/shm regions): stop() kills them."""
+    import psutil
+
+    from cahp_deploy.handoff.serve import TritonServer
+
+    server = TritonServer(text_handoff, *_free_ports(3), log_path=tmp_path / "log").start()
+    stubs = psutil.Process(server.proc.pid).children()
+    assert stubs, "the model instance runs in a stub process"
+    regions = [a for p in stubs for a in p.cmdline() if a.startswith("triton_python_backend_shm_region")]
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    server.stop()
+    assert server.reaped == len(stubs) and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stubs)
+    assert not any(Path("/dev/shm", r).exists() for r in regions)

@@ -7,7 +7,8 @@ extra), with its Python backend; it runs on CPU (it logs that CUDA and DCGM are 
         ──► backend dir (a temp dir: libtriton_python.so + the stub built for this Python)
         ──► the stub's Python environment (below) ──► tritonserver --model-repository HANDOFF/model_repository
         ──► ready (GET /v2/health/ready) ──► serve until Ctrl-C / SIGTERM ──► SIGINT to the server, which
-            finishes in-flight requests (--exit-timeout-secs), then exits
+            finishes in-flight requests (--exit-timeout-secs), then exits ──► any stub still running
+            (a server that was killed leaves them) is killed and its /dev/shm region removed
 
 The stub's environment. Triton starts each model instance in a separate stub process that embeds
 Python in isolated mode: PYTHONPATH is ignored, and ``sys.prefix`` is found from the first
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -141,7 +143,7 @@ def overlay_env() -> Path:
                        capture_output=True, text=True)
         tmp_site = Path(subprocess.run([str(tmp / "bin" / "python3"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                        check=True, capture_output=True, text=True).stdout.strip())
-        log.warning("serve: installing %s into %s for Triton's Python stub (once)", STUB_NUMPY, root)
+        log.warning("installing %s into %s for Triton's Python stub (once)", STUB_NUMPY, root)
         res = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                               "--no-warn-conflicts", "--target", str(tmp_site), STUB_NUMPY], capture_output=True, text=True)
         if res.returncode != 0:
@@ -256,13 +258,42 @@ def _get(url: str, timeout: float = 2.0) -> int:
         return 0
 
 
-def _set_pdeathsig() -> None:  # the server dies with its parent (Linux), so a killed `serve` leaves no orphan
+def _set_pdeathsig() -> None:
+    """The server gets SIGTERM when its parent dies (Linux), so a killed `serve` leaves no orphan. The
+    kernel ties this to the parent *thread*: set only when the main thread starts the server."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def reap_stubs(backends: Path) -> int:
+    """Kill the Python stubs a dead server left behind; remove their shared-memory regions; return how many.
+
+    Measured: when tritonserver is SIGKILLed its stubs keep running (reparented, ignoring SIGTERM), each
+    holding its model and a 1 MiB /dev/shm region. They are found by their executable, which lives in
+    this server's own backend dir.
+    """
+    import psutil
+
+    n = 0
+    prefix = str(backends)
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if not cmd or not cmd[0].startswith(prefix):
+            continue
+        try:
+            proc.kill()
+            proc.wait(10)
+            n += 1
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+            continue
+        for arg in cmd[1:4]:
+            if arg.startswith("triton_python_backend_shm_region"):
+                Path("/dev/shm", arg).unlink(missing_ok=True)
+    return n
 
 
 class TritonServer:
@@ -284,6 +315,8 @@ class TritonServer:
         self.log_path = Path(log_path) if log_path else None
         self.exit_timeout_s = exit_timeout_s
         self.proc: subprocess.Popen | None = None
+        #: stubs of this server found running after it exited, and killed (see :func:`reap_stubs`)
+        self.reaped = 0
         self._tmp: Path | None = None
         self._log = None
 
@@ -313,7 +346,8 @@ class TritonServer:
         check_stub_links(backends / "python" / "triton_python_backend_stub", senv)
         self.proc = subprocess.Popen(self.command(backends), env=senv, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_set_pdeathsig)
+                                     preexec_fn=_set_pdeathsig if threading.current_thread() is threading.main_thread()
+                                     else None)
         try:
             self.wait_ready(ready_timeout_s)
         except BaseException:
@@ -355,6 +389,8 @@ class TritonServer:
                     self.proc.kill()
                     self.proc.wait()
             code = self.proc.returncode
+        if self._tmp is not None:
+            self.reaped += reap_stubs(self._tmp / "backends")
         if self._log is not None:
             self._log.close()
             self._log = None
