@@ -312,3 +312,16 @@ def test_stop_reaps_the_stubs_of_a_killed_server(text_handoff, tmp_path):
     server.stop()
     assert server.reaped == len(stubs) and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stubs)
     assert not any(Path("/dev/shm", r).exists() for r in regions)
+
+
+@needs_server
+def test_serve_checks_the_python_env_it_is_given(text_handoff, tmp_path):
+    ports = [str(p) for p in _free_ports(3)]
+    args = ["serve", text_handoff, "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    code, _, err = cli(*args, "--python-env", tmp_path)
+    assert code == 2 and "has no bin/python3" in err and len(err.splitlines()) == 1
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= 2:  # this env: the stub would corrupt TYPE_STRING inputs
+        code, _, err = cli(*args, "--python-env", sys.prefix)
+        assert code == 2 and "needs numpy < 2" in err and len(err.splitlines()) == 1
