@@ -18,6 +18,7 @@ import numpy as np
 
 from cahp_deploy import onnx_runtime
 from cahp_deploy.errors import CahpError
+from cahp_deploy.shipped import with_choice
 
 #: Variant tried first when none is asked for: the ORT-optimized fp32 graph, then the plain export.
 DEFAULT_VARIANTS = ("optimized", "fp32")
@@ -53,13 +54,14 @@ def _read_json(path: Path) -> dict:
 
 
 def resolve_variant(artifact_dir: Path, variant: str | None) -> tuple[str, Path]:
-    """(variant name, ONNX file) from the manifest; ``None`` picks the manifest's ``recommended`` variant
-    (the one `run` verified against its accuracy budget), else the first of DEFAULT_VARIANTS present."""
+    """(variant name, ONNX file) from the manifest; ``None`` picks the ``recommended`` variant (the one `run`
+    verified against its accuracy budget: its ``confirm.json``, :mod:`cahp_deploy.shipped`), else the first
+    of DEFAULT_VARIANTS present."""
     manifest_path = artifact_dir / "manifest.json"
     variants: dict[str, str] = {}
     recommended = None
     if manifest_path.is_file():
-        manifest = _read_json(manifest_path)
+        manifest = with_choice(artifact_dir, _read_json(manifest_path))
         variants = {k: v["file"] for k, v in (manifest.get("variants") or {}).items() if "file" in v}
         recommended = manifest.get("recommended")
     elif (artifact_dir / _PLAIN_FILE).is_file():
@@ -98,8 +100,9 @@ def _manifest(artifact_dir: Path) -> dict:
 
 
 def promise_warning(artifact_dir: Path) -> str | None:
-    """The warning a user must see when the artifact's accuracy promise was not confirmed on unseen rows."""
-    promise = _manifest(artifact_dir).get("promise") or {}
+    """The warning a user must see when the artifact's accuracy promise was not confirmed on unseen rows
+    (the run's ``confirm.json``, or an older artifact's manifest)."""
+    promise = with_choice(artifact_dir, _manifest(artifact_dir)).get("promise") or {}
     if promise.get("confirmed") is not False:
         return None
     conf = promise.get("confirmation") or {}

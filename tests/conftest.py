@@ -195,3 +195,25 @@ def cli(*args) -> tuple[int, str, str]:
     finally:
         sys.stdout, sys.stderr = old
     return code, out.getvalue(), err.getvalue()
+
+
+def run_dir_with_confirm(artifact: Path, root: Path, recommended: str | None, confirmed: bool | None = True) -> Path:
+    """A copy of ``artifact`` laid out as `run` writes it (OUT/artifacts/{dense,pruned}) with an
+    OUT/confirm.json that recommends ``recommended`` of the pruned one; returns the pruned artifact dir."""
+    import shutil
+
+    from cahp_deploy.shipped import artifact_records
+
+    out = root / "run"
+    for name in ("dense", "pruned"):
+        shutil.copytree(artifact, out / "artifacts" / name)
+    conf = {"drop": 0.4, "upper": 1.3 if confirmed is False else 0.8, "low": -0.5, "high": 1.3, "n": 440,
+            "confidence": 0.9}
+    record = {"recommended": recommended, "why": "fastest measured artifact within 1 point", "max_drop_points": 1.0,
+              "max_length": 64, "confirmed": confirmed, "dense_int8": None,
+              "variants": {recommended or "optimized": {"confirmation": conf}},
+              "shipped": {"artifact": "pruned", "variant": recommended or "optimized"},
+              "confirmation_rows": {"how": "a held-out 38% of 'validation' (seed 42)"},
+              "artifacts": artifact_records(out, out / "artifacts/dense", out / "artifacts/pruned")}
+    (out / "confirm.json").write_text(json.dumps(record))
+    return out / "artifacts" / "pruned"

@@ -51,7 +51,7 @@ def test_no_architecture_paths_outside_the_table(path):
 LAYERS: tuple[tuple[str, ...], ...] = (
     # shared pieces
     ("errors", "atomic", "hashing", "schema", "progress", "formatting", "arch", "gates", "data", "paired",
-     "serving_length", "hf_classifier", "onnx_runtime", "distributed", "evaluation", "predict"),
+     "serving_length", "hf_classifier", "onnx_runtime", "distributed", "evaluation", "shipped", "predict"),
     ("selection", "signals"),  # pure math; torch code that only collects statistics
     ("pruning",),  # surgery, load_pruned, costs
     ("modeling",),  # load_classifier: dense, or pruned through pruning.load_pruned

@@ -126,6 +126,23 @@ def test_variant_rule():
         choose_variant(m, "fp16")
 
 
+def test_the_shipped_choice_comes_from_confirm_json_and_the_artifact_is_not_rewritten(artifact, tmp_path):
+    from conftest import run_dir_with_confirm
+
+    pruned = run_dir_with_confirm(artifact, tmp_path, "fp32", confirmed=False)
+    before = (pruned / "manifest.json").read_bytes()
+    out = handoff(pruned, tmp_path / "h", "dir")
+    rec = json.loads((out / "handoff.json").read_text())
+    assert rec["variant"] == "fp32" and rec["variant_reason"].endswith("confirm.json")
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "NOT confirmed: do not rely on it" in card and "upper bound +1.30" in card
+    assert (pruned / "manifest.json").read_bytes() == before  # the choice is read, never written into the artifact
+    # an artifact exported again after the run is no longer described by its confirm.json
+    (pruned / "manifest.json").write_bytes(before.replace(b"{", b"{\n", 1))
+    rec = json.loads((handoff(pruned, tmp_path / "h2", "dir") / "handoff.json").read_text())
+    assert rec["variant"] == "optimized" and "NOT confirmed" not in (tmp_path / "h2" / "MODEL_CARD.md").read_text()
+
+
 def test_ort_mobile_with_trimmed_vocab(artifact, tiny_data, tmp_path):
     out = handoff(artifact, tmp_path / "m", "ort-mobile", trim_vocab=str(tiny_data))
     rec = json.loads((out / "handoff.json").read_text())

@@ -58,6 +58,29 @@ def test_layout_and_record(first_run, tiny_data):
     assert pruned["variants"]["int8"]["quantization_aware"] and "qat_match" in pruned["variants"]["int8"]
 
 
+def test_confirm_writes_confirm_json_only_and_no_recorded_hash_is_patched(first_run):
+    """The confirm stage rewrites no artifact: the manifests are the bytes export wrote, every output hash
+    run.json recorded is still the hash of the output, and confirm.json names the manifests it describes."""
+    from cahp_deploy.hashing import sha256_file
+    from cahp_deploy.run.pipeline import output_sha256
+    from cahp_deploy.shipped import choice
+
+    out, _ = first_run
+    record = json.loads((out / "run.json").read_text())
+    for name, stage in record["stages"].items():
+        assert output_sha256(out / stage["output"]) == stage["output_sha256"], name
+    # bench's recorded input is export's recorded output, unpatched
+    assert record["stages"]["bench"]["inputs"]["pruned_sha256"] == record["stages"]["export-pruned"]["output_sha256"]
+    confirm = json.loads((out / "confirm.json").read_text())
+    for name in ("dense", "pruned"):
+        manifest = out / "artifacts" / name / "manifest.json"
+        assert not {"recommended", "recommended_why", "promise"} & set(json.loads(manifest.read_text()))
+        assert confirm["artifacts"][name] == {"path": f"artifacts/{name}", "manifest_sha256": sha256_file(manifest)}
+    got = choice(out / "artifacts/pruned")
+    assert got["recommended"] == confirm["recommended"] and got["source"] == str((out / "confirm.json").resolve())
+    assert choice(out / "artifacts/dense")["recommended"] is None
+
+
 def _sha(path):
     from cahp_deploy.hashing import sha256_file
 

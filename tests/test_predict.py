@@ -142,3 +142,19 @@ def test_the_manifests_recommended_variant_is_the_default(artifacts, tmp_path):
     (art / "manifest.json").write_text(json.dumps({**manifest, "recommended": "int8"}))
     assert resolve_variant(art, None)[0] == "int8"
     assert predict(art, TEXTS[:1])[0].scores == predict(art, TEXTS[:1], variant="int8")[0].scores
+
+
+def test_the_shipped_choice_is_read_from_the_runs_confirm_json(artifacts, tmp_path):
+    """`run` writes its choice to OUT/confirm.json only; predict reads it there and warns on a promise
+    not confirmed, while the artifact's manifest stays the bytes export wrote."""
+    from conftest import run_dir_with_confirm
+
+    from cahp_deploy.predict import promise_warning, resolve_variant
+
+    pruned = run_dir_with_confirm(artifacts["bert"], tmp_path, "int8", confirmed=False)
+    before = (pruned / "manifest.json").read_bytes()
+    assert resolve_variant(pruned, None)[0] == "int8"
+    assert "NOT confirmed" in promise_warning(pruned) and "+1.30 points on 440 rows" in promise_warning(pruned)
+    assert resolve_variant(pruned.parent / "dense", None)[0] == "fp32"  # the dense artifact is recommended nothing
+    assert promise_warning(pruned.parent / "dense") is None
+    assert (pruned / "manifest.json").read_bytes() == before

@@ -71,7 +71,7 @@ def test_an_unconfirmed_promise_recommends_nothing_and_is_loud(tmp_path, capsys)
     rec, _, confirmed = promise.settle(promise.ship(pruned, None, 1.0), pruned["optimized"], 1.0)
     assert (rec, confirmed) == ("optimized", True)
     assert promise.settle(promise.ship(pruned, None, None), pruned["optimized"], None)[2] is None  # no budget
-    # the artifact carries it: predict warns on stderr
+    # an artifact written before confirm.json was the one record carries it in its manifest: predict warns
     from cahp_deploy.predict import promise_warning
 
     (tmp_path / "manifest.json").write_text(json.dumps({"promise": {

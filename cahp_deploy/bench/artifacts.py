@@ -14,6 +14,7 @@ from pathlib import Path
 from cahp_deploy.bench.inputs import max_sequence_length
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_file
+from cahp_deploy.shipped import with_choice
 
 #: every variant an export can hold, in report order
 VARIANTS: tuple[str, ...] = ("fp32", "optimized", "int8", "fp16")
@@ -90,7 +91,7 @@ class Artifact:
             "num_heads_kept": m.get("num_heads_kept"),
             "num_heads_total": m.get("num_heads_total"),
             "kept_heads": m.get("kept_heads"),
-            "recommended": m.get("recommended"),
+            "recommended": with_choice(self.path, m).get("recommended"),
             "num_neurons_kept": m.get("num_neurons_kept"),
             "num_neurons_total": m.get("num_neurons_total"),
             "flop_ceiling_speedup": self.flop_ceiling,

@@ -1,6 +1,7 @@
 """MODEL_CARD.md: what the receiving team needs to know, only from recorded measurements.
 
-Every number comes from the artifact's ``manifest.json`` or the handoff record (vocabulary
+Every number comes from the artifact's ``manifest.json`` (with the promise of the run's
+``confirm.json``: :func:`cahp_deploy.shipped.with_choice`) or the handoff record (vocabulary
 trimming, ORT parity); a number that was not measured is written as "not measured" with the command
 that would measure it. Accuracy intervals: Wilson 90 % interval on the rows the accuracy was
 measured on (the manifest records accuracy and row count, so the interval is recomputable).

@@ -11,7 +11,8 @@
                     dir (model.onnx + tokenizer)
         ──► smoke inputs/logits, MODEL_CARD.md, handoff.json (sha256 of every file)
 
-Variant rule: the manifest's ``recommended`` variant when it names one the artifact has, else
+Variant rule: the ``recommended`` variant of the run that made the artifact (its ``confirm.json``,
+:mod:`cahp_deploy.shipped`; an older artifact's manifest) when it names one the artifact has, else
 ``optimized``, else ``fp32``; ``--variant`` overrides. Everything is written into a temporary sibling
 of ``out`` that replaces it only when every check passed.
 """
@@ -39,6 +40,7 @@ from cahp_deploy.handoff import model_card, ort_mobile, triton, triton_text, voc
 from cahp_deploy.handoff.verify import HANDOFF_FILE, SCHEMA
 from cahp_deploy.hashing import sha256_file
 from cahp_deploy.serving_length import of_manifest
+from cahp_deploy.shipped import with_choice
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 def choose_variant(manifest: dict, variant: str | None = None) -> tuple[str, str]:
-    """(variant, why): ``variant`` if given, else the manifest's recommendation, else :data:`PREFERENCE`."""
+    """(variant, why): ``variant`` if given, else the recommendation (``manifest`` as
+    :func:`cahp_deploy.shipped.with_choice` returns it), else :data:`PREFERENCE`."""
     have = manifest["variants"]
     if variant is not None:
         if variant not in have:
@@ -63,7 +66,7 @@ def choose_variant(manifest: dict, variant: str | None = None) -> tuple[str, str
         return variant, "chosen with --variant"
     rec = manifest.get("recommended")
     if rec in have:
-        return rec, "recommended by the artifact's manifest"
+        return rec, "recommended by " + (manifest.get("recommended_source") or "the artifact's manifest")
     for v in PREFERENCE:
         if v in have:
             return v, f"no recommendation in the manifest; first of {'/'.join(PREFERENCE)} present"
@@ -175,7 +178,7 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
     out = check_output_path(out, force)
     if out.resolve() == artifact.resolve():
         raise CahpError("--out must differ from ARTIFACT_DIR")
-    manifest = load_manifest(artifact)
+    manifest = with_choice(artifact, load_manifest(artifact))  # the shipped choice, from the run's confirm.json
     verify_artifact(artifact, smoke=False)  # a tampered artifact is never handed off
     variant, why = choose_variant(manifest, variant)
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", artifact.resolve().name)

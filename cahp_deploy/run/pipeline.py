@@ -686,7 +686,8 @@ def _rows_key(data) -> str:
 
 def _confirm(record: RunRecord, out: Path, plan: _Plan, dense_art: Path, pruned_art: Path, report_dir: Path) -> None:
     """The confirm stage: choose the shipped variant by measured speed within the budget, confirm it on
-    rows no decision saw, write OUT/confirm.json and the pruned manifest's ``recommended``."""
+    rows no decision saw, write OUT/confirm.json: the one record of the choice (no artifact is rewritten,
+    so every hash recorded for export and bench stays true)."""
     from cahp_deploy.run import promise
 
     confirm_file = out / promise.CONFIRM_FILE
@@ -699,19 +700,13 @@ def _confirm(record: RunRecord, out: Path, plan: _Plan, dense_art: Path, pruned_
         "threads": plan.bench_kwargs.get("threads"), "max_length": plan.max_length,
         "error_rates": ErrorRates(plan.confidence).to_dict(),
     }
-    ran = record.stage(
+    record.stage(
         "confirm", inputs, confirm_file,
         lambda overwrite: promise.confirm(dense_art, pruned_art, report_dir, plan.decision, plan.confirmation,
                                           plan.confirm_how, plan.max_accuracy_drop, confirm_file,
                                           confidence=plan.confidence, threads=plan.bench_kwargs.get("threads"),
                                           max_length=plan.max_length),
     )
-    if ran:  # the manifest now names its recommended variant: what export made, plus that one line
-        stage = record.stages["export-pruned"]
-        stage["output_sha256"] = output_sha256(pruned_art)
-        record.stages["bench"]["inputs"]["pruned_sha256"] = stage["output_sha256"]
-        record.stages["bench"]["inputs_sha256"] = sha256_json(record.stages["bench"]["inputs"])
-        record.save()
 
 
 def load_split_hashes(data: str, split: str, already, columns: dict[str, Any]) -> dict[str, str]:

@@ -18,7 +18,7 @@ standard error ~1.5 points there). So:
 4. **Confirmation**: every variant's drop (and the dense INT8's) is measured again through ONNX Runtime
    on the confirmation rows, at the length the artifact serves, and written with its interval to
    ``OUT/confirm.json``. When the shipped artifact's bound there misses the budget the promise is
-   **not confirmed**, loudly: no variant is recommended, the manifest's ``promise`` says so (``predict``
+   **not confirmed**, loudly: no variant is recommended, ``confirm.json``'s promise says so (``predict``
    warns), and `run` exits with :data:`EXIT_NOT_CONFIRMED` once everything is written.
 
 Accuracy here is ONNX Runtime's, on the very files a user deploys, against the dense *fp32* artifact.
@@ -38,8 +38,10 @@ from cahp_deploy.atomic import atomic_file
 from cahp_deploy.errors import CahpError
 from cahp_deploy.paired import DEFAULT_CONFIDENCE, correct, paired_drop, split_rows
 from cahp_deploy.run.summary import points_word
+from cahp_deploy.shipped import (
+    CONFIRM_FILE, DENSE, DENSE_ARTIFACT_DIR, PRUNED, PRUNED_ARTIFACT_DIR, artifact_records, promise_of,
+)
 
-CONFIRM_FILE = "confirm.json"
 PARETO_PLOT = "pareto.png"
 #: the share of the run's error rate the budget search's ladder gets; the shipping sequence gets the rest
 SEARCH_SHARE = 0.5
@@ -205,11 +207,6 @@ def headline_shape(report: dict[str, Any]) -> str:
     return f"{b}x{s}"
 
 
-DENSE, PRUNED = "dense", "pruned"
-#: where `run` writes the two artifacts, relative to OUT (what confirm.json names: no absolute paths)
-DENSE_ARTIFACT_DIR, PRUNED_ARTIFACT_DIR = "artifacts/dense", "artifacts/pruned"
-
-
 def ship(pruned: dict[str, dict[str, Any]], dense_int8: dict[str, Any] | None, max_drop: float | None) -> dict[str, Any]:
     """What the run ships: the fastest measured artifact within the budget, chosen by a fixed sequence.
 
@@ -263,8 +260,8 @@ def ship(pruned: dict[str, dict[str, Any]], dense_int8: dict[str, Any] | None, m
 def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confirmation, how: str,
             max_drop: float | None, out_file: Path, confidence: float = DEFAULT_CONFIDENCE,
             threads: int | None = None, max_length: int = 128) -> dict[str, Any]:
-    """Measure, choose and confirm (see the module docstring); write ``out_file`` and the manifest's
-    ``recommended`` and ``promise``. Every row is scored at ``max_length``, the length the artifact
+    """Measure, choose and confirm (see the module docstring); write ``out_file``, the one record of the
+    choice (:mod:`cahp_deploy.shipped` reads it for `predict` and the handoff). Every row is scored at ``max_length``, the length the artifact
     serves. Returns the record."""
     from cahp_deploy.exporters import int8_mac_share, load_manifest
 
@@ -332,11 +329,12 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
         "confirmed": confirmed,
         "dense_int8_faster": None if shipping["artifact"] != PRUNED or dense_int8 is None
         else bool(dense_int8["p50_ms"] < shipped["p50_ms"]),
+        # the artifacts this record describes, as export wrote them: the choice lives here, not in them
+        "artifacts": artifact_records(Path(out_file).parent, dense_art, pruned_art),
     }
     with atomic_file(out_file, force=True) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     plot_pareto(record, Path(out_file).with_name(PARETO_PLOT))
-    _set_recommended(pruned_art, recommended, why, promise_of(record))
     return record
 
 
@@ -352,22 +350,6 @@ def settle(shipping: dict[str, Any], shipped: dict[str, Any] | None, max_drop: f
     if confirmed is False:
         return None, f"NOT confirmed on rows no decision saw ({why})", False
     return recommended, why, confirmed
-
-
-def promise_of(record: dict[str, Any]) -> dict[str, Any]:
-    """The promise as the artifact carries it (manifest ``promise``): what `predict` and the handoff read."""
-    shipped = record.get("shipped") or {}
-    v = record["dense_int8"] if shipped.get("artifact") == DENSE else (record["variants"] or {}).get(shipped.get("variant"))
-    conf = None if v is None else v["confirmation"]
-    return {
-        "confirmed": record.get("confirmed"),
-        "max_drop_points": record.get("max_drop_points"),
-        "max_length": record.get("max_length"),
-        "shipped": {"artifact": shipped.get("artifact"), "variant": shipped.get("variant")},
-        "confirmation": None if conf is None else {
-            "drop": conf["drop"], "upper": conf["upper"], "low": conf["low"], "high": conf["high"],
-            "rows": conf["n"], "on": record["confirmation_rows"]["how"], "confidence": conf["confidence"]},
-    }
 
 
 def plot_pareto(record: dict[str, Any], path: Path) -> None:
@@ -404,18 +386,6 @@ def plot_pareto(record: dict[str, Any], path: Path) -> None:
     with atomic_file(path, force=True) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-
-
-def _set_recommended(artifact: Path, variant: str | None, why: str, promise: dict[str, Any]) -> None:
-    """Record the verified variant and the promise in the artifact's manifest (the manifest hashes no file
-    of its own)."""
-    path = Path(artifact) / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["recommended"] = variant
-    manifest["recommended_why"] = why
-    manifest["promise"] = promise
-    with atomic_file(path, force=True) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 __all__ = ["CONFIRM_FILE", "DEFAULT_CONFIRM_FRACTION", "DENSE", "EXIT_NOT_CONFIRMED", "ErrorRates", "PARETO_PLOT",
