@@ -248,6 +248,17 @@ def test_bad_request_gets_an_error_and_the_server_stays_ready(server, what):
 
 
 @needs_server
+def test_the_example_client_talks_to_the_server(server, text_handoff, artifact):
+    code = "import json, sys, client; print(json.dumps(client.classify(sys.argv[2:], sys.argv[1])))"
+    proc = subprocess.run([sys.executable, "-c", code, server.url, "dull.", "a gripping film"], cwd=text_handoff,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)  # [[label, probs], ...]
+    assert [g[0] for g in got] == [p.label for p in predict(artifact, ["dull.", "a gripping film"])]
+    assert all(abs(sum(g[1]) - 1) < 1e-5 for g in got)
+
+
+@needs_server
 def test_bad_request_in_a_dynamic_batch_fails_alone(server):
     calls = [["good one"], [""], ["good two"], ["x" * (MAX_CHARS + 1)], ["good three"]] * 2
     with ThreadPoolExecutor(len(calls)) as pool:

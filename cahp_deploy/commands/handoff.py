@@ -16,7 +16,7 @@ from cahp_deploy.commands._options import force_option
               show_default=True,
               help="triton: model repository (ids in, ONNX Runtime backend) + config.pbtxt + client.py; triton-text: "
                    "model repository that takes raw text (Python backend: tokenizer + ONNX Runtime), served by "
-                   "`cahp-deploy serve`; ort-mobile: model.ort + reduced-op config; dir: model.onnx + tokenizer.")
+                   "`cahp-deploy serve`, + client.py; ort-mobile: model.ort + reduced-op config; dir: model.onnx + tokenizer.")
 @click.option("--variant", type=click.Choice(["fp32", "optimized", "int8", "fp16"]), default=None,
               help="Variant to hand off [default: the manifest's recommended one, else optimized, else fp32].")
 @click.option("--name", default=None, help="Model name (Triton) [default: the artifact dir's name].")

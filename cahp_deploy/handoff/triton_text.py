@@ -9,6 +9,7 @@
     OUT/model_repository/<name>/1/model.onnx        the handed-off variant
     OUT/model_repository/<name>/1/tokenizer.json    the artifact's fast tokenizer
     OUT/model_repository/<name>/1/serving.json      what model.py reads (:func:`settings`)
+    OUT/client.py                                   example client: text in, labels out (standard library only)
 
 Why one Python-backend model rather than an ensemble (a Python tokenizer feeding the ``onnxruntime``
 backend): the Triton that runs here (``nvidia-pytriton``'s) has no ONNX Runtime backend, so an
@@ -153,6 +154,44 @@ SMOKE_TEXTS = ["a gripping, beautifully acted film", "dull.", "Ni l'un ni l'autr
                "interminable, et pourtant ... " * 3, "ok"]
 
 
+CLIENT = '''"""Example client for the Triton text model {name}: send text, get labels and probabilities.
+
+    cahp-deploy serve .                      # or any Triton with the Python backend (docs/serving.md)
+    python client.py "a gripping, beautifully acted film" "dull."
+
+Standard library only (KServe v2 JSON over HTTP). At most {max_batch_size} texts a request and
+{max_text_chars} characters a text; the server truncates at {max_length} tokens.
+"""
+
+import json
+import sys
+import urllib.error
+import urllib.request
+
+MODEL = "{name}"
+
+
+def classify(texts, url="http://localhost:8000"):
+    body = {{"inputs": [{{"name": "TEXT", "shape": [len(texts), 1], "datatype": "BYTES", "data": texts}}]}}
+    req = urllib.request.Request(f"{{url}}/v2/models/{{MODEL}}/infer", data=json.dumps(body).encode(),
+                                 headers={{"Content-Type": "application/json"}})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            out = {{o["name"]: o for o in json.load(r)["outputs"]}}
+    except urllib.error.HTTPError as e:  # a bad request: the server says why
+        raise SystemExit(f"HTTP {{e.code}}: {{json.load(e).get('error')}}")
+    n = out["PROBS"]["shape"][1]
+    probs = [out["PROBS"]["data"][i * n:(i + 1) * n] for i in range(len(texts))]
+    return list(zip(out["LABEL"]["data"], probs))
+
+
+if __name__ == "__main__":
+    texts = sys.argv[1:] or ["a gripping, beautifully acted film"]
+    for text, (label, probs) in zip(texts, classify(texts)):
+        print(f"{{label}}\t{{max(probs):.3f}}\t{{text}}")
+'''
+
+
 def write_repository(artifact: Path, tmp: Path, tokdir: Path, staged: Path, name: str, manifest: dict, variant: str, *,
                      max_batch_size: int, instances: int, max_text_chars: int, dynamic_batching: bool,
                      max_queue_delay_us: int, merge_requests: bool | None, ort_threads: int) -> dict:
@@ -180,6 +219,8 @@ def write_repository(artifact: Path, tmp: Path, tokdir: Path, staged: Path, name
     (model_dir / "config.pbtxt").write_text(text)
     (model_dir / "labels.txt").write_text("".join(f"{label}\n" for label in s["labels"]))
     check_config(text, version)
+    (tmp / "client.py").write_text(CLIENT.format(name=name, max_batch_size=max_batch_size, max_text_chars=max_text_chars,
+                                                 max_length=s["max_length"]))
     got = smoke(version, SMOKE_TEXTS)
     # predict on the very files served: the graph, the (maybe trimmed) tokenizer dir, the manifest's length
     ref_dir = tmp / ".stage-predict"
