@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from cahp_deploy.exporters import load_manifest, variant_path, verify
-from cahp_deploy.exporters.optimize import build_candidate
+from cahp_deploy.export import load_manifest, variant_path, verify
+from cahp_deploy.export.optimize import build_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "export_latency.json"

@@ -39,8 +39,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from cahp_deploy.exporters import load_manifest, variant_path
-from cahp_deploy.exporters.optimize import build_candidate, check_attention_heads
+from cahp_deploy.export import load_manifest, variant_path
+from cahp_deploy.export.optimize import build_candidate, check_attention_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "bench" / "results" / "tf5"

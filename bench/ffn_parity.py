@@ -16,7 +16,7 @@ import onnxruntime as ort
 import torch
 
 from cahp_deploy.data import iter_batches, load_labelled
-from cahp_deploy.exporters.manifest import load_manifest, variant_path
+from cahp_deploy.export.manifest import load_manifest, variant_path
 from cahp_deploy.gates import head_mask, neuron_mask
 from cahp_deploy.modeling import load_classifier
 from cahp_deploy.signals import model_inputs

@@ -20,8 +20,9 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from cahp_deploy.data import load_labelled
-from cahp_deploy.exporters import int8_mac_share, int8_tuning, load_manifest, parity, variant_path
-from cahp_deploy.exporters.optimize import time_graphs
+from cahp_deploy.export import int8_mac_share, load_manifest, parity, variant_path
+from cahp_deploy.export.int8 import tuning as int8_tuning
+from cahp_deploy.export.optimize import time_graphs
 from cahp_deploy.paired import correct, paired_drop
 
 SHAPES = ((1, 128), (32, 128))

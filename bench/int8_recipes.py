@@ -7,7 +7,7 @@ ART_DIR is an artifact made by ``cahp-deploy export --quantize int8 --data DATA`
 ``model_optimized.onnx``:
 
 * ``dynamic per-tensor`` / ``dynamic per-channel``: every weight MatMul INT8 (ORT quantize_dynamic);
-* ``smooth a=<alpha> per-channel``: :mod:`cahp_deploy.exporters.smoothing` (an explicit ``Mul`` before
+* ``smooth a=<alpha> per-channel``: :mod:`cahp_deploy.export.int8.smoothing` (an explicit ``Mul`` before
   each MatMul: BERT is post-LN) with 1,024 train rows, then dynamic per-channel INT8;
 * ``static QDQ`` (``--static``): ORT quantize_static, MinMax calibration on 256 train rows, QDQ format.
 
@@ -32,10 +32,11 @@ import onnx
 from transformers import AutoConfig, AutoTokenizer
 
 from cahp_deploy.data import load_labelled
-from cahp_deploy.exporters import int8_tuning, load_manifest, parity, variant_path
-from cahp_deploy.exporters import quantize as quant
-from cahp_deploy.exporters.optimize import time_graphs
-from cahp_deploy.exporters.smoothing import smooth
+from cahp_deploy.export import load_manifest, parity, variant_path
+from cahp_deploy.export.int8 import quantize as quant
+from cahp_deploy.export.int8 import tuning as int8_tuning
+from cahp_deploy.export.optimize import time_graphs
+from cahp_deploy.export.int8.smoothing import smooth
 from cahp_deploy.paired import correct, paired_drop
 
 SHAPES = ((1, 128), (32, 128))

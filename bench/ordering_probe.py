@@ -26,7 +26,7 @@ import torch
 
 from cahp_deploy import evaluation, pruning
 from cahp_deploy.data import load_labelled
-from cahp_deploy.methods import runner
+from cahp_deploy.methods import stage as select_stage
 from cahp_deploy.methods.cahp import select_at
 from cahp_deploy.modeling import load_classifier
 from cahp_deploy.paired import paired_drop
@@ -68,7 +68,7 @@ def main(run_out: str, model: str, data: str, k: int, floor: float = 0.5, orderi
     work = Path(tempfile.mkdtemp(prefix="ordering-"))
     cuts = {"cahp": cahp}
     if "gradient" in orderings.split(","):
-        runner.select(model, data, work / "gradient.json", method="gradient", heads=heads, split="train", seed=42)
+        select_stage.select(model, data, work / "gradient.json", method="gradient", heads=heads, split="train", seed=42)
         gradient = Selection.from_json(work / "gradient.json")
         gradient.kept_neurons, gradient.neurons_per_layer, gradient.ffn = cahp.kept_neurons, cahp.neurons_per_layer, cahp.ffn
         cuts["gradient"] = gradient

@@ -64,7 +64,7 @@ def hybrid_selection() -> dict:
     import cahp_deploy.signals.signatures as signatures
     from cahp_deploy.data import load_labelled
     from cahp_deploy.evaluation import masked_accuracy
-    from cahp_deploy.methods.runner import select
+    from cahp_deploy.methods.stage import select
     from cahp_deploy.modeling import load_classifier
 
     plain = signatures.collect_signatures

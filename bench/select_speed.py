@@ -2,7 +2,7 @@
 
 Issue 18's target: all 8,544 sst5 train rows in <= 30 s wall on 2 CPU cores with the same selection
 quality (k* within 1, head-masked validation accuracy within 0.5 points). This times
-:func:`cahp_deploy.methods.runner.select` end to end (data and model loading included, Python and
+:func:`cahp_deploy.methods.stage.select` end to end (data and model loading included, Python and
 library imports excluded). Each phase is timed from outside, by wrapping the library function that
 does it (wall *and* CPU seconds: on a shared 2-core machine a wall time means little without the CPU
 time and the load average beside it); a phase whose function does not exist in this version is
@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from cahp_deploy.methods.runner import select
+from cahp_deploy.methods.stage import select
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -38,7 +38,7 @@ TARGET_SECONDS = 30.0
 
 #: (module, attribute, phase): the functions that do each phase, in any version that has them.
 PHASES = [
-    ("cahp_deploy.methods.runner", "load_labelled", "load_data"),
+    ("cahp_deploy.methods.stage", "load_labelled", "load_data"),
     ("cahp_deploy.modeling", "load_classifier", "load_model"),
     ("cahp_deploy.signals.salience", "head_salience", "salience_pass"),
     ("cahp_deploy.signals.signatures", "collect_signatures", "signature_pass"),
@@ -46,8 +46,8 @@ PHASES = [
     ("cahp_deploy.methods.cahp", "jm_profiles", "jm_profiles"),
     ("cahp_deploy.methods.cahp", "clustering_space", "embedding"),
     ("cahp_deploy.methods.cahp", "mss_sweep", "sweep"),
-    ("cahp_deploy.methods.runner", "sha256_dir", "hash_model"),
-    ("cahp_deploy.methods.runner", "plot_mss_curve", "plot"),
+    ("cahp_deploy.methods.stage", "sha256_dir", "hash_model"),
+    ("cahp_deploy.methods.stage", "plot_mss_curve", "plot"),
 ]
 
 

@@ -18,7 +18,7 @@ TINY = dict(batches=(1, 4), seqs=(8, 16), min_seconds=0.0, min_reps=3, warmup=1,
 
 def _export(model_dir: Path, out: Path, full: bool = True) -> Path:
     """The real export stage (fp32, optimized, INT8); candidate timing off to keep tests fast."""
-    from cahp_deploy.exporters import export
+    from cahp_deploy.export import export
 
     return Path(export(model_dir, out, optimize=full, quantize="int8" if full else None, measure=False))
 

@@ -70,7 +70,7 @@ def test_budget_checks(kw, match):
 
 
 def test_io_binding_runner_matches_plain_run(tiny_onnx):
-    from cahp_deploy.bench.runner import Runner
+    from cahp_deploy.bench.cell_session import Runner
 
     sess = onnx_runtime.session(tiny_onnx, settings=onnx_runtime.thread_settings(1))
     feeds = [inputs.grid_feed(2, 8, 30522, seed=1), inputs.grid_feed(3, 5, 30522, seed=2)]
@@ -185,7 +185,7 @@ def test_grid_checks(values, match):
 
 
 def test_int8_mac_share_from_the_manifest():
-    from cahp_deploy.exporters import int8_mac_share
+    from cahp_deploy.export import int8_mac_share
 
     m = {"variants": {"int8": {"fp32_mac_fraction": 0.25, "int8_mac_fraction": 0.75}, "fp16": {}}}
     assert int8_mac_share(m, "int8") == 0.75 and int8_mac_share(m, "optimized") == 0.0

@@ -56,7 +56,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pruning",),  # surgery, load_pruned, costs
     ("modeling",),  # load_classifier: dense, or pruned through pruning.load_pruned
     ("methods", "recovery"),
-    ("exporters",),
+    ("export",),
     ("handoff", "bench"),
     ("run", "study"),
     ("demo",),
@@ -66,7 +66,7 @@ _LAYER = {unit: n for n, units in enumerate(LAYERS) for unit in units}
 
 
 def _unit(module: str) -> str | None:
-    """``cahp_deploy.exporters.verify`` -> ``exporters``; the package root itself (``cahp_deploy``, its
+    """``cahp_deploy.export.verify`` -> ``export``; the package root itself (``cahp_deploy``, its
     ``__version__`` and lazy ``load_pruned``) is no unit."""
     parts = module.split(".")
     if parts[0] != "cahp_deploy" or len(parts) < 2 or parts[1] in ("__version__", "load_pruned"):
@@ -129,11 +129,11 @@ def test_no_import_circle():
 
 
 def test_the_layer_rule_catches_a_new_upward_import(monkeypatch):
-    """The checks above see what they claim to: an import of exporters from modeling is flagged."""
+    """The checks above see what they claim to: an import of export from modeling is flagged."""
     real = Path.read_text
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: real(self, *a, **k) + (
-        "\nfrom cahp_deploy.exporters import parity\n" if self == PKG / "modeling.py" else ""))
-    with pytest.raises(AssertionError, match="modeling -> exporters"):
+        "\nfrom cahp_deploy.export import parity\n" if self == PKG / "modeling.py" else ""))
+    with pytest.raises(AssertionError, match="modeling -> export"):
         test_no_upward_import()
-    with pytest.raises(AssertionError, match="exporters <-> modeling|modeling <-> exporters"):
+    with pytest.raises(AssertionError, match="export <-> modeling|modeling <-> export"):
         test_no_import_circle()

@@ -323,7 +323,7 @@ def test_bad_selection(kept, fragments, bert, tmp_path):
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, bert) -> Path:
-    from cahp_deploy.exporters import export
+    from cahp_deploy.export import export
 
     return export(bert, tmp_path_factory.mktemp("art") / "dense", optimize=False)
 
@@ -383,9 +383,9 @@ TINY_RUN = ["--method", "random", "--heads", "6", "--batch", "1", "--seq", "16",
 
 
 def test_interrupted_run_leaves_no_partial_artifact_and_resumes(bert, broken, tmp_path, monkeypatch):
-    from cahp_deploy import exporters
+    from cahp_deploy import export as export_stage
 
-    real_export = exporters.export
+    real_export = export_stage.export
     calls = []
 
     def export_then_interrupt(model_dir, out, **kwargs):
@@ -408,11 +408,11 @@ def test_interrupted_run_leaves_no_partial_artifact_and_resumes(bert, broken, tm
 
         monkeypatch.setattr(atomic, "atomic_dir", interrupted_atomic_dir)
         for mod in list(__import__("sys").modules.values()):
-            if getattr(mod, "__name__", "").startswith("cahp_deploy.exporters") and hasattr(mod, "atomic_dir"):
+            if getattr(mod, "__name__", "").startswith("cahp_deploy.export") and hasattr(mod, "atomic_dir"):
                 monkeypatch.setattr(mod, "atomic_dir", interrupted_atomic_dir)
         return real_export(model_dir, out, **kwargs)
 
-    monkeypatch.setattr(exporters, "export", export_then_interrupt)
+    monkeypatch.setattr(export_stage, "export", export_then_interrupt)
     out = tmp_path / "run"
     code, _, err = cli("run", bert, "--data", broken["good"], "--out", out, *TINY_RUN)
     assert code == 130, err

@@ -109,7 +109,7 @@ def _worker(rank: int, port: int, model_dir: str, pruned_dir: str, data_dir: str
     torch.set_num_threads(1)
     from cahp_deploy.data import load_labelled
     from cahp_deploy.errors import CahpError
-    from cahp_deploy.methods.runner import select
+    from cahp_deploy.methods.stage import select
     from cahp_deploy.modeling import load_classifier
     from cahp_deploy.recovery import recover
     from cahp_deploy.signals.signatures import SignatureCollector, collect_signatures
@@ -164,7 +164,7 @@ def two_ranks(tiny_models, tiny_data, tmp_path_factory):
 
 
 def test_two_ranks_select_what_one_process_selects(two_ranks, tiny_models, tiny_data, tmp_path):
-    from cahp_deploy.methods.runner import select
+    from cahp_deploy.methods.stage import select
 
     out, _ = two_ranks
     one = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, options=OPTS, show_progress=False)
@@ -184,7 +184,7 @@ def test_two_ranks_select_what_one_process_selects(two_ranks, tiny_models, tiny_
                                        ("ffn_gradient", dict(ffn_method="gradient", ffn_keep_ratio=0.5))])
 def test_two_ranks_keep_the_neurons_one_process_keeps(name, ffn, two_ranks, tiny_models, tiny_data, tmp_path):
     """FFN neuron selection data-parallel: the same heads and the same neurons as one process."""
-    from cahp_deploy.methods.runner import select
+    from cahp_deploy.methods.stage import select
 
     out, _ = two_ranks
     one = select(tiny_models["bert"], tiny_data, tmp_path / "one.json", seed=0, options=OPTS, show_progress=False,
@@ -304,7 +304,7 @@ def two_rank_runs(tiny_models, tiny_data, tmp_path_factory):
 
 def test_run_under_a_launcher_selects_as_one_process_and_ships_a_loadable_artifact(two_rank_runs, tiny_models,
                                                                                    tiny_data, tmp_path):
-    from cahp_deploy.methods.runner import select
+    from cahp_deploy.methods.stage import select
     from cahp_deploy.modeling import load_classifier
     from cahp_deploy.predict import predict
 
@@ -331,7 +331,7 @@ def test_run_under_a_launcher_selects_as_one_process_and_ships_a_loadable_artifa
 def test_budget_search_under_a_launcher_tries_what_one_process_tries(two_rank_runs, tiny_models, tiny_data, tmp_path):
     """Rank 0 decided on the evidence both ranks collected; the error left no model behind."""
     from cahp_deploy.errors import CahpError
-    from cahp_deploy.methods.runner import select
+    from cahp_deploy.methods.stage import select
     from cahp_deploy.run.budget_search import CandidateResult, ladder, search_k
 
     search = json.loads((two_rank_runs / "search" / "search" / "search.json").read_text())
@@ -362,7 +362,7 @@ def test_accelerate_launch_runs_select_on_two_ranks(tiny_models, tiny_data, tmp_
     import subprocess
     import sys
 
-    from cahp_deploy.methods.runner import select
+    from cahp_deploy.methods.stage import select
 
     accelerate, cli = shutil.which("accelerate"), shutil.which("cahp-deploy")
     if accelerate is None or cli is None:

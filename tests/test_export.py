@@ -20,9 +20,9 @@ import torch
 from cahp_deploy import arch as cahp_arch
 from cahp_deploy.commands.cli import main
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import export, load_manifest, variant_path, verify
-from cahp_deploy.exporters import optimize as ortopt
-from cahp_deploy.exporters import onnx_export, parity
+from cahp_deploy.export import export, load_manifest, variant_path, verify
+from cahp_deploy.export import optimize as ortopt
+from cahp_deploy.export import onnx_export, parity
 from cahp_deploy.pruning import prune
 from cahp_deploy.selection.result import Selection
 from conftest import save_strong_model, tiny_config, tokenizer_dir, write_tiny_data

@@ -27,9 +27,10 @@ from torch import nn
 from cahp_deploy import arch
 from cahp_deploy.commands.cli import main
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import export, int8_tuning, load_manifest, parity, variant_path
-from cahp_deploy.exporters import quantize as quant
-from cahp_deploy.exporters.int8_gate import Int8Gate
+from cahp_deploy.export import export, load_manifest, parity, variant_path
+from cahp_deploy.export.int8 import quantize as quant
+from cahp_deploy.export.int8 import tuning as int8_tuning
+from cahp_deploy.export.int8.gate import Int8Gate
 from conftest import tiny_config, tokenizer_dir, write_tiny_data
 
 HIDDEN, CLASSES = 16, 3
@@ -304,7 +305,7 @@ def test_bad_int8_options(outlier_bert, data, tmp_path, capsys):
 def test_a_held_out_miss_retunes_once_with_the_gap_added(monkeypatch, tmp_path):
     """The control flow of the one retry: first attempt misses the held-out gate, the second target is
     moved by the observed gap; a user-given margin or a second miss is an error."""
-    from cahp_deploy.exporters import stage
+    from cahp_deploy.export import stage
 
     margins = []
     gate = Int8Gate.agreement(0.99)
@@ -347,7 +348,7 @@ def test_a_held_out_miss_retunes_once_with_the_gap_added(monkeypatch, tmp_path):
 def test_the_accuracy_gate_looks_at_every_candidate_int8_first(monkeypatch, tmp_path):
     """Look 0 judges the all-INT8 graph at 95 % (half of the 10 % error rate); a miss searches with
     the measured granularity and judges at 97.5 %, then retunes once at 97.5 %."""
-    from cahp_deploy.exporters import stage
+    from cahp_deploy.export import stage
 
     gate = Int8Gate.accuracy(0.5, confidence=0.9)
     calls = []
@@ -432,7 +433,7 @@ def test_default_gate_is_the_paired_accuracy_drop_on_held_out_rows(outlier_bert,
 def test_smoothing_is_exact_in_fp32_and_tames_outlier_channels(tmp_path):
     """Mul(x, 1/s) before each MatMul and s-scaled weights: the same fp32 function, and per-tensor
     INT8 no longer has its scale set by the 400-valued channels."""
-    from cahp_deploy.exporters.smoothing import smooth
+    from cahp_deploy.export.int8.smoothing import smooth
 
     src, feeds = _outlier_graph(tmp_path / "g.onnx", benign=2)
     smoothed, record = smooth(onnx.load(str(src)), feeds, 0.75)

@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cahp_deploy import arch
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import export, load_manifest, onnx_export, parity, variant_path
-from cahp_deploy.exporters.torch_export import pin_head_counts
+from cahp_deploy.export import export, load_manifest, onnx_export, parity, variant_path
+from cahp_deploy.export.torch_export import pin_head_counts
 from cahp_deploy.pruning import prune
 from cahp_deploy.selection.result import Selection
 from conftest import cli, save_strong_model, tiny_config, tokenizer_dir

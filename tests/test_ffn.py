@@ -109,7 +109,7 @@ def test_onnx_of_pruned_model_equals_gated_dense(name, tmp_path):
     neurons zeroed by hooks (<= 1e-4), through ONNX Runtime."""
     import onnxruntime as ort
 
-    from cahp_deploy.exporters.onnx_export import attn_implementation_for, export_onnx, resolve_opset
+    from cahp_deploy.export.onnx_export import attn_implementation_for, export_onnx, resolve_opset
     from conftest import tiny_config
     from transformers import AutoModelForSequenceClassification
 
@@ -284,8 +284,8 @@ def test_export_of_ffn_pruned_model_keeps_the_fusions_and_records_neurons(tiny_m
     (Measured: a layer left with exactly one neuron gets no BiasGelu, its Add + Gelu stay apart;
     parity holds either way. Two neurons fuse.)
     """
-    from cahp_deploy.exporters import export
-    from cahp_deploy.exporters.manifest import load_manifest
+    from cahp_deploy.export import export
+    from cahp_deploy.export.manifest import load_manifest
 
     heads = [[0, 1], [2], [0, 1, 2, 3]]
     neurons = [list(range(0, INTER, 3)), [5, 9], list(range(INTER))]

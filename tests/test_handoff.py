@@ -11,7 +11,7 @@ import pytest
 
 from conftest import cli
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import export
+from cahp_deploy.export import export
 from cahp_deploy.handoff import verify_handoff as verify
 from cahp_deploy.handoff import choose_variant, handoff
 from cahp_deploy.handoff import triton, vocab

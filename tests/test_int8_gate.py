@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters.int8_gate import Int8Gate, score
-from cahp_deploy.exporters.stage import resolve_int8_gate as int8_gate
+from cahp_deploy.export.int8.gate import Int8Gate, score
+from cahp_deploy.export.stage import resolve_int8_gate as int8_gate
 
 
 def _flip(logits: np.ndarray, rows: np.ndarray, to: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def test_targets_and_retune_margins():
 def test_looks_share_the_error_rate():
     """Bonferroni over the looks at the gate rows: the shares add up to the whole error rate, the
     first look (every candidate INT8) gets half of it; the agreement gate has none to spend."""
-    from cahp_deploy.exporters.int8_gate import LOOK_SHARES, LOOKS
+    from cahp_deploy.export.int8.gate import LOOK_SHARES, LOOKS
 
     gate = Int8Gate.accuracy(0.5, confidence=0.9)
     assert sum(LOOK_SHARES) == pytest.approx(1.0) and len(LOOKS) == len(LOOK_SHARES)

@@ -18,7 +18,7 @@ TEXTS = ["the movie was great and lovely", "a dull , boring plot", "okay", "x " 
 @pytest.fixture(scope="module")
 def artifacts(tiny_models, tmp_path_factory):
     """bert (fp32 + int8) and distilbert (no token_type_ids input) artifacts of the tiny models."""
-    from cahp_deploy.exporters import export
+    from cahp_deploy.export import export
 
     root = tmp_path_factory.mktemp("predict_art")
     return {

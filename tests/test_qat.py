@@ -13,8 +13,9 @@ from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from cahp_deploy.exporters import export, int8_tuning, load_manifest, parity, variant_path
-from cahp_deploy.exporters import quantize as quant
+from cahp_deploy.export import export, load_manifest, parity, variant_path
+from cahp_deploy.export.int8 import quantize as quant
+from cahp_deploy.export.int8 import tuning as int8_tuning
 from cahp_deploy.modeling import load_classifier
 from cahp_deploy.pruning import prune
 from cahp_deploy.recovery import recover

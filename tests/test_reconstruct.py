@@ -232,7 +232,7 @@ def test_refit_model_saves_and_reloads_with_the_same_logits(name, tok, rows, tmp
 
 
 def test_refit_model_exports_to_onnx_with_parity(tok, rows, tmp_path):
-    from cahp_deploy.exporters import export, load_manifest
+    from cahp_deploy.export import export, load_manifest
 
     dense = build_tiny_model("bert", seed=6)
     pruned = _pruned(dense)

@@ -156,7 +156,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, extra, fragment, bad, ti
 
 def test_a_method_whose_module_is_missing_fails_clearly(monkeypatch, tiny_models, tiny_data, tmp_path):
     monkeypatch.setitem(REGISTRY, "ghost", ("cahp_deploy.methods.ghost_method", True))
-    from cahp_deploy.methods.runner import select
+    from cahp_deploy.methods.stage import select
 
     out = tmp_path / "selection.json"
     with pytest.raises(Exception, match="not available in this installation") as info:

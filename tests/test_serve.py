@@ -39,7 +39,7 @@ TEXTS = ["a gripping, beautifully acted film", "dull.", "ok", "not bad at all, t
 
 @pytest.fixture(scope="module")
 def artifact(tiny_models, tmp_path_factory) -> Path:
-    from cahp_deploy.exporters import export
+    from cahp_deploy.export import export
 
     return export(tiny_models["bert"], tmp_path_factory.mktemp("serve") / "art", measure=False)
 

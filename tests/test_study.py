@@ -9,13 +9,13 @@ import pytest
 from click.testing import CliRunner
 
 from cahp_deploy import evaluation, schema
-from cahp_deploy.study import experiment as study_mod
+from cahp_deploy.study import stage as study_mod
 from cahp_deploy.commands.cli import cli
 from cahp_deploy.data import load_labelled
 from cahp_deploy.errors import CahpError
 from cahp_deploy.methods import REGISTRY, MethodContext
 from cahp_deploy.modeling import load_classifier
-from cahp_deploy.study.experiment import StudyConfig, parse_budgets, parse_method_option, study
+from cahp_deploy.study.stage import StudyConfig, parse_budgets, parse_method_option, study
 from cahp_deploy.study.sensitivity import jaccard, knee_sensitivity, with_degree
 
 SMALL = dict(budgets=(0.5,), methods=("cahp", "gradient", "random"), random_seeds=(0, 1), recover_epochs=1,

@@ -10,7 +10,7 @@ import pytest
 
 from cahp_deploy.commands.cli import main
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import export, load_manifest, verify
+from cahp_deploy.export import export, load_manifest, verify
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_a_changed_config_is_tampering_too(copy):
 
 def test_smoke_catches_a_graph_that_no_longer_matches_pytorch(copy):
     """Hashes re-recorded after swapping the optimized graph for the int8 one: only the smoke run can tell."""
-    from cahp_deploy.exporters.manifest import file_records, write_manifest
+    from cahp_deploy.export.manifest import file_records, write_manifest
 
     shutil.copyfile(copy / "model_int8.onnx", copy / "model_optimized.onnx")
     m = load_manifest(copy)

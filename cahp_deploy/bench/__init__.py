@@ -4,7 +4,7 @@
 
 * ``artifacts`` — open, verify (the export's ``verify``) and check comparability of artifact dirs;
 * ``inputs`` — the fixed (batch x seq) grid and real-traffic batches from the data;
-* ``runner`` — one session on a list of feeds (IO binding on GPUs);
+* ``cell_session`` — one session bound to one cell's feeds (IO binding on GPUs);
 * ``timing`` — warm-up, interleaved round-robin repetitions, statistics;
 * ``memory`` — peak RSS growth, GPU memory in use, file sizes;
 * ``accuracy`` — predictions through ONNX Runtime, accuracy and agreement;

@@ -22,11 +22,11 @@ VARIANTS: tuple[str, ...] = ("fp32", "optimized", "int8", "fp16")
 _VOCAB_FILES = ("vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model", "tokenizer.json")
 
 
-def _exporters():
+def _export_pkg():
     """The export stage's public API (imported late: it pulls in torch/optimum on first use)."""
-    from cahp_deploy import exporters
+    from cahp_deploy import export
 
-    return exporters
+    return export
 
 
 @dataclass
@@ -68,11 +68,11 @@ class Artifact:
 
     def file_of(self, variant: str) -> Path | None:
         """The file of ``variant`` if the artifact has it (timed or not)."""
-        path = _exporters().variant_path(self.path, variant)
+        path = _export_pkg().variant_path(self.path, variant)
         return path if path.exists() else None
 
     def variants_present(self) -> list[str]:
-        exp = _exporters()
+        exp = _export_pkg()
         found = []
         for v in VARIANTS:
             if v in (self.manifest.get("variants") or {}) and exp.variant_path(self.path, v).exists():
@@ -150,7 +150,7 @@ def open_artifact(path: str | os.PathLike, is_baseline: bool, name: str, smoke: 
         raise CahpError(f"{role} {p} does not exist or is not a directory; pass a dir written by `cahp-deploy export`")
     if not (p / "manifest.json").is_file():
         raise CahpError(f"{role} {p} is not an artifact dir (no manifest.json); make one with `cahp-deploy export`")
-    exp = _exporters()
+    exp = _export_pkg()
     exp.verify(p, smoke=smoke)  # CahpError on a tampered or incomplete artifact
     manifest = exp.load_manifest(p)
     try:
@@ -245,7 +245,7 @@ def choose_variants(arts: list[Artifact], variants: list[str] | None, provider: 
             wanted = [v for v in VARIANTS if v in present and (v in variants or (a.is_baseline and v == "fp32"))]
         if not wanted:
             raise CahpError(f"{a.path} has no variant to time (present: {', '.join(present) or 'none'})")
-        a.variants = {v: _exporters().variant_path(a.path, v) for v in wanted}
+        a.variants = {v: _export_pkg().variant_path(a.path, v) for v in wanted}
     return notes
 
 

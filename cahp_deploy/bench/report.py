@@ -103,9 +103,9 @@ def _variants_in_order(rep: dict) -> list[str]:
     return [v for v in VARIANTS if v in seen]
 
 
-def to_markdown(rep: dict) -> str:
+def _header_lines(rep: dict, arts: dict) -> list[str]:
+    """The title, the machine, the settings, how to read the numbers."""
     m, s = rep["machine"], rep["settings"]
-    arts = {a["name"]: a for a in rep["artifacts"]}
     base = rep["baseline"]
     threads = m.get("threads", {})
     data = s.get("data")
@@ -139,9 +139,13 @@ def to_markdown(rep: dict) -> str:
         "Δ accuracy is in percentage points against the baseline's fp32 file.",
         "",
     ]
+    return lines
 
+
+def _summary_lines(rep: dict, arts: dict) -> list[str]:
+    """The headline cell: every variant of every artifact, one table."""
     hb, hs = headline_cell(rep)
-    lines += [f"## Summary at batch {hb} x seq {hs}", ""]
+    lines = [f"## Summary at batch {hb} x seq {hs}", ""]
     rows = []
     grid = [c for c in rep["cells"] if c["mode"] == "grid"]
     for v in _variants_in_order(rep):
@@ -165,71 +169,82 @@ def to_markdown(rep: dict) -> str:
         rows,
     )
     lines.append("")
+    return lines
 
-    for v in _variants_in_order(rep):
-        lines += [f"## Variant {v}", "", "### Models", ""]
-        rows = []
-        for name, a in arts.items():
-            info = a["variants"].get(v)
-            if info is None:
-                continue
-            row = [
-                name, _heads(a), _params(a["params"]), _mb(info["size_bytes"]), _f(info["session_create_s"], 3),
-                _mb(info["rss_growth_bytes"]), _mb(info.get("device_memory_bytes")),
-                percent(info.get("accuracy")), percent(info.get("accuracy_change_vs_baseline_fp32"), " pp", signed=True),
-                percent(info.get("agreement_with_baseline_fp32")), percent(info.get("int8_mac_share")),
-            ]
-            if v != "fp32":
-                row += [
-                    percent(info.get("accuracy_change_vs_baseline_same_variant"), " pp", signed=True),
-                    percent(info.get("agreement_with_baseline_same_variant")),
-                ]
-            rows.append(row)
-        header = ["artifact", "heads kept", "params", "size", "session s", "RSS growth", "GPU memory", "accuracy",
-                  "Δ acc vs base fp32", "agrees w/ base fp32", "MACs in INT8"]
+
+def _variant_lines(rep: dict, arts: dict, v: str) -> list[str]:
+    """One variant: its models, its fixed grid, its real traffic."""
+    grid = [c for c in rep["cells"] if c["mode"] == "grid"]
+    lines = [f"## Variant {v}", "", "### Models", ""]
+    rows = []
+    for name, a in arts.items():
+        info = a["variants"].get(v)
+        if info is None:
+            continue
+        row = [
+            name, _heads(a), _params(a["params"]), _mb(info["size_bytes"]), _f(info["session_create_s"], 3),
+            _mb(info["rss_growth_bytes"]), _mb(info.get("device_memory_bytes")),
+            percent(info.get("accuracy")), percent(info.get("accuracy_change_vs_baseline_fp32"), " pp", signed=True),
+            percent(info.get("agreement_with_baseline_fp32")), percent(info.get("int8_mac_share")),
+        ]
         if v != "fp32":
-            header += [f"Δ acc vs base {v}", f"agrees w/ base {v}"]
-        lines += _table(header, rows)
-        # For fp32 "same variant" and "fp32" are one baseline file: one speedup column, not two.
-        speedups = ["speedup vs base fp32"] if v == "fp32" else [f"speedup vs base {v}", "speedup vs base fp32"]
+            row += [
+                percent(info.get("accuracy_change_vs_baseline_same_variant"), " pp", signed=True),
+                percent(info.get("agreement_with_baseline_same_variant")),
+            ]
+        rows.append(row)
+    header = ["artifact", "heads kept", "params", "size", "session s", "RSS growth", "GPU memory", "accuracy",
+              "Δ acc vs base fp32", "agrees w/ base fp32", "MACs in INT8"]
+    if v != "fp32":
+        header += [f"Δ acc vs base {v}", f"agrees w/ base {v}"]
+    lines += _table(header, rows)
+    # For fp32 "same variant" and "fp32" are one baseline file: one speedup column, not two.
+    speedups = ["speedup vs base fp32"] if v == "fp32" else [f"speedup vs base {v}", "speedup vs base fp32"]
 
-        def speedup_cols(c: dict) -> list[str]:
-            cols = [_x(c["speedup_vs_baseline_same_variant"])] if v != "fp32" else []
-            return cols + [_x(c["speedup_vs_baseline_fp32"])]
+    def speedup_cols(c: dict) -> list[str]:
+        cols = [_x(c["speedup_vs_baseline_same_variant"])] if v != "fp32" else []
+        return cols + [_x(c["speedup_vs_baseline_fp32"])]
 
-        lines += ["", "### Fixed grid", ""]
+    lines += ["", "### Fixed grid", ""]
+    rows = [
+        [
+            c["artifact"], str(c["batch"]), str(c["seq"]), _f(c["p50_ms"]), _f(c["p90_ms"]), _f(c["p99_ms"]),
+            f"{c['mean_ms']:.2f} ± {c['std_ms']:.2f}", str(c["reps"]), _f(c["throughput_seq_per_s"], 1),
+            *speedup_cols(c), _x(c["flop_ceiling_speedup"]), percent(c["share_of_flop_ceiling"]),
+        ]
+        for c in grid
+        if c["variant"] == v
+    ]
+    lines += _table(
+        ["artifact", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "reps", "seq/s",
+         *speedups, "FLOP ceiling", "share of ceiling"],
+        rows,
+    )
+    traffic = [c for c in rep["cells"] if c["mode"] == "traffic" and c["variant"] == v]
+    if traffic:
+        lines += ["", f"### Real traffic (random batches from the data, padded per batch, up to {traffic[0]['max_length']} tokens)", ""]
         rows = [
             [
-                c["artifact"], str(c["batch"]), str(c["seq"]), _f(c["p50_ms"]), _f(c["p90_ms"]), _f(c["p99_ms"]),
-                f"{c['mean_ms']:.2f} ± {c['std_ms']:.2f}", str(c["reps"]), _f(c["throughput_seq_per_s"], 1),
-                *speedup_cols(c), _x(c["flop_ceiling_speedup"]), percent(c["share_of_flop_ceiling"]),
+                c["artifact"], str(c["batch"]), _f(c["mean_padded_length"], 1), _f(c["mean_tokens_per_sequence"], 1),
+                _f(c["p50_ms"]), _f(c["p90_ms"]), _f(c["p99_ms"]), str(c["reps"]), _f(c["throughput_seq_per_s"], 1),
+                *speedup_cols(c),
             ]
-            for c in grid
-            if c["variant"] == v
+            for c in traffic
         ]
         lines += _table(
-            ["artifact", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "reps", "seq/s",
-             *speedups, "FLOP ceiling", "share of ceiling"],
+            ["artifact", "batch", "mean padded length", "mean tokens/seq", "p50 ms/batch", "p90 ms/batch",
+             "p99 ms/batch", "batches timed", "seq/s", *speedups],
             rows,
         )
-        traffic = [c for c in rep["cells"] if c["mode"] == "traffic" and c["variant"] == v]
-        if traffic:
-            lines += ["", f"### Real traffic (random batches from the data, padded per batch, up to {traffic[0]['max_length']} tokens)", ""]
-            rows = [
-                [
-                    c["artifact"], str(c["batch"]), _f(c["mean_padded_length"], 1), _f(c["mean_tokens_per_sequence"], 1),
-                    _f(c["p50_ms"]), _f(c["p90_ms"]), _f(c["p99_ms"]), str(c["reps"]), _f(c["throughput_seq_per_s"], 1),
-                    *speedup_cols(c),
-                ]
-                for c in traffic
-            ]
-            lines += _table(
-                ["artifact", "batch", "mean padded length", "mean tokens/seq", "p50 ms/batch", "p90 ms/batch",
-                 "p99 ms/batch", "batches timed", "seq/s", *speedups],
-                rows,
-            )
-        lines.append("")
+    lines.append("")
+    return lines
 
+
+def to_markdown(rep: dict) -> str:
+    arts = {a["name"]: a for a in rep["artifacts"]}
+    lines = _header_lines(rep, arts) + _summary_lines(rep, arts)
+    for v in _variants_in_order(rep):
+        lines += _variant_lines(rep, arts, v)
     if rep["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in rep["notes"]] + [""]
     return "\n".join(lines)

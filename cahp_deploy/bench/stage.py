@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
@@ -34,9 +35,9 @@ from cahp_deploy.bench.artifacts import (
     open_all,
 )
 from cahp_deploy.bench.inputs import Feed, grid_feed, traffic_feeds
-from cahp_deploy.bench.runner import Runner
+from cahp_deploy.bench.cell_session import Runner
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import int8_mac_share
+from cahp_deploy.export import int8_mac_share
 
 log = logging.getLogger(__name__)
 
@@ -271,17 +272,8 @@ def bench(
     started = time.perf_counter()
     load_start = machine.load_average()
 
-    arts = open_all(list(artifacts), baseline)
-    check_comparable(arts)
-    check_seqs(arts, seqs)
-    notes = choose_variants(arts, variants, provider)
+    arts, notes = _open_artifacts(artifacts, baseline, seqs, variants, provider)
     base = arts[0]
-    if base.manifest.get("kept_heads") is not None:
-        notes.append(f"baseline {base.name} is itself pruned: FLOP ceilings are relative to the dense model, speedups to it")
-    others = [a.name for a in arts[1:] if _origin(a) != _origin(base)]
-    if others:
-        notes.append(f"{', '.join(others)}: not made from the baseline's source model (source_model_sha256 differs)")
-
     labelled = tokenizer = None
     if data is not None:
         labelled = _load_data(data, split, text_column, text_pair_column, label_column, base.num_labels, max_examples)
@@ -316,31 +308,14 @@ def bench(
             cells += _cells(sessions, samples, np.full(len(samples[0]), b), {"mode": "grid", "batch": b, "seq": s})
 
         if do_traffic:
-            for b in batches:
-                step(f"real traffic batch {b}")
-                feeds = traffic_feeds(tokenizer, labelled, b, max_len, traffic_sequences, seed)
-                samples = _time_cell(sessions, feeds, provider, budget)
-                per_rep = np.array([feeds[i % len(feeds)].num_sequences for i in range(len(samples[0]))])
-                where = {
-                    "mode": "traffic",
-                    "batch": b,
-                    "seq": None,
-                    "max_length": max_len,
-                    "num_batches": len(feeds),
-                    "num_sequences": sum(f.num_sequences for f in feeds),
-                    "mean_padded_length": float(np.mean([f.padded_length for f in feeds])),
-                    "mean_tokens_per_sequence": float(sum(f.real_tokens for f in feeds) / sum(f.num_sequences for f in feeds)),
-                }
-                cells += _cells(sessions, samples, per_rep, where)
+            cells += _traffic_cells(sessions, tokenizer, labelled, batches, max_len, traffic_sequences, seed, provider,
+                                    budget, step)
 
         scores = _accuracy(sessions, tokenizer, labelled, acc_len, step) if labelled is not None else {}
         step.finish()
 
     _check_fusion(sessions, notes)
-    params = {}
-    for a in arts:
-        fp32 = a.file_of("fp32")  # parameters are counted on the fp32 file even when it is not timed
-        params[a.name] = graph_facts(fp32)["params"] if fp32 is not None else None
+    params = {a.name: _params(a) for a in arts}
     rep = report.build(
         arts=arts,
         sessions=[(s.artifact.name, s.variant, s.info) for s in sessions],
@@ -351,15 +326,8 @@ def bench(
         settings={
             "provider": provider,
             "ort_providers": [p if isinstance(p, str) else p[0] for p in onnx_runtime.provider_list(provider)],
-            "io_binding": provider != "cpu",
-            "variants": variants,
-            "batches": list(batches),
-            "seqs": list(seqs),
-            "min_seconds": min_seconds,
-            "min_reps": min_reps,
-            "warmup": warmup,
-            "seed": seed,
-            "traffic": do_traffic,
+            "io_binding": provider != "cpu", "variants": variants, "batches": list(batches), "seqs": list(seqs),
+            "min_seconds": min_seconds, "min_reps": min_reps, "warmup": warmup, "seed": seed, "traffic": do_traffic,
             "traffic_sequences": min(traffic_sequences, len(labelled)) if do_traffic else None,
             "data": None if labelled is None else labelled.provenance(),
             "accuracy_max_length": None if labelled is None else acc_len,
@@ -368,6 +336,57 @@ def bench(
         seconds=time.perf_counter() - started,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+    _write_report(rep, out, force, plots)
+    log.info("bench report written to %s", out)
+    return rep
+
+
+def _open_artifacts(artifacts, baseline, seqs, variants, provider) -> tuple[list[Artifact], list[str]]:
+    """(the baseline then the artifacts, opened and checked comparable; the notes for the report)."""
+    arts = open_all(list(artifacts), baseline)
+    check_comparable(arts)
+    check_seqs(arts, seqs)
+    notes = choose_variants(arts, variants, provider)
+    base = arts[0]
+    if base.manifest.get("kept_heads") is not None:
+        notes.append(f"baseline {base.name} is itself pruned: FLOP ceilings are relative to the dense model, speedups to it")
+    others = [a.name for a in arts[1:] if _origin(a) != _origin(base)]
+    if others:
+        notes.append(f"{', '.join(others)}: not made from the baseline's source model (source_model_sha256 differs)")
+    return arts, notes
+
+
+def _traffic_cells(sessions, tokenizer, labelled, batches, max_len: int, traffic_sequences: int, seed: int,
+                   provider: str, budget: dict, step) -> list[dict]:
+    """Real-traffic mode: per batch size, batches of real rows (length-bucketed, padded per batch) timed."""
+    cells = []
+    for b in batches:
+        step(f"real traffic batch {b}")
+        feeds = traffic_feeds(tokenizer, labelled, b, max_len, traffic_sequences, seed)
+        samples = _time_cell(sessions, feeds, provider, budget)
+        per_rep = np.array([feeds[i % len(feeds)].num_sequences for i in range(len(samples[0]))])
+        where = {
+            "mode": "traffic",
+            "batch": b,
+            "seq": None,
+            "max_length": max_len,
+            "num_batches": len(feeds),
+            "num_sequences": sum(f.num_sequences for f in feeds),
+            "mean_padded_length": float(np.mean([f.padded_length for f in feeds])),
+            "mean_tokens_per_sequence": float(sum(f.real_tokens for f in feeds) / sum(f.num_sequences for f in feeds)),
+        }
+        cells += _cells(sessions, samples, per_rep, where)
+    return cells
+
+
+def _params(a: Artifact) -> int | None:
+    """Parameters, counted on the fp32 file even when it is not timed."""
+    fp32 = a.file_of("fp32")
+    return graph_facts(fp32)["params"] if fp32 is not None else None
+
+
+def _write_report(rep: dict, out: Path, force: bool, plots: bool) -> None:
+    """report.json, report.md and (with ``plots``) the two plots, into ``out`` at once."""
     with atomic_dir(out, force) as tmp:
         report.write(rep, tmp)
         if plots:
@@ -375,5 +394,3 @@ def bench(
 
             plotting.latency_vs_batch(rep, tmp / "latency_vs_batch.png")
             plotting.accuracy_vs_speedup(rep, tmp / "accuracy_vs_speedup.png")
-    log.info("bench report written to %s", out)
-    return rep

@@ -60,7 +60,7 @@ def command(model_dir, out, optimize, quantize, int8_max_accuracy_drop, int8_min
     manifest records which, the INT8 share of MACs, the gate's interval and every search step.
     """
     from cahp_deploy.errors import CahpError
-    from cahp_deploy.exporters import export, load_manifest
+    from cahp_deploy.export import export, load_manifest
 
     if quantize is None and per_channel is not None:
         flag = "--per-channel" if per_channel else "--per-tensor"

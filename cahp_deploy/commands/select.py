@@ -86,7 +86,7 @@ def command(model: str, data: str, split: str, text_column: str | None, text_pai
     With CAHP (the default) the number of heads comes from the knee of the MSS curve; no ratio to
     guess. Baselines (gradient, random, ...) keep the budget you give.
     """
-    from cahp_deploy.methods.runner import curve_path, select
+    from cahp_deploy.methods.stage import curve_path, select
 
     sel = select(
         model, data, out, method=method, split=split, text_column=text_column,

@@ -1,4 +1,4 @@
-"""``cahp-deploy study``: every method at every budget, before and after recovery (see :mod:`cahp_deploy.study.experiment`)."""
+"""``cahp-deploy study``: every method at every budget, before and after recovery (see :mod:`cahp_deploy.study.stage`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import click
 
 from cahp_deploy.commands._options import force_option
 
-# Kept in step with cahp_deploy.study.experiment.DEFAULT_METHODS (not imported: --help must not load torch).
+# Kept in step with cahp_deploy.study.stage.DEFAULT_METHODS (not imported: --help must not load torch).
 DEFAULT_METHODS = ("cahp", "gradient", "random", "attattr", "l0", "dsp", "pass")
 
 
@@ -59,7 +59,7 @@ def command(model, data, out, select_split, eval_split, test_split, budgets, met
             max_length, degrees, sensitivity_seeds, method_options, seed, text_column, text_pair_column,
             label_column, axis, ffn_ratios, ffn_methods, note, force):
     """Compare every selection method on MODEL at several budgets, before and after recovery."""
-    from cahp_deploy.study.experiment import StudyConfig, parse_budgets, parse_method_option, study
+    from cahp_deploy.study.stage import StudyConfig, parse_budgets, parse_method_option, study
 
     cfg = StudyConfig(
         select_split=select_split, eval_split=eval_split, test_split=test_split, budgets=parse_budgets(budgets),

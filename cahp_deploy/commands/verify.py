@@ -12,7 +12,7 @@ def command(artifact_dir: str, no_smoke: bool) -> None:
     """Check that ARTIFACT_DIR is exactly what `cahp-deploy export` wrote and that every variant still
     matches the PyTorch logits recorded at export (or, for a `cahp-deploy handoff` dir, what handoff
     wrote and recorded). Exits 2 naming the first tampered or failing file."""
-    from cahp_deploy.exporters.verify import is_handoff_dir, verify
+    from cahp_deploy.export.verify import is_handoff_dir, verify
     from cahp_deploy.handoff.verify import verify_handoff
 
     result = (verify_handoff if is_handoff_dir(artifact_dir) else verify)(artifact_dir, smoke=not no_smoke)

@@ -52,6 +52,42 @@ def _accuracy(model, tokenizer, data: LabelledData, max_length: int) -> float:
     return correct / len(data)
 
 
+def _train(model, tokenizer, train, epochs: int, batch_size: int, learning_rate: float, max_length: int,
+           seed: int) -> tuple[list[float], list[float]]:
+    """The fine-tune itself, the embeddings frozen: (seconds, mean loss) per epoch."""
+    import torch
+
+    # The word embeddings (a third of MiniLM's weights) stay as pre-trained: a few hundred sentences
+    # cannot improve them, and their dense gradient and Adam state would double the cost of a step.
+    model.get_input_embeddings().requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.01)
+    steps = epochs * -(-len(train) // batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
+    gen = torch.Generator().manual_seed(seed)
+    epoch_seconds, epoch_losses = [], []
+    with make_progress() as progress:
+        task = progress.add_task("fine-tune demo classifier", total=steps)
+        for _ in range(epochs):
+            te, losses = time.perf_counter(), []
+            model.train()
+            order = torch.randperm(len(train), generator=gen).numpy()
+            for _, enc, labels in iter_batches(
+                tokenizer, train.subset(order), batch_size=batch_size, max_length=max_length, bucket=False
+            ):
+                loss = model(**enc, labels=torch.as_tensor(labels)).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                progress.advance(task)
+            epoch_seconds.append(round(time.perf_counter() - te, 2))
+            epoch_losses.append(round(sum(losses) / len(losses), 4))
+    return epoch_seconds, epoch_losses
+
+
 def finetune(
     out: str | os.PathLike,
     *,
@@ -100,34 +136,7 @@ def finetune(
         label2id={v: k for k, v in id2label.items()},
         **{arch.transformers_row().dtype_kwarg: torch.float32},
     )
-    # The word embeddings (a third of MiniLM's weights) stay as pre-trained: a few hundred sentences
-    # cannot improve them, and their dense gradient and Adam state would double the cost of a step.
-    model.get_input_embeddings().requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.01)
-    steps = epochs * -(-len(train) // batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
-    gen = torch.Generator().manual_seed(seed)
-    epoch_seconds, epoch_losses = [], []
-    with make_progress() as progress:
-        task = progress.add_task("fine-tune demo classifier", total=steps)
-        for _ in range(epochs):
-            te, losses = time.perf_counter(), []
-            model.train()
-            order = torch.randperm(len(train), generator=gen).numpy()
-            for _, enc, labels in iter_batches(
-                tokenizer, train.subset(order), batch_size=batch_size, max_length=max_length, bucket=False
-            ):
-                loss = model(**enc, labels=torch.as_tensor(labels)).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                progress.advance(task)
-            epoch_seconds.append(round(time.perf_counter() - te, 2))
-            epoch_losses.append(round(sum(losses) / len(losses), 4))
+    epoch_seconds, epoch_losses = _train(model, tokenizer, train, epochs, batch_size, learning_rate, max_length, seed)
     model.eval()
     accuracy = _accuracy(model, tokenizer, val, max_length)
     log.info("demo classifier: %s accuracy %.3f", eval_split, accuracy)

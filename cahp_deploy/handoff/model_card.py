@@ -60,6 +60,86 @@ def _promise_lines(manifest: dict) -> list[str]:
     return lines
 
 
+def _pruned_lines(manifest: dict, heads) -> list[str]:
+    """Heads kept, parameters and FLOP ceiling, FFN neurons."""
+    lines: list[str] = []
+    if manifest.get("kept_heads") is None:
+        lines.append(f"- Dense: all {manifest.get('num_heads_total')} attention heads kept.")
+    else:
+        lines.append(f"- Attention heads kept: {manifest.get('num_heads_kept')} of {manifest.get('num_heads_total')} "
+                     f"(per layer {heads}).")
+    pruning = manifest.get("pruning") or {}
+    if pruning.get("params_before"):
+        lines.append(f"- Parameters {pruning['params_before']:,} -> {pruning['params_after']:,}; FLOP ceiling speedup "
+                     f"x{pruning.get('flop_ceiling_speedup', float('nan')):.2f} (multiply-accumulates, not a timing).")
+    for key in sorted(k for k in pruning if "neuron" in k):  # FFN neuron pruning, when the pruning.json has it
+        lines.append(f"- {key}: {pruning[key]}.")
+    return lines
+
+
+def _trim_lines(trim: dict | None) -> list[str]:
+    """What vocabulary trimming changed and how it was checked."""
+    lines: list[str] = []
+    if trim:
+        cov, acc = trim["heldout"], trim["accuracy"]
+        lines += [
+            f"- Vocabulary trimmed to the tokens of `{trim['data']}` [{trim['split']}] ({trim['rows']} rows) plus "
+            f"special tokens: {trim['vocab_before']} -> {trim['vocab_after']} tokens; model file "
+            f"{trim['bytes_before'] / 2**20:.1f} -> {trim['bytes_after'] / 2**20:.1f} MiB.",
+            f"- Held-out `{cov['split']}` ({cov['rows']} rows): {cov['dropped_token_rate']:.2%} of its tokens are not in "
+            f"the kept vocabulary (would be [UNK] if mapped one to one); the trimmed WordPiece tokenizer re-splits most "
+            f"of those words, so its actual [UNK] share is {cov['unk_rate_before']:.2%} -> {cov['unk_rate_after']:.2%}; "
+            f"{cov['rows_covered']} rows fully covered (identical ids and logits), the rest tokenized differently.",
+            f"- Parity on fully covered rows (trimmed vs untrimmed ONNX): max |logit diff| "
+            f"{trim['covered_parity']['max_abs_diff']:.1e} (limit {trim['covered_parity']['atol']:g}).",
+            f"- Accuracy on `{cov['split']}`: untrimmed {acc['ref_accuracy']:.2f}% -> trimmed {acc['new_accuracy']:.2f}% "
+            f"(change {acc['describe']}).",
+        ]
+    return lines
+
+
+def _target_lines(record: dict) -> list[str]:
+    """What was checked for the handoff target."""
+    lines: list[str] = []
+    if record.get("ort_parity"):
+        p = record["ort_parity"]
+        lines.append(f"- ORT format (`model.ort`) vs the ONNX file: max |logit diff| {p['max_abs_diff']:.1e} "
+                     f"(limit {p['atol']:g}) on {p['num_examples']} rows ({p['inputs']}).")
+    if record.get("triton"):
+        lines.append("- Triton `config.pbtxt` parsed back and checked against the graph (names, dtypes, ranks).")
+    if record.get("triton_text"):
+        t = record["triton_text"]
+        st, sm = t["settings"], t["text_smoke"]
+        lines += [
+            "- Triton text model (Python backend): `config.pbtxt` parsed back and checked against `serving.json` and "
+            "the graph.",
+            f"- Text in: truncated at {st['max_length']} tokens, padded with `{st['pad_token']}`; at most "
+            f"{st['max_text_chars']} characters and {t['max_batch_size']} texts a request; "
+            f"{'one ONNX batch per dynamic batch' if st['merge_requests'] else 'one ONNX batch per request'}.",
+            f"- Its classifier vs `cahp-deploy predict` on {len(sm['texts'])} smoke texts: same labels, max |prob diff| "
+            f"{sm['vs_predict_max_abs_diff']:.1e} (limit {sm['atol']:g}). Serve it with `cahp-deploy serve HANDOFF_DIR`.",
+        ]
+    return lines
+
+
+def _latency_lines(manifest: dict, record: dict) -> list[str]:
+    """Bench's figures, else export-time timings, else how to measure."""
+    lines: list[str] = []
+    timed = manifest["variants"].get("optimized", {}).get("timings_ms")
+    if record.get("bench"):
+        from cahp_deploy.handoff.bench_report import card_lines
+
+        lines += card_lines(record["bench"])
+        if record.get("trim_vocab"):
+            lines += ["", "Timed before vocabulary trimming (trimming shrinks only the embedding table, a lookup)."]
+    elif timed:
+        lines.append(f"- Export-time timings (ms, median, exporting machine): {timed}.")
+    else:
+        lines.append("- Not measured in this artifact. Measure on the target machine with "
+                     "`cahp-deploy bench ARTIFACT_DIR --data DATA` (it records the machine and load).")
+    return lines
+
+
 def render(manifest: dict, record: dict) -> str:
     """The card's Markdown text."""
     variant = record["variant"]
@@ -79,70 +159,17 @@ def render(manifest: dict, record: dict) -> str:
         "## What was pruned",
         "",
     ]
-    if manifest.get("kept_heads") is None:
-        lines.append(f"- Dense: all {manifest.get('num_heads_total')} attention heads kept.")
-    else:
-        lines.append(f"- Attention heads kept: {manifest.get('num_heads_kept')} of {manifest.get('num_heads_total')} "
-                     f"(per layer {heads}).")
-    pruning = manifest.get("pruning") or {}
-    if pruning.get("params_before"):
-        lines.append(f"- Parameters {pruning['params_before']:,} -> {pruning['params_after']:,}; FLOP ceiling speedup "
-                     f"x{pruning.get('flop_ceiling_speedup', float('nan')):.2f} (multiply-accumulates, not a timing).")
-    for key in sorted(k for k in pruning if "neuron" in k):  # FFN neuron pruning, when the pruning.json has it
-        lines.append(f"- {key}: {pruning[key]}.")
+    lines += _pruned_lines(manifest, heads)
     lines += ["", "## What was verified", ""]
     par = manifest["variants"][variant].get("parity", {})
     lines.append(f"- {variant} vs PyTorch fp32: max |logit diff| {par.get('max_abs_diff', float('nan')):.1e}, "
                  f"argmax agreement {par.get('argmax_agreement', float('nan')):.2%} on {par.get('on')}.")
     lines += _accuracy_lines(manifest, variant)
     lines += _promise_lines(manifest)
-    trim = record.get("trim_vocab")
-    if trim:
-        cov, acc = trim["heldout"], trim["accuracy"]
-        lines += [
-            f"- Vocabulary trimmed to the tokens of `{trim['data']}` [{trim['split']}] ({trim['rows']} rows) plus "
-            f"special tokens: {trim['vocab_before']} -> {trim['vocab_after']} tokens; model file "
-            f"{trim['bytes_before'] / 2**20:.1f} -> {trim['bytes_after'] / 2**20:.1f} MiB.",
-            f"- Held-out `{cov['split']}` ({cov['rows']} rows): {cov['dropped_token_rate']:.2%} of its tokens are not in "
-            f"the kept vocabulary (would be [UNK] if mapped one to one); the trimmed WordPiece tokenizer re-splits most "
-            f"of those words, so its actual [UNK] share is {cov['unk_rate_before']:.2%} -> {cov['unk_rate_after']:.2%}; "
-            f"{cov['rows_covered']} rows fully covered (identical ids and logits), the rest tokenized differently.",
-            f"- Parity on fully covered rows (trimmed vs untrimmed ONNX): max |logit diff| "
-            f"{trim['covered_parity']['max_abs_diff']:.1e} (limit {trim['covered_parity']['atol']:g}).",
-            f"- Accuracy on `{cov['split']}`: untrimmed {acc['ref_accuracy']:.2f}% -> trimmed {acc['new_accuracy']:.2f}% "
-            f"(change {acc['describe']}).",
-        ]
-    if record.get("ort_parity"):
-        p = record["ort_parity"]
-        lines.append(f"- ORT format (`model.ort`) vs the ONNX file: max |logit diff| {p['max_abs_diff']:.1e} "
-                     f"(limit {p['atol']:g}) on {p['num_examples']} rows ({p['inputs']}).")
-    if record.get("triton"):
-        lines.append("- Triton `config.pbtxt` parsed back and checked against the graph (names, dtypes, ranks).")
-    if record.get("triton_text"):
-        t = record["triton_text"]
-        st, sm = t["settings"], t["text_smoke"]
-        lines += [
-            "- Triton text model (Python backend): `config.pbtxt` parsed back and checked against `serving.json` and "
-            "the graph.",
-            f"- Text in: truncated at {st['max_length']} tokens, padded with `{st['pad_token']}`; at most "
-            f"{st['max_text_chars']} characters and {t['max_batch_size']} texts a request; "
-            f"{'one ONNX batch per dynamic batch' if st['merge_requests'] else 'one ONNX batch per request'}.",
-            f"- Its classifier vs `cahp-deploy predict` on {len(sm['texts'])} smoke texts: same labels, max |prob diff| "
-            f"{sm['vs_predict_max_abs_diff']:.1e} (limit {sm['atol']:g}). Serve it with `cahp-deploy serve HANDOFF_DIR`.",
-        ]
+    lines += _trim_lines(record.get("trim_vocab"))
+    lines += _target_lines(record)
     lines += ["", "## Latency", ""]
-    timed = manifest["variants"].get("optimized", {}).get("timings_ms")
-    if record.get("bench"):
-        from cahp_deploy.handoff.bench_report import card_lines
-
-        lines += card_lines(record["bench"])
-        if record.get("trim_vocab"):
-            lines += ["", "Timed before vocabulary trimming (trimming shrinks only the embedding table, a lookup)."]
-    elif timed:
-        lines.append(f"- Export-time timings (ms, median, exporting machine): {timed}.")
-    else:
-        lines.append("- Not measured in this artifact. Measure on the target machine with "
-                     "`cahp-deploy bench ARTIFACT_DIR --data DATA` (it records the machine and load).")
+    lines += _latency_lines(manifest, record)
     lines += ["", "## Versions", ""]
     lines += [f"- {k}: {v}" for k, v in sorted((manifest.get("versions") or {}).items())]
     lines += ["", "## Files (sha256)", ""]

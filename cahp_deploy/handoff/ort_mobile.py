@@ -21,7 +21,7 @@ import numpy as np
 
 from cahp_deploy import onnx_runtime
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import parity
+from cahp_deploy.export import parity
 
 log = logging.getLogger(__name__)
 

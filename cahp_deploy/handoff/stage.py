@@ -33,9 +33,9 @@ import numpy as np
 from cahp_deploy import onnx_runtime
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import parity
-from cahp_deploy.exporters.manifest import VARIANT_FILES, file_records, load_manifest, versions
-from cahp_deploy.exporters.verify import verify as verify_artifact
+from cahp_deploy.export import parity
+from cahp_deploy.export.manifest import VARIANT_FILES, file_records, load_manifest, versions
+from cahp_deploy.export.verify import verify as verify_artifact
 from cahp_deploy.handoff import model_card, ort_mobile, triton, triton_text, vocab
 from cahp_deploy.handoff.verify import HANDOFF_FILE, SCHEMA
 from cahp_deploy.hashing import sha256_file
@@ -160,6 +160,55 @@ def _copy_tokenizer(artifact: Path, tokdir: Path) -> None:
             shutil.copyfile(artifact / name, tokdir / name)
 
 
+def _check_serving_options(target: str, name: str, device: str, max_batch_size: int, instances: int,
+                           dynamic_batching: bool, max_queue_delay_us: int, max_text_chars: int) -> None:
+    """Fail on bad serving options before any work."""
+    if target == "triton":
+        triton.make_config(name, {"inputs": [], "outputs": []}, max_batch_size, device, instances)
+    if target == "triton-text":
+        if device != "cpu":
+            raise CahpError("--target triton-text runs ONNX Runtime on CPU inside Triton's Python backend; "
+                            "drop --device gpu (or use --target triton on a server with the ORT backend)")
+        triton_text.make_config(name, 2, max_batch_size, instances, dynamic_batching=dynamic_batching,
+                                max_queue_delay_us=max_queue_delay_us)
+        if max_text_chars < 1:
+            raise CahpError(f"--max-text-chars {max_text_chars} must be >= 1")
+
+
+def _write_triton(tmp: Path, staged: Path, name: str, manifest: dict, config: dict, device: str, max_batch_size: int,
+                  instances: int, trimmed: bool) -> dict:
+    """The model repository (config.pbtxt checked against the graph, labels.txt) and client.py; handoff.json's
+    ``triton``."""
+    model_dir = tmp / "model_repository" / name
+    (model_dir / "1").mkdir(parents=True)
+    final = model_dir / "1" / "model.onnx"
+    os.replace(staged, final)
+    io = triton.graph_io(final)
+    text = triton.make_config(name, io, max_batch_size, device, instances)
+    (model_dir / "config.pbtxt").write_text(text)
+    triton.check_config(text, final)
+    labels = manifest.get("id2label") or {}
+    (model_dir / "labels.txt").write_text(
+        "".join(f"{labels.get(str(i), i)}\n" for i in range(int(manifest["num_labels"]))))
+    max_length = of_manifest(manifest, config)
+    (tmp / "client.py").write_text(triton.client_script(name, io, labels, max_length, trimmed))
+    return {"config": f"model_repository/{name}/config.pbtxt", "model": f"model_repository/{name}/1/model.onnx",
+            "device": device, "max_batch_size": max_batch_size, "instances": instances, "io": io}
+
+
+def _write_ort_mobile(tmp: Path, staged: Path, tokdir: Path, names, config: dict, held) -> dict:
+    """model.ort (+ its operator config), checked against the .onnx on random tokens and, after trimming,
+    on held-out rows; handoff.json's ``ort_parity``."""
+    ort_mobile.convert(staged, tmp)
+    feeds = parity.random_feeds(names, SimpleNamespace(**config))
+    what = "random tokens"
+    if held is not None:
+        tok = vocab.load_fast_tokenizer(tokdir)
+        feeds += parity.data_feeds(tok, held, names, SimpleNamespace(**config), limit=ORT_PARITY_ROWS)[0]
+        what = f"random tokens + first {min(ORT_PARITY_ROWS, len(held))} rows of {held.source} [{held.split}]"
+    return {**ort_mobile.check_parity(staged, tmp / ort_mobile.ORT_FILE, feeds), "inputs": what}
+
+
 def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str = "dir", *,
             variant: str | None = None, name: str | None = None, trim_vocab: str | None = None,
             trim_split: str = "train", heldout_split: str = "validation", text_column: str | None = None,
@@ -182,16 +231,8 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
     verify_artifact(artifact, smoke=False)  # a tampered artifact is never handed off
     variant, why = choose_variant(manifest, variant)
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", artifact.resolve().name)
-    if target == "triton":  # fail on bad serving options before any work
-        triton.make_config(name, {"inputs": [], "outputs": []}, max_batch_size, device, instances)
-    if target == "triton-text":
-        if device != "cpu":
-            raise CahpError("--target triton-text runs ONNX Runtime on CPU inside Triton's Python backend; "
-                            "drop --device gpu (or use --target triton on a server with the ORT backend)")
-        triton_text.make_config(name, 2, max_batch_size, instances, dynamic_batching=dynamic_batching,
-                                max_queue_delay_us=max_queue_delay_us)
-        if max_text_chars < 1:
-            raise CahpError(f"--max-text-chars {max_text_chars} must be >= 1")
+    _check_serving_options(target, name, device, max_batch_size, instances, dynamic_batching, max_queue_delay_us,
+                           max_text_chars)
     bench = None
     if bench_report is not None:
         from cahp_deploy.handoff.bench_report import latency
@@ -223,22 +264,9 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         names = manifest["input_names"]
         if target == "triton":
-            model_dir = tmp / "model_repository" / name
-            (model_dir / "1").mkdir(parents=True)
-            final = model_dir / "1" / "model.onnx"
-            os.replace(staged, final)
-            io = triton.graph_io(final)
-            text = triton.make_config(name, io, max_batch_size, device, instances)
-            (model_dir / "config.pbtxt").write_text(text)
-            triton.check_config(text, final)
-            labels = manifest.get("id2label") or {}
-            (model_dir / "labels.txt").write_text(
-                "".join(f"{labels.get(str(i), i)}\n" for i in range(int(manifest["num_labels"]))))
-            max_length = of_manifest(manifest, config)
-            (tmp / "client.py").write_text(triton.client_script(name, io, labels, max_length, trim is not None))
-            record["triton"] = {"config": f"model_repository/{name}/config.pbtxt", "model": f"model_repository/{name}/1/model.onnx",
-                                "device": device, "max_batch_size": max_batch_size, "instances": instances, "io": io}
-            record["smoke"] = {**_smoke(final, names, config), "file": record["triton"]["model"]}
+            record["triton"] = _write_triton(tmp, staged, name, manifest, config, device, max_batch_size, instances,
+                                             trimmed=trim is not None)
+            record["smoke"] = {**_smoke(tmp / record["triton"]["model"], names, config), "file": record["triton"]["model"]}
         elif target == "triton-text":
             record["triton_text"] = triton_text.write_repository(
                 artifact, tmp, tokdir, staged, name, manifest, variant, max_batch_size=max_batch_size,
@@ -247,14 +275,7 @@ def handoff(artifact_dir: str | os.PathLike, out: str | os.PathLike, target: str
             record["smoke"] = {**_smoke(tmp / record["triton_text"]["model"], names, config),
                                "file": record["triton_text"]["model"]}
         elif target == "ort-mobile":
-            ort_mobile.convert(staged, tmp)
-            feeds = parity.random_feeds(names, SimpleNamespace(**config))
-            what = "random tokens"
-            if held is not None:
-                tok = vocab.load_fast_tokenizer(tokdir)
-                feeds += parity.data_feeds(tok, held, names, SimpleNamespace(**config), limit=ORT_PARITY_ROWS)[0]
-                what = f"random tokens + first {min(ORT_PARITY_ROWS, len(held))} rows of {held.source} [{held.split}]"
-            record["ort_parity"] = {**ort_mobile.check_parity(staged, tmp / ort_mobile.ORT_FILE, feeds), "inputs": what}
+            record["ort_parity"] = _write_ort_mobile(tmp, staged, tokdir, names, config, held)
             record["smoke"] = _smoke(tmp / ort_mobile.ORT_FILE, names, config)
         else:
             os.replace(staged, tmp / "model.onnx")

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import parity
+from cahp_deploy.export import parity
 from cahp_deploy.hashing import sha256_file
 from cahp_deploy.onnx_runtime import smoke_check
 from cahp_deploy.schema import check_schema

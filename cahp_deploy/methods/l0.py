@@ -63,6 +63,74 @@ def _next_lambda(lam: float, lo: float | None, hi: float | None) -> float:
     return math.sqrt(lo * hi)
 
 
+def _select_free(ctx: MethodContext, lam0: float, opts, batches, deadline, params: dict, n_layers: int, n_heads: int):
+    """No budget: train the gates once at ``lam0``; keep the heads whose gates stay open."""
+    o = ctx.options
+    gates = gt.HardConcrete((n_layers, n_heads), gt.generator(ctx.seed))
+    log = train_l0(ctx, gates, batches, lam0, opts, deadline.remaining(), ctx.seed, "L0 gates")
+    alive = _surviving(gates)
+    k = int(alive.sum())
+    if k == 0:
+        raise CahpError(f"--lambda {lam0} closed every head's gate; lower it, or give --heads K")
+    scores = gates.log_alpha.detach().numpy()
+    # Open gates have the largest logits, so top-k (plus one head per otherwise empty layer,
+    # unless --allow-empty-layers) keeps exactly the surviving heads.
+    empty_layers = int((alive.sum(axis=1) == 0).sum())
+    allow_empty = params["allow_empty_layers"]
+    kept = gt.keep(scores, k if allow_empty else k + empty_layers, o)
+    details = {"lambda": lam0, "surviving_heads": k, "rescued_layers": 0 if allow_empty else empty_layers,
+               "training": log.to_dict(), "stopped_by_time_budget": log.stopped_by_time_budget}
+    return gates, scores, kept, details
+
+
+def _select_budget(ctx: MethodContext, lam0: float, opts, batches, deadline, params: dict, n_layers: int,
+                   n_heads: int):
+    """A budget of heads: search lambda (warm-started trials) for the surviving count closest to it."""
+    o = ctx.options
+    trials_max = gt.option(o, "lambda_trials", DEFAULT_TRIALS, int, low=1)
+    search_steps = gt.option(o, "search_steps", DEFAULT_SEARCH_STEPS, int, low=1)
+    params.update(lambda_trials=trials_max, search_steps=search_steps)
+    gates = gt.HardConcrete((n_layers, n_heads), gt.generator(ctx.seed))
+    fresh = gates.log_alpha.detach().clone()
+    lam, lo, hi = lam0, None, None
+    trials, best, base = [], None, None
+    for i in range(trials_max):
+        # A trial warm-starts from the gates of the last trial that kept too many heads (the
+        # strongest lambda still under target): raising lambda from there closes more gates. A
+        # closed gate gets no task gradient and cannot reopen, so a trial never starts from an
+        # over-pruned state: with none under target yet, it trains from scratch for --steps.
+        # Time: half the budget for the first run, the rest shared by the rounds still possible.
+        with torch.no_grad():
+            gates.log_alpha.copy_(fresh if base is None else base)
+        run_opts = opts if base is None else replace(opts, steps=search_steps, epochs=None)
+        left = deadline.remaining()
+        allotted = None if left is None else (left / 2 if i == 0 else left / (trials_max - i))
+        log = train_l0(ctx, gates, batches, lam, run_opts, allotted, ctx.seed + i,
+                       f"L0 gates (lambda {lam:.3g})", first=i == 0)
+        count = int(_surviving(gates).sum())
+        trials.append({"lambda": lam, "surviving_heads": count, "warm_start": base is not None,
+                       "training": log.to_dict()})
+        if best is None or abs(count - ctx.budget) < abs(best[1] - ctx.budget):
+            best = (gates.log_alpha.detach().clone(), count, lam, i)
+        if count == ctx.budget or deadline.expired() or log.steps_done == 0 or lam == 0.0:
+            break
+        if count > ctx.budget:
+            lo = lam
+            base = gates.log_alpha.detach().clone()
+        else:
+            hi = lam
+        lam = _next_lambda(lam, lo, hi)
+    log_alpha, count, lam, index = best
+    with torch.no_grad():
+        gates.log_alpha.copy_(log_alpha)
+    scores = log_alpha.numpy()
+    kept = gt.keep(scores, ctx.budget, o)
+    details = {"budget": int(ctx.budget), "lambda": lam, "surviving_heads": count, "chosen_trial": index,
+               "trials": trials,
+               "stopped_by_time_budget": any(t["training"]["stopped_by_time_budget"] for t in trials)}
+    return gates, scores, kept, details
+
+
 def select(ctx: MethodContext) -> Selection:
     o = ctx.options
     lam0 = gt.option(o, "lambda", DEFAULT_LAMBDA, float, low=0.0)
@@ -75,63 +143,8 @@ def select(ctx: MethodContext) -> Selection:
               "allow_empty_layers": gt.option(o, "allow_empty_layers", False, bool)}
     t = time.perf_counter()
 
-    if ctx.budget is None:
-        gates = gt.HardConcrete((n_layers, n_heads), gt.generator(ctx.seed))
-        log = train_l0(ctx, gates, batches, lam0, opts, deadline.remaining(), ctx.seed, "L0 gates")
-        alive = _surviving(gates)
-        k = int(alive.sum())
-        if k == 0:
-            raise CahpError(f"--lambda {lam0} closed every head's gate; lower it, or give --heads K")
-        scores = gates.log_alpha.detach().numpy()
-        # Open gates have the largest logits, so top-k (plus one head per otherwise empty layer,
-        # unless --allow-empty-layers) keeps exactly the surviving heads.
-        empty_layers = int((alive.sum(axis=1) == 0).sum())
-        allow_empty = params["allow_empty_layers"]
-        kept = gt.keep(scores, k if allow_empty else k + empty_layers, o)
-        details = {"lambda": lam0, "surviving_heads": k, "rescued_layers": 0 if allow_empty else empty_layers,
-                   "training": log.to_dict(), "stopped_by_time_budget": log.stopped_by_time_budget}
-    else:
-        trials_max = gt.option(o, "lambda_trials", DEFAULT_TRIALS, int, low=1)
-        search_steps = gt.option(o, "search_steps", DEFAULT_SEARCH_STEPS, int, low=1)
-        params.update(lambda_trials=trials_max, search_steps=search_steps)
-        gates = gt.HardConcrete((n_layers, n_heads), gt.generator(ctx.seed))
-        fresh = gates.log_alpha.detach().clone()
-        lam, lo, hi = lam0, None, None
-        trials, best, base = [], None, None
-        for i in range(trials_max):
-            # A trial warm-starts from the gates of the last trial that kept too many heads (the
-            # strongest lambda still under target): raising lambda from there closes more gates. A
-            # closed gate gets no task gradient and cannot reopen, so a trial never starts from an
-            # over-pruned state: with none under target yet, it trains from scratch for --steps.
-            # Time: half the budget for the first run, the rest shared by the rounds still possible.
-            with torch.no_grad():
-                gates.log_alpha.copy_(fresh if base is None else base)
-            run_opts = opts if base is None else replace(opts, steps=search_steps, epochs=None)
-            left = deadline.remaining()
-            allotted = None if left is None else (left / 2 if i == 0 else left / (trials_max - i))
-            log = train_l0(ctx, gates, batches, lam, run_opts, allotted, ctx.seed + i,
-                           f"L0 gates (lambda {lam:.3g})", first=i == 0)
-            count = int(_surviving(gates).sum())
-            trials.append({"lambda": lam, "surviving_heads": count, "warm_start": base is not None,
-                           "training": log.to_dict()})
-            if best is None or abs(count - ctx.budget) < abs(best[1] - ctx.budget):
-                best = (gates.log_alpha.detach().clone(), count, lam, i)
-            if count == ctx.budget or deadline.expired() or log.steps_done == 0 or lam == 0.0:
-                break
-            if count > ctx.budget:
-                lo = lam
-                base = gates.log_alpha.detach().clone()
-            else:
-                hi = lam
-            lam = _next_lambda(lam, lo, hi)
-        log_alpha, count, lam, index = best
-        with torch.no_grad():
-            gates.log_alpha.copy_(log_alpha)
-        scores = log_alpha.numpy()
-        kept = gt.keep(scores, ctx.budget, o)
-        details = {"budget": int(ctx.budget), "lambda": lam, "surviving_heads": count, "chosen_trial": index,
-                   "trials": trials,
-                   "stopped_by_time_budget": any(t["training"]["stopped_by_time_budget"] for t in trials)}
+    select_k = _select_free if ctx.budget is None else _select_budget
+    gates, scores, kept, details = select_k(ctx, lam0, opts, batches, deadline, params, n_layers, n_heads)
     seconds = time.perf_counter() - t
     details["p_open"] = gates.p_open().detach().numpy().round(4).tolist()
     return Selection(

@@ -4,7 +4,7 @@
 in-memory loop it runs, shared with the study.
 """
 
-from cahp_deploy.recovery.recover import RECOVERY_FILE, recover, sample_examples
+from cahp_deploy.recovery.stage import RECOVERY_FILE, recover, sample_examples
 from cahp_deploy.recovery.trainer import RecoveryParams, distillation_loss, finetune_in_place
 
 __all__ = ["RECOVERY_FILE", "RecoveryParams", "distillation_loss", "finetune_in_place", "recover", "sample_examples"]

@@ -222,7 +222,7 @@ def distill_model_dir(source, dense_model, rows: LabelledData, judge: LabelledDa
 
     from cahp_deploy.hashing import sha256_dir
     from cahp_deploy.modeling import load_classifier
-    from cahp_deploy.recovery.recover import save_model_dir
+    from cahp_deploy.recovery.stage import save_model_dir
 
     start = time.perf_counter()
     model, tokenizer = load_classifier(source, attn_implementation=None)

@@ -1,6 +1,6 @@
 """Quantization-aware recovery: the fine-tune sees the rounding the exported INT8 graph will do.
 
-``export --quantize int8`` runs ONNX Runtime's dynamic quantization (:mod:`cahp_deploy.exporters.quantize`):
+``export --quantize int8`` runs ONNX Runtime's dynamic quantization (:mod:`cahp_deploy.export.int8.quantize`):
 every weight MatMul becomes ``DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q)``, with
 
 * weights: signed int8, symmetric, scale ``max|W| / 127`` per output channel (or per tensor), zero point 0;

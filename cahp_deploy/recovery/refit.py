@@ -41,7 +41,7 @@ def refit(
     """
     from cahp_deploy.modeling import load_classifier
     from cahp_deploy.recovery.reconstruct import reconstruct
-    from cahp_deploy.recovery.recover import sample_examples, save_model_dir
+    from cahp_deploy.recovery.stage import sample_examples, save_model_dir
 
     pruned_dir, out = Path(pruned_dir), Path(out)
     check_output_path(out, force)

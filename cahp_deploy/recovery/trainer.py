@@ -121,6 +121,51 @@ def distillation_loss(
     return alpha * t * t * kl + (1.0 - alpha) * ce
 
 
+def _optimizer(model: nn.Module, params: RecoveryParams, frozen: set, total_steps: int):
+    """(the trainable parameters, AdamW with HF Trainer's decay groups, the warm-up then linear-decay schedule)."""
+    warmup = int(params.warmup_ratio * total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]  # biases and LayerNorm weights, as HF Trainer
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=params.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
+    return trainable, optimizer, scheduler
+
+
+def _over_ranks(model: nn.Module, device) -> nn.Module:
+    """``model`` itself in one process; under torchrun, wrapped in DDP."""
+    if not distributed.is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def _step(net: nn.Module, model: nn.Module, tokenizer, data: LabelledData, idx, params: RecoveryParams, device,
+          teacher, alpha: float, trainable, optimizer, scheduler) -> float:
+    """One optimizer step on the rows ``idx``; returns the batch's mean loss."""
+    _, enc, labels = next(iter_batches(
+        tokenizer, data.subset(idx), batch_size=len(idx), max_length=params.max_length, bucket=False
+    ))
+    enc = {k: v.to(device) for k, v in model_inputs(model, enc).items()}
+    y = torch.as_tensor(labels, device=device)
+    out = net(**enc).logits
+    if teacher is not None:
+        loss = distillation_loss(out, teacher[idx].to(device), y, params.temperature, alpha)
+    else:
+        loss = F.cross_entropy(out, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
 def finetune_in_place(
     model: nn.Module,
     tokenizer,
@@ -149,17 +194,8 @@ def finetune_in_place(
     # world-th one, padded so all ranks run the same number of steps (DDP all-reduces each backward).
     steps_per_epoch = math.ceil(math.ceil(len(data) / params.batch_size) / distributed.world_size())
     total_steps = steps_per_epoch * params.epochs
-    warmup = int(params.warmup_ratio * total_steps)
-
     frozen = _embedding_parameters(model) if params.freeze_embeddings else set()
-    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]  # biases and LayerNorm weights, as HF Trainer
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=params.lr,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
+    trainable, optimizer, scheduler = _optimizer(model, params, frozen, total_steps)
     teacher = None if teacher_logits is None else torch.as_tensor(teacher_logits, dtype=torch.float32)
     alpha = params.alpha if teacher is not None else 0.0
 
@@ -167,12 +203,7 @@ def finetune_in_place(
     for p in model.parameters():
         if id(p) in frozen:
             p.requires_grad_(False)
-    net: nn.Module = model
-    if distributed.is_distributed():  # after freezing: DDP syncs the gradients of what requires grad
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                      find_unused_parameters=True)
+    net = _over_ranks(model, device)  # after freezing: DDP syncs the gradients of what requires grad
     epochs: list[dict[str, Any]] = []
     start = time.perf_counter()
     stopped_early = False
@@ -190,23 +221,10 @@ def finetune_in_place(
                 task = progress.add_task(f"recovery epoch {epoch + 1}/{params.epochs}", total=len(batches))
             loss_sum, seen = 0.0, 0
             for idx in batches:
-                _, enc, labels = next(iter_batches(
-                    tokenizer, data.subset(idx), batch_size=len(idx), max_length=params.max_length, bucket=False
-                ))
-                enc = {k: v.to(device) for k, v in model_inputs(model, enc).items()}
-                y = torch.as_tensor(labels, device=device)
-                out = net(**enc).logits
-                if teacher is not None:
-                    loss = distillation_loss(out, teacher[idx].to(device), y, params.temperature, alpha)
-                else:
-                    loss = F.cross_entropy(out, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                loss = _step(net, model, tokenizer, data, idx, params, device, teacher, alpha, trainable, optimizer,
+                             scheduler)
                 steps += 1
-                loss_sum += float(loss.detach()) * len(idx)
+                loss_sum += loss * len(idx)
                 seen += len(idx)
                 if task is not None:
                     progress.advance(task)

@@ -81,7 +81,7 @@ def _distill_rows(path, split: str, max_examples: int | None, max_drop: float | 
         raise CahpError("--distill-data trains each rung of the accuracy budget's ladder; give --max-accuracy-drop too")
     from cahp_deploy.data import load_texts, without_rows_of
     from cahp_deploy.recovery.distill import split_judge
-    from cahp_deploy.recovery.recover import sample_examples
+    from cahp_deploy.recovery.stage import sample_examples
 
     rows = load_texts(path, split, columns["text_column"], columns["text_pair_column"])
     rows, dropped = without_rows_of(rows, *[r for r in evaluation_rows if r is not None])
@@ -349,7 +349,7 @@ def run(
     if confirm_split is not None and confirm_split in (select_split, eval_split, recover_split if recover else None):
         raise CahpError(f"--confirm-split {confirm_split!r} must differ from the selection, recovery and evaluation "
                         "splits: it confirms on rows no decision saw")
-    from cahp_deploy.exporters.stage import INT8_TUNING_SPLIT
+    from cahp_deploy.export.stage import INT8_TUNING_SPLIT
 
     if confirm_split == INT8_TUNING_SPLIT and quantize == "int8" and max_accuracy_drop is None:
         raise CahpError(f"--confirm-split {confirm_split!r} is the split export's INT8 tuning reads; confirm on another "
@@ -405,8 +405,8 @@ def run(
     distill = _distill_rows(distill_data, distill_split, distill_max_examples, max_accuracy_drop, columns,
                             [eval_rows, confirm_data], seed)
     if quantize == "int8":  # export's INT8 gate options, checked now rather than after select and recovery
-        from cahp_deploy.exporters.parity import MAX_DATA_EXAMPLES
-        from cahp_deploy.exporters.stage import resolve_int8_gate
+        from cahp_deploy.export.parity import MAX_DATA_EXAMPLES
+        from cahp_deploy.export.stage import resolve_int8_gate
 
         # under a budget INT8 is gated on the second half of the selection split (never a decision row)
         n_gate = min(len(select_data) // 2 if max_accuracy_drop is not None else len(decision), MAX_DATA_EXAMPLES)
@@ -482,7 +482,7 @@ def _joint_int8_gate(max_drop: float, rows: int, confidence: float) -> float | N
     0.03 points on the 1,101 decision rows (upper bound 0.53), so a budget-1 run kept a third of its
     MACs in fp32 (1.26x instead of ~2x). None (export's default gate) when the rows are too few.
     """
-    from cahp_deploy.exporters.int8_gate import Int8Gate
+    from cahp_deploy.export.int8.gate import Int8Gate
 
     if max_drop <= 0 or rows < Int8Gate.accuracy(max_drop, confidence, rows).rows_needed():
         return None
@@ -565,13 +565,13 @@ def _serving_length(model: str, config, datasets: list, asked: int | None) -> di
 def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, model_hash: str):
     """The plain path: one selection, pruned, then recovered unless --no-recover. Returns (model dir, stage)."""
     from cahp_deploy import distributed, pruning, recovery
-    from cahp_deploy.methods import runner
+    from cahp_deploy.methods import stage as select_stage
 
     select_in = {"model_sha256": model_hash, "data": plan.select_data.file_hashes, "options": plan.select_kwargs}
     selection = out / SELECTION_FILE
     record.stage(
         "select", select_in, selection,
-        lambda overwrite: distributed.collective(runner.select, model, data, selection, force=overwrite,
+        lambda overwrite: distributed.collective(select_stage.select, model, data, selection, force=overwrite,
                                                  **plan.select_kwargs),
     )
     pruned = out / PRUNED_DIR
@@ -723,7 +723,8 @@ def _eval_inputs(plan: _Plan) -> dict[str, Any]:
 
 def _run_stages(record: RunRecord, model: str, data: str, out: Path, plan: _Plan) -> dict[str, Any]:
     from cahp_deploy import bench as bench_stage
-    from cahp_deploy import distributed, exporters
+    from cahp_deploy import distributed
+    from cahp_deploy import export as export_stage
 
     model_hash = model_sha256(model)
     record.data.update(
@@ -765,13 +766,13 @@ def _run_stages(record: RunRecord, model: str, data: str, out: Path, plan: _Plan
         "export-dense",
         {"model_sha256": model_hash, "options": plan.export_kwargs, "eval": export_in},
         dense_art,
-        lambda overwrite: exporters.export(model, dense_art, force=overwrite, **export_common),
+        lambda overwrite: export_stage.export(model, dense_art, force=overwrite, **export_common),
     )
     record.stage(
         "export-pruned",
         {"model_sha256": final_sha, "options": plan.export_kwargs, "eval": export_in},
         pruned_art,
-        lambda overwrite: exporters.export(final_model, pruned_art, force=overwrite, **export_common),
+        lambda overwrite: export_stage.export(final_model, pruned_art, force=overwrite, **export_common),
     )
 
     report_dir = out / REPORT_DIR

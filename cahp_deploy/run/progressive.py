@@ -185,7 +185,7 @@ def build(model, tokenizer, calibration, evidence, *, ffn_method: str, step: flo
 def load_or_build(settings, evidence, root: Path) -> list[Rung]:
     """``root/schedule.json`` when it was made from these inputs, else build it (and write it)."""
     from cahp_deploy.modeling import load_classifier
-    from cahp_deploy.recovery.recover import sample_examples
+    from cahp_deploy.recovery.stage import sample_examples
 
     key = sha256_json({"evidence": settings.evidence_key(), "ffn_method": settings.ffn_method,
                        "step": settings.mac_step, "floor": settings.mac_floor, "max_length": int(settings.max_length),

@@ -183,7 +183,7 @@ def ort_correct(artifact_dir: Path, variant: str, batches, labels, threads: int 
     """Per-row correctness of one variant of an artifact through ONNX Runtime (CPU), on ``batches``
     (:func:`cahp_deploy.bench.accuracy.encode` of the rows whose ``labels`` are given)."""
     from cahp_deploy.bench.accuracy import predict
-    from cahp_deploy.exporters.manifest import variant_path
+    from cahp_deploy.export.manifest import variant_path
     from cahp_deploy.onnx_runtime import session as ort_session
 
     session = ort_session(variant_path(artifact_dir, variant), threads=int(threads) if threads else None)
@@ -263,7 +263,7 @@ def confirm(dense_art: Path, pruned_art: Path, report_dir: Path, decision, confi
     """Measure, choose and confirm (see the module docstring); write ``out_file``, the one record of the
     choice (:mod:`cahp_deploy.shipped` reads it for `predict` and the handoff). Every row is scored at ``max_length``, the length the artifact
     serves. Returns the record."""
-    from cahp_deploy.exporters import int8_mac_share, load_manifest
+    from cahp_deploy.export import int8_mac_share, load_manifest
 
     report = json.loads((Path(report_dir) / "report.json").read_text())
     shape = headline_shape(report)

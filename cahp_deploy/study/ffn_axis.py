@@ -25,7 +25,7 @@ from cahp_deploy import arch, evaluation, schema
 from cahp_deploy.atomic import atomic_file
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_json
-from cahp_deploy.study.experiment import CELLS_DIR, CellCache, StudyConfig, _load_inputs
+from cahp_deploy.study.stage import CELLS_DIR, CellCache, StudyConfig, _load_inputs
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 FFN_STUDY_METHODS = ("cahp", "gradient", "random")

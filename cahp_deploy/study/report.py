@@ -248,7 +248,7 @@ def write_outputs(out: str | os.PathLike, result: dict[str, Any], knee_selection
     with atomic_file(out / "kept_heads_heatmap.png") as tmp:
         plot_heatmap(result, tmp)
     if knee_selection is not None:
-        from cahp_deploy.methods.runner import plot_mss_curve
+        from cahp_deploy.methods.stage import plot_mss_curve
 
         with atomic_file(out / "mss_curve.png") as tmp:
             plot_mss_curve(knee_selection, tmp)

@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import parity
-from cahp_deploy.exporters.manifest import MANIFEST_FILE, VARIANT_FILES, load_manifest
+from cahp_deploy.export import parity
+from cahp_deploy.export.manifest import MANIFEST_FILE, VARIANT_FILES, load_manifest
 from cahp_deploy.hashing import sha256_file
 from cahp_deploy.onnx_runtime import smoke_check
 

@@ -8,7 +8,7 @@ Gates (a failure aborts the export; nothing is written):
 
 * ``fp32`` and ``optimized``: max |logit diff| <= :data:`FP32_ATOL` and identical argmax.
 * ``int8``: by default the paired accuracy drop vs fp32 on the data split, within 0.5 points at its
-  90 % upper bound (:mod:`cahp_deploy.exporters.int8_gate`); or argmax agreement >=
+  90 % upper bound (:mod:`cahp_deploy.export.int8.gate`); or argmax agreement >=
   :data:`INT8_MIN_AGREEMENT` when asked. Without data the agreement on random tokens is recorded
   (``on: random_tokens``) and gated at the looser :data:`INT8_MIN_AGREEMENT_RANDOM`: random text has
   many near-ties that real text does not.

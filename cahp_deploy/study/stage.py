@@ -342,7 +342,7 @@ def _select(method: str, seed: int, heads: int, label: str, inputs: _Inputs, cfg
 
 
 def _run_method(method: str, seed: int, heads: int, inputs: _Inputs, options: dict) -> dict[str, Any]:
-    from cahp_deploy.methods.runner import load_method
+    from cahp_deploy.methods.stage import load_method
 
     run = load_method(method)
     # A copy: trainable baselines may be asked (--method-option X.train_weights=true) to move weights.
@@ -424,6 +424,53 @@ def _plan(cfg: StudyConfig, total: int, n_layers: int, knee_heads: int | None, s
     return budgets, cells
 
 
+def _check_out(out: Path, force: bool) -> None:
+    """A finished study needs ``force``; a dir holding only ``cells/`` is resumed; anything else is refused."""
+    if out.exists():
+        if not out.is_dir():
+            raise CahpError(f"--out {out} exists and is not a directory")
+        if (out / "study.json").exists() and not force:
+            raise CahpError(f"output {out} already holds a study; pass --force to redo it (unchanged cells are reused)")
+        if not (out / CELLS_DIR).is_dir() and any(out.iterdir()) and not force:
+            raise CahpError(f"output {out} already exists and is not a study; pass --force or choose another --out")
+
+
+def _cahp_knee(inputs, cfg: StudyConfig, cache: CellCache, bar, timings: dict[str, float]):
+    """(CAHP's evidence, its fingerprint, the knee's record, the knee's selection): one evidence pass."""
+    from cahp_deploy.methods.cahp import select_at
+
+    task = bar.add_task("CAHP evidence (signatures, salience, sweep)", total=None)
+    t = time.perf_counter()
+    evidence = _evidence(inputs, cfg, cache)
+    evidence_fp = _evidence_fingerprint(evidence)
+    knee_sel = select_at(evidence, evidence.knee.k)
+    knee_record = {"k": int(evidence.knee.k), "heads_kept": knee_sel.num_heads_kept,
+                   "method": evidence.knee.method, "mss_curve": knee_sel.mss_curve,
+                   "knee": knee_sel.details["knee"], "evidence_timings": evidence.timings}
+    timings["cahp_evidence"] = time.perf_counter() - t
+    bar.update(task, total=1, completed=1)
+    return evidence, evidence_fp, knee_record, knee_sel
+
+
+def _sensitivity(evidence, evidence_fp: str, inputs, cfg: StudyConfig, cache: CellCache, bar,
+                 timings: dict[str, float]) -> dict:
+    """How the knee moves with the polynomial degree and the seed (cached)."""
+    from cahp_deploy.study.sensitivity import knee_sensitivity
+
+    task = bar.add_task("knee sensitivity", total=None)
+    t = time.perf_counter()
+    sens_key = sha256_json({**inputs.base_key, "what": "sensitivity", "cahp": cfg.method_options.get("cahp", {}),
+                            "seed": cfg.seed, "degrees": cfg.degrees, "seeds": cfg.sensitivity_seeds,
+                            "evidence": evidence_fp})
+    sensitivity = cache.get("sensitivity", sens_key)
+    if sensitivity is None:
+        sensitivity = cache.put("sensitivity", sens_key, knee_sensitivity(
+            evidence, list(cfg.degrees), list(cfg.sensitivity_seeds)))
+    timings["sensitivity"] = time.perf_counter() - t
+    bar.update(task, total=1, completed=1)
+    return sensitivity
+
+
 def study(
     model: str | os.PathLike,
     data: str | os.PathLike,
@@ -443,18 +490,11 @@ def study(
     only ``cells/`` is resumed: cells whose inputs are unchanged are reused. Returns study.json's contents.
     """
     from cahp_deploy.study import report as study_report
-    from cahp_deploy.study.sensitivity import knee_sensitivity
 
     cfg = config or StudyConfig()
     cfg.validate()
     out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise CahpError(f"--out {out} exists and is not a directory")
-        if (out / "study.json").exists() and not force:
-            raise CahpError(f"output {out} already holds a study; pass --force to redo it (unchanged cells are reused)")
-        if not (out / CELLS_DIR).is_dir() and any(out.iterdir()) and not force:
-            raise CahpError(f"output {out} already exists and is not a study; pass --force or choose another --out")
+    _check_out(out, force)
     columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
     start = time.perf_counter()
     inputs = _load_inputs(str(model), str(data), cfg, columns)
@@ -475,34 +515,10 @@ def study(
             dense = cache.put("dense", dense_key, _accuracies(inputs.model, inputs.tokenizer, inputs, cfg))
         timings["dense_eval"] = time.perf_counter() - t
 
-        evidence, evidence_fp, knee_record, sensitivity = None, None, None, None
+        evidence, evidence_fp, knee_record, sensitivity, knee_sel_plot = None, None, None, None, None
         if "cahp" in cfg.methods and "cahp" not in skipped:
-            task = bar.add_task("CAHP evidence (signatures, salience, sweep)", total=None)
-            t = time.perf_counter()
-            evidence = _evidence(inputs, cfg, cache)
-            evidence_fp = _evidence_fingerprint(evidence)
-            from cahp_deploy.methods.cahp import select_at
-
-            knee_sel = select_at(evidence, evidence.knee.k)
-            knee_record = {"k": int(evidence.knee.k), "heads_kept": knee_sel.num_heads_kept,
-                           "method": evidence.knee.method, "mss_curve": knee_sel.mss_curve,
-                           "knee": knee_sel.details["knee"], "evidence_timings": evidence.timings}
-            timings["cahp_evidence"] = time.perf_counter() - t
-            bar.update(task, total=1, completed=1)
-            task = bar.add_task("knee sensitivity", total=None)
-            t = time.perf_counter()
-            sens_key = sha256_json({**inputs.base_key, "what": "sensitivity", "cahp": cfg.method_options.get("cahp", {}),
-                                    "seed": cfg.seed, "degrees": cfg.degrees, "seeds": cfg.sensitivity_seeds,
-                                    "evidence": evidence_fp})
-            sensitivity = cache.get("sensitivity", sens_key)
-            if sensitivity is None:
-                sensitivity = cache.put("sensitivity", sens_key, knee_sensitivity(
-                    evidence, list(cfg.degrees), list(cfg.sensitivity_seeds)))
-            timings["sensitivity"] = time.perf_counter() - t
-            bar.update(task, total=1, completed=1)
-            knee_sel_plot = knee_sel
-        else:
-            knee_sel_plot = None
+            evidence, evidence_fp, knee_record, knee_sel_plot = _cahp_knee(inputs, cfg, cache, bar, timings)
+            sensitivity = _sensitivity(evidence, evidence_fp, inputs, cfg, cache, bar, timings)
 
         budgets, plan = _plan(cfg, total, n_layers, knee_record["heads_kept"] if knee_record else None, skipped)
         task = bar.add_task("study cells", total=len(plan))

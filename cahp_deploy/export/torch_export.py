@@ -125,7 +125,7 @@ def pin_head_counts(model: onnx.ModelProto) -> int:
 def export_torch(model: nn.Module, path: Path, opset: int) -> list[str]:
     """Write ``model`` as ONNX to ``path`` with ``torch.onnx`` (TorchScript exporter); return the input names.
 
-    Raises what ``torch.onnx.export`` raises; :func:`cahp_deploy.exporters.onnx_export.export_onnx`
+    Raises what ``torch.onnx.export`` raises; :func:`cahp_deploy.export.onnx_export.export_onnx`
     turns that into one :class:`~cahp_deploy.errors.CahpError`.
     """
     import torch

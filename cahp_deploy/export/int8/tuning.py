@@ -14,7 +14,7 @@ So, as Intel Neural Compressor's fallback tuning and ORT users do it, INT8 becom
    gain, and a cost in agreement).
 2. Quantize every candidate, per-tensor and per-channel, and keep the weight-scale granularity with
    the higher agreement on the tuning set (lower logit MSE on a tie), unless the caller chose one.
-3. If that misses the gate's target on the tuning rows (:meth:`~cahp_deploy.exporters.int8_gate.Int8Gate.target`:
+3. If that misses the gate's target on the tuning rows (:meth:`~cahp_deploy.export.int8.gate.Int8Gate.target`:
    by default the paired accuracy drop vs fp32 within the budget): leave-one-in
    sensitivity. For each candidate, the graph with only that node INT8; its sensitivity is the logit
    MSE vs fp32 on ~128 tuning rows. Logit MSE rather than agreement: a few hundred examples flip in
@@ -51,9 +51,9 @@ import onnx
 
 from cahp_deploy import onnx_runtime
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import quantize as quant
-from cahp_deploy.exporters.int8_gate import ACCURACY, MARGIN_STANDARD_ERRORS, Int8Gate, score
-from cahp_deploy.exporters.parity import Feed, ort_logits
+from cahp_deploy.export.int8 import quantize as quant
+from cahp_deploy.export.int8.gate import ACCURACY, MARGIN_STANDARD_ERRORS, Int8Gate, score
+from cahp_deploy.export.parity import Feed, ort_logits
 from cahp_deploy.onnx_runtime import ThreadSettings
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,98 @@ def _granularity_name(per_channel: bool) -> str:
     return "per_channel" if per_channel else "per_tensor"
 
 
+def _quantize_all(search: "_Search", src: Path, scratch: Path, num_candidates: int, per_channel: bool | None,
+                  say) -> tuple[dict[str, dict], dict[bool, onnx.ModelProto]]:
+    """Steps 1-2: every candidate quantized, per-tensor and/or per-channel (``per_channel`` None: both),
+    each measured on the tuning rows: ({granularity: its probe}, {per_channel: the quantized graph})."""
+    granularity: dict[str, dict] = {}
+    quantized: dict[bool, onnx.ModelProto] = {}
+    for pc in ([False, True] if per_channel is None else [bool(per_channel)]):
+        say(f"int8: quantizing all {num_candidates} MatMuls {'per-channel' if pc else 'per-tensor'}")
+        path = scratch / f"all_{_granularity_name(pc)}.onnx"
+
+        def quantize_all(pc=pc, path=path) -> onnx.ModelProto:
+            quant.quantize_int8(src, path, per_channel=pc)
+            quantized[pc] = onnx.load(str(path))
+            return quantized[pc]
+
+        granularity[_granularity_name(pc)] = search.probe(
+            quantize_all, f"all quantized, {'per-channel' if pc else 'per-tensor'}", {"num_fp32": 0})
+    return granularity, quantized
+
+
+def _sensitivity(search: "_Search", mixer: "Mixer", cands: list[QuantNode], subset, say) -> list[dict]:
+    """Step 3, leave-one-in sensitivity: only this node INT8, logit MSE vs fp32 on ``subset``; the
+    candidates, most sensitive first."""
+    names = [c.name for c in cands]
+    ranked = []
+    for k, c in enumerate(cands, 1):
+        say(f"int8: sensitivity {k}/{len(cands)}")
+        res = search.probe(lambda c=c: mixer.build([n for n in names if n != c.name]), "sensitivity: only this node int8",
+                           {"int8_nodes": [c.name], "num_fp32": len(cands) - 1}, subset)
+        ranked.append({**c.to_dict(), "logit_mse_alone": res["logit_mse"], "agreement_alone": res["agreement"]})
+    ranked.sort(key=lambda r: (-r["logit_mse_alone"], r["macs_seq128"]))
+    return ranked
+
+
+def _bisect(search: "_Search", mixer: "Mixer", order: list[str], gate: Int8Gate, target: float, say) -> list[str]:
+    """Step 4: bisection for the shortest prefix of the ranking ``order`` that, kept fp32, meets the target."""
+    lo, hi = 0, len(order)  # lo: measured to miss the target; hi: everything fp32
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        say(f"int8: bisection, {mid} of {len(order)} nodes in fp32")
+        res = search.probe(lambda mid=mid: mixer.build(order[:mid]), f"bisection: {mid} most sensitive in fp32",
+                           {"fp32_nodes": order[:mid], "num_fp32": mid})
+        lo, hi = (lo, mid) if gate.met(res, target) else (mid, hi)
+    if hi == len(order):
+        raise CahpError(
+            f"INT8 cannot meet its gate ({gate.describe()}; target on the tuning set {target:.4g}) unless all "
+            f"{len(order)} quantizable MatMuls stay fp32; INT8 would be the fp32 model: ship model_optimized.onnx, "
+            "or loosen the gate knowingly; nothing was written"
+        )
+    return order[:hi]
+
+
+def _record(search: "_Search", mixer: "Mixer", cands: list[QuantNode], ex_nodes: list[QuantNode], chosen: bool, per_channel: bool | None,
+            granularity: dict, gate: Int8Gate, target: float, margin: float | None, shipped: dict, ranked: list[dict],
+            subset, search_nodes: bool, threads: int, started: float) -> dict:
+    """The INT8 variant's ``tuning`` record in the manifest: what was measured and decided."""
+    num_examples = sum(len(r) for r in search.reference)
+    fp32_fraction = _fp32_fraction(ex_nodes, cands)
+    return {
+        "method": ("ORT dynamic INT8; leave-one-in sensitivity (logit MSE); bisection over the ranked nodes" if search_nodes
+                   else "ORT dynamic INT8 of every candidate (no search)"),
+        "weight_type": "int8 (symmetric)",
+        "activation_type": "uint8 (dynamic, per tensor per batch)",
+        "op_types": list(CANDIDATE_OPS),
+        "per_channel": chosen,
+        "per_channel_chosen_by": "measurement (higher tuning agreement)" if per_channel is None else "user",
+        "granularity": granularity,
+        "gate": gate.to_dict(),
+        "target": round(target, 6),
+        "target_note": _target_note(gate, margin),
+        "tuning": shipped,
+        "tuning_agreement": shipped["agreement"],
+        "tuning_logit_mse": shipped["logit_mse"],
+        "tuning_examples": num_examples,
+        "tuning_reference": "the fp32 source graph in ONNX Runtime",
+        "num_candidates": len(cands),
+        "num_quantized": len(cands) - len(ex_nodes),
+        "excluded_nodes": [c.to_dict() for c in ex_nodes],
+        "fp32_mac_fraction": fp32_fraction,
+        "int8_mac_fraction": round(1.0 - fp32_fraction, 4),
+        "mac_fraction_note": "weight-MatMul multiply-adds left in fp32 over all quantizable ones, at sequence length 128 "
+                             "(Gemm once per sequence); attention score products (QK^T, PV) are fp32 in every variant",
+        "always_fp32": not_quantized(search.fp32, mixer.unquantized),
+        "sensitivity": ranked,
+        "sensitivity_examples": sum(len(search.reference[i]) for i in subset) if ranked else 0,
+        "trace": search.trace,
+        "batching": "length-bucketed batches of 32 (dynamic activation scales depend on the batch)",
+        "threads": threads,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
 def tune_int8(
     src: Path,
     dst: Path,
@@ -347,54 +439,20 @@ def tune_int8(
     by_name = {c.name: c for c in cands}
     with tempfile.TemporaryDirectory(prefix=".cahp-int8-", dir=Path(dst).parent) as scratch:
         # 1-2: everything quantized, per-tensor and/or per-channel
-        granularity: dict[str, dict] = {}
-        quantized: dict[bool, onnx.ModelProto] = {}
-        for pc in ([False, True] if per_channel is None else [bool(per_channel)]):
-            say(f"int8: quantizing all {len(cands)} MatMuls {'per-channel' if pc else 'per-tensor'}")
-            path = Path(scratch) / f"all_{_granularity_name(pc)}.onnx"
-
-            def quantize_all(pc=pc, path=path) -> onnx.ModelProto:
-                quant.quantize_int8(Path(src), path, per_channel=pc)
-                quantized[pc] = onnx.load(str(path))
-                return quantized[pc]
-
-            granularity[_granularity_name(pc)] = search.probe(
-                quantize_all, f"all quantized, {'per-channel' if pc else 'per-tensor'}", {"num_fp32": 0})
+        granularity, quantized = _quantize_all(search, Path(src), Path(scratch), len(cands), per_channel, say)
         chosen = max(quantized, key=lambda pc: (granularity[_granularity_name(pc)]["agreement"],
                                                 -granularity[_granularity_name(pc)]["logit_mse"]))
         mixer = Mixer(search.fp32, quantized[chosen], names)
         quantized.clear()  # the full-INT8 graphs are large; only the mixer needs one
         full = granularity[_granularity_name(chosen)]
         cands = [c for c in cands if c.name in mixer.subgraphs]  # what ORT did quantize
-        names = [c.name for c in cands]
 
         ranked: list[dict] = []
         excluded: list[str] = []
         subset = _sensitivity_batches(search.feeds, sensitivity_examples)
         if search_nodes and not gate.met(full, target):
-            # 3: leave-one-in sensitivity: only this node INT8, logit MSE vs fp32
-            for k, c in enumerate(cands, 1):
-                say(f"int8: sensitivity {k}/{len(cands)}")
-                res = search.probe(lambda c=c: mixer.build([n for n in names if n != c.name]), "sensitivity: only this node int8",
-                                   {"int8_nodes": [c.name], "num_fp32": len(cands) - 1}, subset)
-                ranked.append({**c.to_dict(), "logit_mse_alone": res["logit_mse"], "agreement_alone": res["agreement"]})
-            ranked.sort(key=lambda r: (-r["logit_mse_alone"], r["macs_seq128"]))
-            order = [r["name"] for r in ranked]
-            # 4: bisection for the shortest prefix of the ranking that meets the target
-            lo, hi = 0, len(order)  # lo: measured to miss the target; hi: everything fp32
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                say(f"int8: bisection, {mid} of {len(order)} nodes in fp32")
-                res = search.probe(lambda mid=mid: mixer.build(order[:mid]), f"bisection: {mid} most sensitive in fp32",
-                                   {"fp32_nodes": order[:mid], "num_fp32": mid})
-                lo, hi = (lo, mid) if gate.met(res, target) else (mid, hi)
-            if hi == len(order):
-                raise CahpError(
-                    f"INT8 cannot meet its gate ({gate.describe()}; target on the tuning set {target:.4g}) unless all "
-                    f"{len(order)} quantizable MatMuls stay fp32; INT8 would be the fp32 model: ship model_optimized.onnx, "
-                    "or loosen the gate knowingly; nothing was written"
-                )
-            excluded = order[:hi]
+            ranked = _sensitivity(search, mixer, cands, subset, say)  # 3: leave-one-in
+            excluded = _bisect(search, mixer, [r["name"] for r in ranked], gate, target, say)  # 4
 
         # the shipped file: ORT's own quantizer with nodes_to_exclude, evaluated once more
         say(f"int8: writing {Path(dst).name} with {len(excluded)} of {len(cands)} nodes in fp32")
@@ -406,39 +464,8 @@ def tune_int8(
         shipped = search.probe(write_shipped, "shipped file (quantize_dynamic, nodes_to_exclude)",
                                {"fp32_nodes": excluded, "num_fp32": len(excluded)})
     ex_nodes = [by_name[n] for n in excluded]
-    fp32_fraction = _fp32_fraction(ex_nodes, cands)
-    record = {
-        "method": ("ORT dynamic INT8; leave-one-in sensitivity (logit MSE); bisection over the ranked nodes" if search_nodes
-                   else "ORT dynamic INT8 of every candidate (no search)"),
-        "weight_type": "int8 (symmetric)",
-        "activation_type": "uint8 (dynamic, per tensor per batch)",
-        "op_types": list(CANDIDATE_OPS),
-        "per_channel": chosen,
-        "per_channel_chosen_by": "measurement (higher tuning agreement)" if per_channel is None else "user",
-        "granularity": granularity,
-        "gate": gate.to_dict(),
-        "target": round(target, 6),
-        "target_note": _target_note(gate, margin),
-        "tuning": shipped,
-        "tuning_agreement": shipped["agreement"],
-        "tuning_logit_mse": shipped["logit_mse"],
-        "tuning_examples": num_examples,
-        "tuning_reference": "the fp32 source graph in ONNX Runtime",
-        "num_candidates": len(cands),
-        "num_quantized": len(cands) - len(ex_nodes),
-        "excluded_nodes": [c.to_dict() for c in ex_nodes],
-        "fp32_mac_fraction": fp32_fraction,
-        "int8_mac_fraction": round(1.0 - fp32_fraction, 4),
-        "mac_fraction_note": "weight-MatMul multiply-adds left in fp32 over all quantizable ones, at sequence length 128 "
-                             "(Gemm once per sequence); attention score products (QK^T, PV) are fp32 in every variant",
-        "always_fp32": not_quantized(search.fp32, mixer.unquantized),
-        "sensitivity": ranked,
-        "sensitivity_examples": sum(len(search.reference[i]) for i in subset) if ranked else 0,
-        "trace": search.trace,
-        "batching": "length-bucketed batches of 32 (dynamic activation scales depend on the batch)",
-        "threads": threads,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    record = _record(search, mixer, cands, ex_nodes, chosen, per_channel, granularity, gate, target, margin, shipped, ranked,
+                     subset, search_nodes, threads, started)
     log.info("int8: %d/%d nodes in fp32 (%.1f%% of MACs), tuning %s", len(ex_nodes), len(cands),
              100 * record["fp32_mac_fraction"], shipped)
     return Int8Result(per_channel=chosen, excluded=ex_nodes, candidates=cands, record=record)

@@ -30,9 +30,11 @@ import numpy as np
 from cahp_deploy import arch, onnx_runtime, schema
 from cahp_deploy.atomic import atomic_dir, check_output_path
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters import int8_tuning, onnx_export, optimize as ortopt, parity, quantize as quant
-from cahp_deploy.exporters.int8_gate import ACCURACY, INT8_MAX_ACCURACY_DROP, LOOKS, Int8Gate
-from cahp_deploy.exporters.manifest import VARIANT_FILES, file_records, versions, write_manifest
+from cahp_deploy.export import fp16 as fp16_variant, onnx_export, optimize as ortopt, parity
+from cahp_deploy.export.int8 import quantize as quant
+from cahp_deploy.export.int8 import tuning as int8_tuning
+from cahp_deploy.export.int8.gate import ACCURACY, INT8_MAX_ACCURACY_DROP, LOOKS, Int8Gate
+from cahp_deploy.export.manifest import VARIANT_FILES, file_records, versions, write_manifest
 from cahp_deploy.hashing import sha256_dir
 from cahp_deploy.modeling import KEPT_HEADS_FIELD, load_classifier, load_config
 from cahp_deploy.paired import DEFAULT_CONFIDENCE
@@ -104,7 +106,7 @@ def _check_options(quantize, per_channel, fp16, opset, provider,
                 f"--opset {opset} cannot be exported (torch/Optimum support {onnx_export.MIN_OPSET}..{hi}); pick one in that range"
             )
     if fp16:  # the fp16 graph is checked on --provider, which must be there (export alone need not run on it)
-        onnx_runtime.check_provider(provider, PROVIDERS, purpose=quant.FP16_CHECK)
+        onnx_runtime.check_provider(provider, PROVIDERS, purpose=fp16_variant.FP16_CHECK)
 
 
 def _gate_close(variant: str, result: dict, atol: float, where: str) -> None:
@@ -344,7 +346,7 @@ def _read_pruning(model_dir: Path) -> dict | None:
 def _qat(model_dir: Path) -> dict | None:
     """The quantization-aware recovery that made ``model_dir``, if any (its ``recovery.json``): INT8
     then uses the weight granularity the model was trained for."""
-    from cahp_deploy.recovery.recover import RECOVERY_FILE
+    from cahp_deploy.recovery.stage import RECOVERY_FILE
 
     p = model_dir / RECOVERY_FILE
     try:
@@ -420,10 +422,10 @@ def export(
     Parameters
     ----------
     optimize : also write ``model_optimized.onnx`` (ORT fusions chosen by measurement, see
-        :mod:`cahp_deploy.exporters.optimize`).
+        :mod:`cahp_deploy.export.optimize`).
     quantize : ``"int8"`` writes ``model_int8.onnx``: dynamic quantization of the optimized graph's
         weight MatMuls, the most sensitive kept in fp32 until the agreement gate holds on a tuning
-        set (see :mod:`cahp_deploy.exporters.int8_tuning`).
+        set (see :mod:`cahp_deploy.export.int8.tuning`).
     per_channel : INT8 weight scales per output channel (True) or per tensor (False); None measures
         both on the tuning set and keeps the better.
     fp16 : write ``model_fp16.onnx`` (for CUDA; fp32 inputs/outputs), checked on ``provider``.
@@ -434,7 +436,7 @@ def export(
     measure : time the optimization candidates (a few seconds); False uses the provider default.
     int8_max_accuracy_drop : the INT8 gate (default with labelled data, 0.5 points): the one-sided
         ``confidence`` upper bound of INT8's paired accuracy drop vs fp32 on the gate rows must be
-        at most this many points (see :mod:`cahp_deploy.exporters.int8_gate`).
+        at most this many points (see :mod:`cahp_deploy.export.int8.gate`).
     int8_min_agreement : the other gate: argmax agreement with fp32 at least this (for identical
         outputs; the only gate without data, where it is at most 0.90 on random tokens).
     int8_tuning_examples : rows INT8 tunes on: random rows of ``data``'s train split, else the first
@@ -445,7 +447,7 @@ def export(
     max_examples : check parity (and the INT8 gate) on the first N rows of ``split`` only (None: all;
         the rows ``bench --max-examples`` scores).
     int8_smooth : SmoothQuant-style smoothing of every MatMul input before INT8, with this alpha
-        (:mod:`cahp_deploy.exporters.smoothing`; None: off). The smoothed fp32 graph is parity-checked.
+        (:mod:`cahp_deploy.export.int8.smoothing`; None: off). The smoothed fp32 graph is parity-checked.
     rows : check parity and gate INT8 on these rows (indices, after ``max_examples``) of ``split``
         only: ``run`` keeps its confirmation rows out of every decision this way.
     max_length : the length the artifact serves (recorded in the manifest as ``max_length``; predict,
@@ -455,7 +457,7 @@ def export(
         tunes on its first half and is gated on the second. Under an accuracy budget `run` passes its
         selection split as both, so the gate's looks never touch the decision or confirmation rows.
     exporter : ``auto`` (Optimum when installed and compatible with the installed transformers, else
-        torch), ``optimum`` or ``torch``; see :mod:`cahp_deploy.exporters.onnx_export`. Recorded in the
+        torch), ``optimum`` or ``torch``; see :mod:`cahp_deploy.export.onnx_export`. Recorded in the
         manifest as ``exporter`` ({name, why}).
 
     Returns ``out``. Raises :class:`CahpError` on bad input (before any work) or a failed parity
@@ -465,171 +467,71 @@ def export(
     model_dir = Path(model_dir)
     out = check_output_path(out, force)
     _check_options(quantize, per_channel, fp16, opset, provider, int8_tuning_examples, int8_tuning_margin)
-    if int8_smooth is not None and (quantize != "int8" or not 0.0 <= float(int8_smooth) <= 1.0):
-        raise CahpError(f"--int8-smooth {int8_smooth} needs --quantize int8 and an alpha in [0, 1] (0.75 measured best)")
+    _check_smoothing(int8_smooth, quantize)
     exporter_name, exporter_why = onnx_export.resolve_exporter(exporter)
     config = load_config(model_dir)
-    from cahp_deploy.serving_length import check_max_length, default_serving_length
-
-    max_length = check_max_length(max_length, config) or default_serving_length(config)
+    max_length = _serving_length(max_length, config)
     pruning = _read_pruning(model_dir)
-    qat = _qat(model_dir) if quantize == "int8" else None
-    granularity_from_qat = qat is not None and per_channel is None
-    if granularity_from_qat:
-        per_channel = qat["per_channel"]  # what the recovery simulated
-    labelled, labelled_rows = None, None
-    if data is not None:
-        from cahp_deploy.data import check_labels, load_labelled
-
-        labelled = load_labelled(data, split, text_column, text_pair_column, label_column)
-        check_labels(labelled, int(config.num_labels))
-        if max_examples is not None:
-            if max_examples < 1:
-                raise CahpError(f"--max-examples must be at least 1, got {max_examples}")
-            labelled = labelled.head(max_examples)
-        if rows is not None:
-            idx = np.asarray(list(rows), dtype=np.int64)
-            if idx.size == 0 or idx.min() < 0 or idx.max() >= len(labelled):
-                raise CahpError(f"rows must be indices into the {len(labelled)} rows of split {split!r}")
-            labelled = labelled.subset(idx)
-            labelled_rows = f"{len(idx)} chosen rows of {split!r} (the rest held out)"
-    tune_rows, tune_record, parity_rows = None, None, labelled
-    gate, gate_note = None, None
-    if quantize == "int8":
-        columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
-        tune_rows, parity_rows, tune_record = _int8_rows(data, split, columns, labelled, int(config.num_labels),
-                                                         int8_tuning_examples, config, int8_tuning_split)
-        n_gate = min(len(parity_rows), parity.MAX_DATA_EXAMPLES) if parity_rows is not None else None
-        labelled_n = None if tune_rows is None else min(len(tune_rows), n_gate)
-        gate, gate_note = resolve_int8_gate(int8_max_accuracy_drop, int8_min_agreement, labelled_n, confidence, n_gate)
-        if gate_note:
-            log.warning("int8: %s", gate_note)
+    qat, per_channel, granularity_from_qat = _qat_granularity(model_dir, quantize, per_channel)
+    columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
+    labelled, labelled_rows = _parity_data(data, split, columns, config, max_examples, rows)
+    tune_rows, parity_rows, tune_record, gate, gate_note = _int8_plan(
+        quantize, data, split, columns, labelled, config, int8_tuning_examples, int8_tuning_split,
+        int8_max_accuracy_drop, int8_min_agreement, confidence)
 
     attn = onnx_export.attn_implementation_for(config)
     model, tokenizer = load_classifier(model_dir, attn_implementation=attn)
     opset = onnx_export.resolve_opset(model, opset, exporter_name)
     heads = arch.heads_per_layer(model)
-    n_layers, dense_heads = arch.dense_head_grid(config)
-    spec = arch.spec_for(config)
 
     from cahp_deploy.progress import make_progress
 
     steps = 2 + int(optimize) + int(quantize is not None) + int(fp16)
     with atomic_dir(out, force) as tmp, tempfile.TemporaryDirectory(prefix=".cahp-export-", dir=tmp.parent) as scratch, make_progress() as bar:
         task = bar.add_task("export", total=steps)
+        say = _progress_words(bar, task)
         scratch = Path(scratch)
         plain = tmp / VARIANT_FILES["fp32"]
-        bar.update(task, description="export: ONNX")
+        say("ONNX")
         input_names = onnx_export.export_onnx(model, plain, opset, exporter_name)
         check = _Parity(model, tokenizer, config, input_names, parity_rows, gate, max_length)
         variants: dict[str, dict] = {"fp32": {"file": plain.name, "parity": check.check("fp32", onnx_runtime.session(plain))}}
         bar.advance(task)
 
-        fused_source = plain  # what int8 quantizes
-        fp16_source = plain
+        fused_source = fp16_source = plain  # what int8 quantizes, what fp16 converts
         if optimize:
-            bar.update(task, description="export: optimize")
-            result = ortopt.optimize(
-                plain, tmp / VARIANT_FILES["optimized"], scratch / "candidates",
-                onnx_model_type=spec.onnx_model_type, heads_per_layer=heads,
-                head_dim=arch.head_dim(config), vocab_size=int(getattr(config, "vocab_size", 1000)),
-                measure=measure, provider=provider, max_seq=arch.max_sequence_length(config),
-            )
-            variants["optimized"] = {"file": result.path.name, **result.record,
-                                     "parity": check.check("optimized", onnx_runtime.session(result.path))}
-            fused_source = result.path
-            fp16_source = result.candidates.get("ort_default", result.path)
+            say("optimize")
+            variants["optimized"], fused_source, fp16_source = _optimized_variant(
+                check, plain, tmp, scratch, config, heads, measure, provider)
             bar.advance(task)
         if quantize == "int8":
-            bar.update(task, description="export: int8")
-            dst = tmp / VARIANT_FILES["int8"]
+            say("int8")
             tune_feeds, tune_labels = _int8_tuning_feeds(tune_rows, tokenizer, input_names, config, max_length)
-            int8_source, smoothing = fused_source, None
-            if int8_smooth is not None:
-                import onnx
-
-                from cahp_deploy.exporters.smoothing import smooth
-
-                bar.update(task, description="export: int8 smoothing")
-                smoothed, smoothing = smooth(onnx.load(str(fused_source)), tune_feeds, int8_smooth)
-                int8_source = scratch / "smoothed.onnx"
-                onnx.save(smoothed, str(int8_source))
-                smoothing["parity"] = check.check("optimized", onnx_runtime.session(int8_source))  # exact in fp32, or raise
-            tuned, rec, result = _tune_and_check_int8(
-                check, int8_source, dst, tune_feeds, tune_labels, tune_record,
-                per_channel, int8_tuning_margin, say=lambda msg: bar.update(task, description=f"export: {msg}"),
-            )
-            report = result["data"] or result["random"]
-            if granularity_from_qat:
-                rec["per_channel_chosen_by"] = "quantization-aware recovery (recovery.json)"
-            variants["int8"] = {
-                "file": dst.name, "source": "optimized" if fused_source != plain else "fp32",
-                "per_channel": tuned.per_channel, "weight_type": "int8", "activation_type": "uint8 (dynamic)",
-                "quantization_aware": qat is not None, "smoothing": smoothing,
-                "excluded_nodes": rec["excluded_nodes"], "fp32_mac_fraction": rec["fp32_mac_fraction"],
-                "int8_mac_fraction": rec["int8_mac_fraction"],
-                "gate": {**gate.to_dict(), **({"note": gate_note} if gate_note else {}), "tuning_rows": tune_record["on"], "gate_rows": tune_record.get("report_on", result["gate"]["on"]),
-                         "tuning": rec["tuning"], "result": result["gate"]},
-                "agreement": {"tuning": rec["tuning_agreement"], "tuning_on": tune_record["on"],
-                              "report": result["argmax_agreement"],
-                              "report_on": tune_record.get("report_on", "random tokens (no --data given)")},
-                "accuracy": None if not result["data"] else {"int8": report["accuracy"], "pytorch_fp32": report["reference_accuracy"]},
-                "tuning": rec,
-                "parity": result,
-            }
-            if qat is not None:
-                variants["int8"]["qat_match"] = _qat_match(model, check, dst, tuned.per_channel, len(rec["excluded_nodes"]))
-            if measure and provider == "cpu":
-                variants["int8"].update(_time_int8(fused_source, dst, int(getattr(config, "vocab_size", 1000)),
-                                                   arch.max_sequence_length(config)))
+            variants["int8"] = _int8_variant(
+                check, model, config, fused_source, plain, tmp / VARIANT_FILES["int8"], scratch, tune_feeds, tune_labels,
+                tune_record, per_channel, int8_tuning_margin, int8_smooth, gate, gate_note, qat, granularity_from_qat,
+                measure, provider, say)
             bar.advance(task)
         if fp16:
-            bar.update(task, description="export: fp16")
-            dst = tmp / VARIANT_FILES["fp16"]
-            quant.convert_fp16(fp16_source, dst)
-            session = quant.fp16_session(dst, provider)
-            variants["fp16"] = {
-                "file": dst.name, "source": "ort_default" if fp16_source != plain else "fp32",
-                "keep_io_types": True, "intended_provider": "CUDAExecutionProvider",
-                "checked_on": session.get_providers()[0],
-                "parity": check.check("fp16", session),
-            }
+            say("fp16")
+            variants["fp16"] = _fp16_variant(check, fp16_source, plain, tmp / VARIANT_FILES["fp16"], provider)
             bar.advance(task)
 
-        bar.update(task, description="export: manifest")
-        shutil.copyfile(model_dir / "config.json", tmp / "config.json")
-        tokenizer.save_pretrained(tmp)
-        if pruning is not None:
-            shutil.copyfile(model_dir / "pruning.json", tmp / "pruning.json")
-        kept = getattr(config, KEPT_HEADS_FIELD, None)
+        say("manifest")
+        _copy_model_files(model_dir, tmp, tokenizer, pruning)
         manifest = {
             "schema": schema.MANIFEST,
             "task": onnx_export.TASK,
             "variants": variants,
             "files": file_records(tmp),
-            "kept_heads": kept,
-            "heads_per_layer": heads,
-            "num_heads_kept": int(sum(heads)),
-            "num_heads_total": int(n_layers * dense_heads),
-            **_neuron_fields(config, n_layers),
-            "pruning": pruning,
-            "source_model": str(model_dir),
-            "source_model_sha256": sha256_dir(model_dir),
-            "selection_sha256": (pruning or {}).get("selection_sha256"),
-            "num_labels": int(config.num_labels),
-            "id2label": {str(k): v for k, v in (config.id2label or {}).items()},
-            "model_type": config.model_type,
+            **_model_fields(model_dir, config, heads, pruning),
             "opset": opset,
             "exporter": {"name": exporter_name, "why": exporter_why},
             "input_names": input_names,
             "max_position_embeddings": int(getattr(config, "max_position_embeddings", 0) or 0) or None,
             "max_length": max_length,
             "attn_implementation": attn,
-            "parity_data": None if labelled is None else {
-                **parity_rows.provenance(), "num_examples": len(check.labels),
-                **({"rows": labelled_rows} if labelled_rows else {}),
-                **({"rows": tune_record["report_on"]} if tune_record and parity_rows is not labelled else {}),
-            },
+            "parity_data": _parity_provenance(check, labelled, labelled_rows, parity_rows, tune_record),
             "smoke": check.smoke(),
             "versions": versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -639,3 +541,184 @@ def export(
         bar.advance(task)
     log.info("exported %s -> %s (%s)", model_dir, out, ", ".join(variants))
     return out
+
+
+def _progress_words(bar, task):
+    """``say(msg)``: show ``export: msg`` on the progress bar's task."""
+    def say(msg: str) -> None:
+        bar.update(task, description=f"export: {msg}")
+
+    return say
+
+
+def _check_smoothing(int8_smooth: float | None, quantize: str | None) -> None:
+    if int8_smooth is not None and (quantize != "int8" or not 0.0 <= float(int8_smooth) <= 1.0):
+        raise CahpError(f"--int8-smooth {int8_smooth} needs --quantize int8 and an alpha in [0, 1] (0.75 measured best)")
+
+
+def _qat_granularity(model_dir: Path, quantize: str | None, per_channel: bool | None):
+    """(the quantization-aware recovery behind ``model_dir`` or None, the INT8 weight granularity, whether
+    that recovery chose it): with no ``per_channel`` asked, INT8 uses the granularity the recovery simulated."""
+    qat = _qat(model_dir) if quantize == "int8" else None
+    granularity_from_qat = qat is not None and per_channel is None
+    if granularity_from_qat:
+        per_channel = qat["per_channel"]  # what the recovery simulated
+    return qat, per_channel, granularity_from_qat
+
+
+def _serving_length(max_length: int | None, config) -> int:
+    from cahp_deploy.serving_length import check_max_length, default_serving_length
+
+    return check_max_length(max_length, config) or default_serving_length(config)
+
+
+def _parity_data(data, split: str, columns: dict, config, max_examples: int | None, rows: Sequence[int] | None):
+    """(labelled rows parity is checked on, or None without data; words for ``rows`` when given)."""
+    if data is None:
+        return None, None
+    from cahp_deploy.data import check_labels, load_labelled
+
+    labelled = load_labelled(data, split, **columns)
+    check_labels(labelled, int(config.num_labels))
+    if max_examples is not None:
+        if max_examples < 1:
+            raise CahpError(f"--max-examples must be at least 1, got {max_examples}")
+        labelled = labelled.head(max_examples)
+    if rows is None:
+        return labelled, None
+    idx = np.asarray(list(rows), dtype=np.int64)
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= len(labelled):
+        raise CahpError(f"rows must be indices into the {len(labelled)} rows of split {split!r}")
+    return labelled.subset(idx), f"{len(idx)} chosen rows of {split!r} (the rest held out)"
+
+
+def _int8_plan(quantize: str | None, data, split: str, columns: dict, labelled, config, examples: int,
+               tuning_split: str, max_accuracy_drop: float | None, min_agreement: float | None, confidence: float):
+    """(tuning rows, parity rows, tuning record, gate, gate note): which rows INT8 tunes on and is judged
+    on; without INT8, parity is checked on ``labelled`` and the rest is None."""
+    if quantize != "int8":
+        return None, labelled, None, None, None
+    tune_rows, parity_rows, tune_record = _int8_rows(data, split, columns, labelled, int(config.num_labels),
+                                                     examples, config, tuning_split)
+    n_gate = min(len(parity_rows), parity.MAX_DATA_EXAMPLES) if parity_rows is not None else None
+    labelled_n = None if tune_rows is None else min(len(tune_rows), n_gate)
+    gate, gate_note = resolve_int8_gate(max_accuracy_drop, min_agreement, labelled_n, confidence, n_gate)
+    if gate_note:
+        log.warning("int8: %s", gate_note)
+    return tune_rows, parity_rows, tune_record, gate, gate_note
+
+
+def _optimized_variant(check: _Parity, plain: Path, tmp: Path, scratch: Path, config, heads, measure: bool,
+                       provider: str) -> tuple[dict, Path, Path]:
+    """ORT's fusions on the plain export, chosen by timing (:func:`cahp_deploy.export.optimize.optimize`):
+    (its manifest entry, the graph INT8 quantizes, the graph FP16 converts)."""
+    spec = arch.spec_for(config)
+    result = ortopt.optimize(
+        plain, tmp / VARIANT_FILES["optimized"], scratch / "candidates",
+        onnx_model_type=spec.onnx_model_type, heads_per_layer=heads,
+        head_dim=arch.head_dim(config), vocab_size=int(getattr(config, "vocab_size", 1000)),
+        measure=measure, provider=provider, max_seq=arch.max_sequence_length(config),
+    )
+    entry = {"file": result.path.name, **result.record,
+             "parity": check.check("optimized", onnx_runtime.session(result.path))}
+    return entry, result.path, result.candidates.get("ort_default", result.path)
+
+
+def _copy_model_files(model_dir: Path, tmp: Path, tokenizer, pruning: dict | None) -> None:
+    """config.json, the tokenizer and pruning.json go into the artifact next to the graphs."""
+    shutil.copyfile(model_dir / "config.json", tmp / "config.json")
+    tokenizer.save_pretrained(tmp)
+    if pruning is not None:
+        shutil.copyfile(model_dir / "pruning.json", tmp / "pruning.json")
+
+
+def _smoothed_source(check: _Parity, fused_source: Path, scratch: Path, tune_feeds, alpha: float):
+    """(the SmoothQuant-smoothed fp32 graph INT8 quantizes, its record), parity-checked (exact in fp32, or raise)."""
+    import onnx
+
+    from cahp_deploy.export.int8.smoothing import smooth
+
+    smoothed, smoothing = smooth(onnx.load(str(fused_source)), tune_feeds, alpha)
+    int8_source = scratch / "smoothed.onnx"
+    onnx.save(smoothed, str(int8_source))
+    smoothing["parity"] = check.check("optimized", onnx_runtime.session(int8_source))  # exact in fp32, or raise
+    return int8_source, smoothing
+
+
+def _int8_variant(check: _Parity, model, config, fused_source: Path, plain: Path, dst: Path, scratch: Path,
+                  tune_feeds, tune_labels, tune_record, per_channel, tuning_margin, smooth_alpha, gate, gate_note,
+                  qat, granularity_from_qat: bool, measure: bool, provider: str, say) -> dict:
+    """Write ``dst`` (INT8 of ``fused_source``, tuned and gated) and return its manifest entry."""
+    int8_source, smoothing = fused_source, None
+    if smooth_alpha is not None:
+        say("int8 smoothing")
+        int8_source, smoothing = _smoothed_source(check, fused_source, scratch, tune_feeds, smooth_alpha)
+    tuned, rec, result = _tune_and_check_int8(
+        check, int8_source, dst, tune_feeds, tune_labels, tune_record, per_channel, tuning_margin, say=say,
+    )
+    report = result["data"] or result["random"]
+    if granularity_from_qat:
+        rec["per_channel_chosen_by"] = "quantization-aware recovery (recovery.json)"
+    entry = {
+        "file": dst.name, "source": "optimized" if fused_source != plain else "fp32",
+        "per_channel": tuned.per_channel, "weight_type": "int8", "activation_type": "uint8 (dynamic)",
+        "quantization_aware": qat is not None, "smoothing": smoothing,
+        "excluded_nodes": rec["excluded_nodes"], "fp32_mac_fraction": rec["fp32_mac_fraction"],
+        "int8_mac_fraction": rec["int8_mac_fraction"],
+        "gate": {**gate.to_dict(), **({"note": gate_note} if gate_note else {}), "tuning_rows": tune_record["on"], "gate_rows": tune_record.get("report_on", result["gate"]["on"]),
+                 "tuning": rec["tuning"], "result": result["gate"]},
+        "agreement": {"tuning": rec["tuning_agreement"], "tuning_on": tune_record["on"],
+                      "report": result["argmax_agreement"],
+                      "report_on": tune_record.get("report_on", "random tokens (no --data given)")},
+        "accuracy": None if not result["data"] else {"int8": report["accuracy"], "pytorch_fp32": report["reference_accuracy"]},
+        "tuning": rec,
+        "parity": result,
+    }
+    if qat is not None:
+        entry["qat_match"] = _qat_match(model, check, dst, tuned.per_channel, len(rec["excluded_nodes"]))
+    if measure and provider == "cpu":
+        entry.update(_time_int8(fused_source, dst, int(getattr(config, "vocab_size", 1000)),
+                                arch.max_sequence_length(config)))
+    return entry
+
+
+def _fp16_variant(check: _Parity, fp16_source: Path, plain: Path, dst: Path, provider: str) -> dict:
+    """Write ``dst`` (FP16 of ``fp16_source``, checked on ``provider``) and return its manifest entry."""
+    fp16_variant.convert_fp16(fp16_source, dst)
+    session = fp16_variant.fp16_session(dst, provider)
+    return {
+        "file": dst.name, "source": "ort_default" if fp16_source != plain else "fp32",
+        "keep_io_types": True, "intended_provider": "CUDAExecutionProvider",
+        "checked_on": session.get_providers()[0],
+        "parity": check.check("fp16", session),
+    }
+
+
+def _model_fields(model_dir: Path, config, heads, pruning) -> dict:
+    """The manifest's description of the model: heads and neurons kept, provenance, labels."""
+    n_layers, dense_heads = arch.dense_head_grid(config)
+    return {
+        "kept_heads": getattr(config, KEPT_HEADS_FIELD, None),
+        "heads_per_layer": heads,
+        "num_heads_kept": int(sum(heads)),
+        "num_heads_total": int(n_layers * dense_heads),
+        **_neuron_fields(config, n_layers),
+        "pruning": pruning,
+        "source_model": str(model_dir),
+        "source_model_sha256": sha256_dir(model_dir),
+        "selection_sha256": (pruning or {}).get("selection_sha256"),
+        "num_labels": int(config.num_labels),
+        "id2label": {str(k): v for k, v in (config.id2label or {}).items()},
+        "model_type": config.model_type,
+    }
+
+
+def _parity_provenance(check: _Parity, labelled, labelled_rows: str | None, parity_rows, tune_record) -> dict | None:
+    """The manifest's ``parity_data``: which rows parity (and the INT8 gate) was checked on."""
+    if labelled is None:
+        return None
+    return {
+        **parity_rows.provenance(), "num_examples": len(check.labels),
+        **({"rows": labelled_rows} if labelled_rows else {}),
+        **({"rows": tune_record["report_on"]} if tune_record and parity_rows is not labelled else {}),
+    }

@@ -1,7 +1,7 @@
 """The plain fp32 ONNX export of an already-loaded classifier: through Optimum, or through ``torch.onnx``.
 
 Two exporters write the same graph contract (input and output names, dynamic axes, opset 18 by
-default; see :mod:`cahp_deploy.exporters.torch_export`): ``optimum`` (optimum-onnx's ``export``, the
+default; see :mod:`cahp_deploy.export.torch_export`): ``optimum`` (optimum-onnx's ``export``, the
 ``[optimum]`` extra) and ``torch`` (``torch.onnx``, always there). ``auto`` (the default) takes
 Optimum when it is installed *and* its declared transformers range holds the installed transformers
 (optimum-onnx 0.1.0 declares transformers<4.58: an install forced beside 5.x is not used), else
@@ -128,7 +128,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int, exporter: str = "auto"
     name, _ = resolve_exporter(exporter)
     try:
         if name == "torch":
-            from cahp_deploy.exporters.torch_export import export_torch
+            from cahp_deploy.export.torch_export import export_torch
 
             input_names = export_torch(model, Path(path), opset)
         else:

@@ -21,7 +21,7 @@ import onnx
 import onnx.numpy_helper as nh
 
 from cahp_deploy.errors import CahpError
-from cahp_deploy.exporters.parity import Feed
+from cahp_deploy.export.parity import Feed
 
 #: the scale is clipped to this range, so a dead channel does not blow up its weights
 SCALE_RANGE = (1e-2, 1e2)
@@ -29,7 +29,7 @@ SCALE_RANGE = (1e-2, 1e2)
 
 def _input_absmax(model: onnx.ModelProto, feeds: Sequence[Feed], tensors: Sequence[str], threads: int) -> dict:
     """Per-channel max |x| (last axis) of ``tensors`` over every feed, exposed as extra graph outputs."""
-    from cahp_deploy.exporters.int8_tuning import session
+    from cahp_deploy.export.int8.tuning import session
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -49,7 +49,7 @@ def _input_absmax(model: onnx.ModelProto, feeds: Sequence[Feed], tensors: Sequen
 
 def smooth(model: onnx.ModelProto, feeds: Sequence[Feed], alpha: float, threads: int = 2) -> tuple[onnx.ModelProto, dict]:
     """The graph with every weight MatMul / fused Attention smoothed (Gemm: pooled vectors, left alone)."""
-    from cahp_deploy.exporters.int8_tuning import quantizable_nodes
+    from cahp_deploy.export.int8.tuning import quantizable_nodes
 
     if not 0.0 <= float(alpha) <= 1.0:
         raise CahpError(f"--int8-smooth {alpha} must be in [0, 1] (0.75 measured best; see bench/results/int8)")
