@@ -29,7 +29,7 @@ import numpy as np
 
 from cahp_deploy import arch, onnx_runtime, schema
 from cahp_deploy.atomic import atomic_dir, check_output_path
-from cahp_deploy.errors import CahpError
+from cahp_deploy.errors import CahpError, Int8GateError
 from cahp_deploy.export import fp16 as fp16_variant, onnx_export, optimize as ortopt, parity
 from cahp_deploy.export.int8 import quantize as quant
 from cahp_deploy.export.int8 import tuning as int8_tuning
@@ -126,7 +126,7 @@ def _gate_int8(result: dict, where: str, tuned: dict) -> None:
                    f"({pd['ref_only']} rows only fp32 gets right, {pd['new_only']} only INT8)")
         else:
             got = f"argmax agreement {result['agreement']:.2%}"
-        raise CahpError(
+        raise Int8GateError(
             f"INT8 gate failed on {where}: {got}; the gate is {result['gate']} (tuned to {tuned['figure']} on "
             f"{tuned['on']}); nothing was written (loosen the gate knowingly, or ship the optimized fp32 model)"
         )
