@@ -136,6 +136,9 @@ def test_int8_runs_each_request_alone_by_default(artifact):
     s = triton_text.settings(artifact, artifact, {"num_labels": 3}, "int8", artifact / "model.onnx", max_batch_size=4,
                              max_text_chars=10)
     assert s["merge_requests"] is False and "per tensor" in s["merge_requests_why"]
+    forced = triton_text.settings(artifact, artifact, {"num_labels": 3}, "optimized", artifact / "model.onnx",
+                                  max_batch_size=4, max_text_chars=10, merge_requests=False)
+    assert forced["merge_requests"] is False and "--no-merge-requests" in forced["merge_requests_why"]
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -71,6 +71,15 @@ def settings(artifact: Path, tokdir: Path, manifest: dict, variant: str, model_p
     config = json.loads((tokdir / "config.json").read_text()) if (tokdir / "config.json").is_file() else {}
     labels = manifest.get("id2label") or config.get("id2label") or {}
     is_int8 = variant == "int8"
+    merge = (not is_int8) if merge_requests is None else bool(merge_requests)
+    if merge:
+        why = "the texts of one dynamic batch run as one ONNX batch" + (
+            " (--merge-requests: an INT8 row's answer then depends on the requests batched with it)" if is_int8 else "")
+    elif merge_requests is None:
+        why = ("INT8 activations are quantized per tensor over the whole batch: each request runs alone so its "
+               "answer does not depend on its batch neighbours")
+    else:
+        why = "each request runs as its own ONNX batch (--no-merge-requests)"
     return {
         "model": "model.onnx", "tokenizer": "tokenizer.json", "variant": variant,
         "max_length": int(trunc["max_length"]), "manifest_max_length": max_length,
@@ -78,10 +87,7 @@ def settings(artifact: Path, tokdir: Path, manifest: dict, variant: str, model_p
         "inputs": [t["name"] for t in io["inputs"]],
         "labels": [str(labels.get(str(i), f"LABEL_{i}")) for i in range(num_labels)],
         "max_text_chars": int(max_text_chars), "max_batch_size": int(max_batch_size),
-        "merge_requests": (not is_int8) if merge_requests is None else bool(merge_requests),
-        "merge_requests_why": ("INT8 activations are quantized per tensor over the whole batch: each request runs "
-                               "alone so its answer does not depend on its batch neighbours") if is_int8 and merge_requests is None
-        else "the texts of one dynamic batch run as one ONNX batch",
+        "merge_requests": merge, "merge_requests_why": why,
         "ort_threads": int(ort_threads),
         "artifact": str(artifact),
     }
