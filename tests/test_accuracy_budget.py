@@ -246,3 +246,38 @@ def test_a_rung_is_refit_against_dense_and_its_record_says_how_far_it_moved(plan
     # the dense anchor is never refit: it is dense itself
     first = accuracy_budget.measure_candidate(settings, evidence, 16, root, correct(pred, settings.eval_data.labels), pred)
     assert first.judged == "pruned" and first.details["dense_anchor"] is True
+
+
+def test_under_a_budget_an_int8_gate_failure_ships_what_passed(planted, exhaustive, tmp_path, monkeypatch):
+    """The pruned INT8 graph fails its gate: the run does not stop; the pruned artifact is written without
+    INT8, run.json says why, bench times what each artifact has (dense INT8 included), and the shipping
+    sequence chooses among those."""
+    from cahp_deploy.errors import Int8GateError
+    import cahp_deploy.export as export_stage
+    from cahp_deploy.run.pipeline import run
+
+    real = export_stage.export
+    calls = []
+
+    def gate_fails_for_pruned_int8(model, out, **kw):
+        calls.append((str(out), kw.get("quantize")))
+        if out.name == "pruned" and kw.get("quantize") == "int8":
+            raise Int8GateError("INT8 gate failed on the test rows: planted")
+        return real(model, out, **kw)
+
+    monkeypatch.setattr(export_stage, "export", gate_fails_for_pruned_int8)
+    _, data, dense = planted
+    out = tmp_path / "run"
+    run(dense, data, out, max_accuracy_drop=100.0, search_step=8, recover=False, seed=0, timing=False,
+        batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1, traffic=False)
+    record = json.loads((out / "run.json").read_text())
+    assert "planted" in record["int8_gate_failed"]["export-pruned"] and "export-dense" not in record["int8_gate_failed"]
+    assert [q for o, q in calls if o.endswith("pruned")] == ["int8", None]
+    assert not (out / "artifacts" / "pruned" / "model_int8.onnx").exists()
+    assert (out / "artifacts" / "dense" / "model_int8.onnx").is_file()
+    report = json.loads((out / "report" / "report.json").read_text())
+    timed = {(c["artifact"], c["variant"]) for c in report["cells"]}
+    assert ("dense", "int8") in timed and ("pruned", "optimized") in timed and ("pruned", "int8") not in timed
+    confirm = json.loads((out / "confirm.json").read_text())
+    assert confirm["recommended"] != "int8" or confirm["shipped"]["path"] == "artifacts/dense"
+    assert "The pruned model's INT8 graph failed its accuracy gate" in (out / "summary.md").read_text()

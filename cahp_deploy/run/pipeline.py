@@ -621,6 +621,29 @@ def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, p
     return recovered, "recover"
 
 
+def _exporter(record: RunRecord, name: str, source: Path, art: Path, options: dict[str, Any], budget: bool):
+    """The export stage's work. Under a budget, an INT8 graph that fails its gate does not end the run: the
+    artifact is written without it (fp32 variants only), run.json says why, and the shipping sequence
+    chooses among the variants that exist."""
+    from cahp_deploy import export as export_stage
+    from cahp_deploy.errors import Int8GateError
+
+    def work(overwrite: bool):
+        record.data.setdefault("int8_gate_failed", {}).pop(name, None)
+        try:
+            return export_stage.export(source, art, force=overwrite, **options)
+        except Int8GateError as e:
+            if not budget:
+                raise
+            record.data["int8_gate_failed"][name] = str(e)
+            record.say(f"{name}: {e}; under the accuracy budget this artifact is exported without INT8 and the "
+                       "shipping sequence chooses among the variants that exist")
+            fp32_only = {k: v for k, v in options.items() if not k.startswith("int8_") and k != "per_channel"}
+            return export_stage.export(source, art, force=overwrite, **{**fp32_only, "quantize": None})
+
+    return work
+
+
 def _search(record: RunRecord, model: str, data: str, out: Path, plan: _Plan, model_hash: str):
     """The accuracy-budget path: the search stage; returns its chosen model dir."""
     from cahp_deploy.run import accuracy_budget
@@ -762,18 +785,14 @@ def _run_stages(record: RunRecord, model: str, data: str, out: Path, plan: _Plan
 
     export_common = dict(data=data, **plan.columns, **plan.export_kwargs)
     dense_art, pruned_art = out / DENSE_ARTIFACT, out / PRUNED_ARTIFACT
-    record.stage(
-        "export-dense",
-        {"model_sha256": model_hash, "options": plan.export_kwargs, "eval": export_in},
-        dense_art,
-        lambda overwrite: export_stage.export(model, dense_art, force=overwrite, **export_common),
-    )
-    record.stage(
-        "export-pruned",
-        {"model_sha256": final_sha, "options": plan.export_kwargs, "eval": export_in},
-        pruned_art,
-        lambda overwrite: export_stage.export(final_model, pruned_art, force=overwrite, **export_common),
-    )
+    for name, source, sha, art in (("export-dense", model, model_hash, dense_art),
+                                   ("export-pruned", final_model, final_sha, pruned_art)):
+        record.stage(name, {"model_sha256": sha, "options": plan.export_kwargs, "eval": export_in}, art,
+                     _exporter(record, name, source, art, export_common, plan.max_accuracy_drop is not None))
+    bench_kwargs = plan.bench_kwargs
+    if any(not (a / "model_int8.onnx").is_file() for a in (dense_art, pruned_art)) and \
+            plan.export_kwargs.get("quantize") == "int8":
+        bench_kwargs = {**bench_kwargs, "variants": None}  # time what each artifact has (dense INT8 included)
 
     report_dir = out / REPORT_DIR
     record.stage(
@@ -781,13 +800,13 @@ def _run_stages(record: RunRecord, model: str, data: str, out: Path, plan: _Plan
         {
             "dense_sha256": record.output_hash("export-dense"),
             "pruned_sha256": record.output_hash("export-pruned"),
-            "options": plan.bench_kwargs,
+            "options": bench_kwargs,
             "eval": eval_in,
         },
         report_dir,
         lambda overwrite: bench_stage.bench(
             [pruned_art], dense_art, report_dir, data=data, split=plan.eval_data.split,
-            force=overwrite, **plan.columns, **plan.bench_kwargs,
+            force=overwrite, **plan.columns, **bench_kwargs,
         ),
     )
 
@@ -892,6 +911,7 @@ def summarize(out: str | os.PathLike, record: dict[str, Any] | None = None) -> d
         "max_length": record.get("max_length"),
         "power": record.get("power") if searched else None,
         "budgets_asked": budgets_on(record) if searched else [],
+        "int8_gate_failed": sorted(record.get("int8_gate_failed") or {}),
         "rows": rows,
     }
 

@@ -120,6 +120,10 @@ def headline(summary: dict[str, Any]) -> list[str]:
         lines.append(f"These decision rows have now been asked {len(asked)} budgets ({', '.join(f'{b:g}' for b in asked)} "
                      "points): each budget is one more look at them, and the error rate holds for one run alone; "
                      "confirm on a fresh --confirm-split before relying on a budget chosen after seeing others.")
+    for stage in summary.get("int8_gate_failed") or []:
+        lines.append(f"The {stage.removeprefix('export-')} model's INT8 graph failed its accuracy gate (run.json, "
+                     "`int8_gate_failed`): that artifact was exported without INT8, and the shipping sequence chose "
+                     "among the variants that exist.")
     kept, total = pruned["heads_kept"], pruned["heads_total"]
     search = summary.get("search")
     how = ""
