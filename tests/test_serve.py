@@ -270,11 +270,11 @@ def test_bad_request_in_a_dynamic_batch_fails_alone(server):
 
 
 @needs_server
-def test_serve_command_stops_cleanly_on_ctrl_c(text_handoff):
+def test_serve_command_stops_cleanly_on_ctrl_c(text_handoff, tmp_path):
     http, grpc, metrics = _free_ports(3)
     exe = Path(sys.executable).with_name("cahp-deploy")  # the console script, as a user runs it
     proc = subprocess.Popen([str(exe) if exe.is_file() else "cahp-deploy", "serve", str(text_handoff), "--http-port", str(http),
-                             "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--log-file", str(tmp_path / "log")],
                             stderr=subprocess.PIPE, text=True)
     try:
         line, deadline = "", time.monotonic() + 120
