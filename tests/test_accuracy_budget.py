@@ -144,7 +144,7 @@ def test_run_cli_with_impossible_budget_stops_in_one_line_without_artifact(plant
     out = tmp_path / "run"
     code, stdout, err = cli(
         "run", dense, "--data", data, "--out", out, "--max-accuracy-drop", "0", "--recover-epochs", "2",
-        "--recover-lr", "0.5", "--no-timing", "--batch", "1", "--seq", "16", "--no-traffic",
+        "--recover-lr", "0.5", "--no-timing", "--batch", "1", "--seq", "16", "--no-traffic", "--ladder", "heads",
     )
     assert code != 0
     lines = [line for line in err.strip().splitlines() if line.startswith("error")]
@@ -158,7 +158,7 @@ def test_run_cli_with_impossible_budget_stops_in_one_line_without_artifact(plant
     assert (out / "run.json").is_file()
     code, _, err = cli(
         "run", dense, "--data", data, "--out", out, "--max-accuracy-drop", "0", "--recover-epochs", "2",
-        "--recover-lr", "0.5", "--no-timing", "--batch", "1", "--seq", "16", "--no-traffic",
+        "--recover-lr", "0.5", "--no-timing", "--batch", "1", "--seq", "16", "--no-traffic", "--ladder", "heads",
     )
     assert code != 0 and err.count("done before, reused") == len(record["tried"]), err
 
@@ -169,7 +169,7 @@ def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhau
     _, data, dense = planted
     _, ks, dense_acc, table, _ = exhaustive
     out = tmp_path / "run"
-    result = run(dense, data, out, max_accuracy_drop=100.0, search_step=8, recover_epochs=1, recover_lr=1e-4,
+    result = run(dense, data, out, max_accuracy_drop=100.0, ladder="heads", search_step=8, recover_epochs=1, recover_lr=1e-4,
                  recover_options={"batch_size": 16, "freeze_embeddings": False}, seed=0, timing=False,
                  batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1, traffic=False,
                  variants=("optimized",))
@@ -271,7 +271,7 @@ def test_under_a_budget_an_int8_gate_failure_ships_what_passed(planted, exhausti
     monkeypatch.setattr(export_stage, "export", gate_fails_for_pruned_int8)
     _, data, dense = planted
     out = tmp_path / "run"
-    run(dense, data, out, max_accuracy_drop=100.0, search_step=8, recover=False, seed=0, timing=False,
+    run(dense, data, out, max_accuracy_drop=100.0, ladder="heads", search_step=8, recover=False, seed=0, timing=False,
         batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1, traffic=False)
     record = json.loads((out / "run.json").read_text())
     assert "planted" in record["int8_gate_failed"]["export-pruned"] and "export-dense" not in record["int8_gate_failed"]

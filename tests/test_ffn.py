@@ -316,6 +316,8 @@ def test_run_with_ffn_neurons_ships_them_and_says_so(tiny_models, tiny_data, tmp
     rows = {(r["artifact"], r["variant"]): r for r in result["summary"]["rows"]}
     assert rows[("pruned", "optimized")]["neurons_kept"] == manifest["num_neurons_kept"]
     with pytest.raises(CahpError, match="--ffn-keep-ratio floor"):
+        run(tiny_models["bert"], tiny_data, tmp_path / "run2", ffn_neurons=40, max_accuracy_drop=1.0, ladder="heads")
+    with pytest.raises(CahpError, match="the progressive ladder .* removes neurons itself"):
         run(tiny_models["bert"], tiny_data, tmp_path / "run2", ffn_neurons=40, max_accuracy_drop=1.0)
     assert not (tmp_path / "run2").exists()
 
@@ -324,7 +326,8 @@ def test_budget_search_with_an_ffn_ratio_ships_neurons_too(tiny_models, tiny_dat
     from cahp_deploy.run.pipeline import run
 
     out = tmp_path / "run"
-    run(tiny_models["bert"], tiny_data, out, max_accuracy_drop=100.0, ffn_keep_ratio=0.5, ffn_method="gradient",
+    run(tiny_models["bert"], tiny_data, out, max_accuracy_drop=100.0, ladder="heads", ffn_keep_ratio=0.5,
+        ffn_method="gradient",
         recover_epochs=1, degree=2, pool_size=4, batch=(1,), seq=(16,), min_seconds=0.01, min_reps=2, warmup=1,
         traffic=False, timing=False, variants=("optimized",), quantize=None)
     search = json.loads((out / "search" / "search.json").read_text())

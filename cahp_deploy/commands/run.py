@@ -84,10 +84,10 @@ _BUDGET_OPTIONS = [
                       "fastest measured artifact that keeps it, dense INT8 included, confirmed on rows no decision saw."),
     click.option("--search-step", default=None, type=int,
                  help="With --max-accuracy-drop: heads between the ladder's rungs [about a twelfth of the heads]."),
-    click.option("--ladder", default="heads", show_default=True, type=click.Choice(["heads", "macs"]),
-                 help="With --max-accuracy-drop: 'heads' tests CAHP head counts (FFN share falling with them); "
-                      "'macs' the progressive ladder: each rung removes a further ~5%% of the dense MACs from heads "
-                      "and FFN neurons together, nested, the cheaper move per rung measured on calibration rows."),
+    click.option("--ladder", default="macs", show_default=True, type=click.Choice(["macs", "heads"]),
+                 help="With --max-accuracy-drop: 'macs', the progressive ladder: each rung removes a further ~5% "
+                      "of the dense MACs from heads and FFN neurons together, nested, the cheaper move per rung "
+                      "measured on calibration rows; 'heads' tests CAHP head counts (FFN share falling with them)."),
     click.option("--mac-step", default=None, type=float,
                  help="With --ladder macs: share of the dense MACs between rungs [0.05]."),
     click.option("--distill-data", default=None,

@@ -64,7 +64,7 @@ DEFAULT_BUDGET_FFN_FLOOR = 0.5
 #: the budget search's ladder: "macs" (progressive: ~5% of dense MACs per rung, heads and neurons
 #: together, nested; :mod:`cahp_deploy.run.progressive`) or "heads" (CAHP head counts, N/12 apart)
 LADDERS = ("macs", "heads")
-DEFAULT_LADDER = "heads"
+DEFAULT_LADDER = "macs"
 
 
 #: text rows each rung is distilled on, at most (``--distill-max-examples``)
@@ -293,8 +293,9 @@ def run(
     accuracy gate with every MatMul INT8 (2.71x vs dense fp32 at b32x128; 0.05 points *above* its fp32 on
     test), where plain recovery's keeps 95 % of the MACs fp32 (1.31x) at the same test accuracy.
     ``max_accuracy_drop`` (points on
-    the evaluation split) replaces select/prune/recover by the CAHP budget search (a ladder of
-    ``search_step`` heads per rung), decided on the upper
+    the evaluation split) replaces select/prune/recover by the budget search (``ladder`` "macs": rungs
+    ``mac_step`` of the dense MACs apart, heads in CAHP's order and FFN neurons together, nested;
+    "heads": CAHP head counts ``search_step`` apart), decided on the upper
     confidence bound (``confidence``) of the paired drop, on decision rows only; ``confirm_split`` (or a
     held-out ``confirm_fraction`` of the evaluation split) confirms the shipped artifact on rows no
     decision saw (:mod:`cahp_deploy.run.promise`). ``max_length`` is the one length every stage scores
@@ -326,8 +327,11 @@ def run(
     model, data, out = str(model), str(data), Path(out)
     if recover is None:
         recover = not (max_accuracy_drop is not None and reconstruct)
+    if ladder == "macs" and max_accuracy_drop is not None and (ffn_keep_ratio is not None or ffn_neurons is not None):
+        raise CahpError("--ffn-keep-ratio/--ffn-neurons set the head ladder's FFN cut; the progressive ladder "
+                        "(--ladder macs, the default) removes neurons itself: drop them or give --ladder heads")
     if max_accuracy_drop is not None and reconstruct and ffn_keep_ratio is None and ffn_method is None \
-            and ffn_neurons is None:
+            and ffn_neurons is None and ladder == "heads":
         ffn_keep_ratio = DEFAULT_BUDGET_FFN_FLOOR  # the refit carries FFN cuts too: the ladder thins both
     if reconstruct_rows is not None and (not reconstruct or reconstruct_rows < 2):
         raise CahpError(f"--reconstruct-rows {reconstruct_rows} needs --reconstruct and at least 2 rows")
