@@ -256,7 +256,7 @@ def test_eval_split_equal_to_selection_split(bert, broken, tmp_path):
     (["--max-accuracy-drop", "1", "--heads", "4"], ("chooses the number of heads itself",)),
     (["--max-accuracy-drop", "-1"], ("must be in [0, 100]",)),
     (["--ladder", "macs", "--mac-step", "0.05"], ("--mac-step", "--max-accuracy-drop")),
-    (["--max-accuracy-drop", "1", "--mac-step", "0.05"], ("--mac-step", "--ladder macs")),
+    (["--max-accuracy-drop", "1", "--ladder", "heads", "--mac-step", "0.05"], ("--mac-step", "--ladder macs")),
     (["--max-accuracy-drop", "1", "--ladder", "macs", "--mac-step", "0.7"], ("--mac-step", "(0, 0.5)")),
     (["--max-accuracy-drop", "1", "--ladder", "macs", "--search-step", "2"], ("--search-step", "--mac-step")),
     (["--distill-data", "."], ("--distill-data", "--max-accuracy-drop")),

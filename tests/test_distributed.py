@@ -286,7 +286,7 @@ def _run_worker(rank: int, port: int, model_dir: str, data_dir: str, out: str) -
     # after the evidence is collected on both ranks; rank 0 fails and its error stops the other rank
     # too, in one line.
     with pytest.raises(CahpError) as e:
-        run(model_dir, data_dir, f"{out}/search", max_accuracy_drop=0.0, **RUN)
+        run(model_dir, data_dir, f"{out}/search", max_accuracy_drop=0.0, ladder="heads", **RUN)
     message = str(e.value)
     assert "\n" not in message
     assert message.startswith("rank 0 stopped: " if rank else "") and "cannot show a drop within" in message

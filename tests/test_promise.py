@@ -187,7 +187,7 @@ def test_the_words_say_plainly_when_the_confirmation_misses_or_dense_int8_wins()
     (["--confidence", "1.2"], "--confidence must be in (0.5, 1)"),
     (["--max-accuracy-drop", "1", "--confirm-fraction", "0"], "--confirm-fraction must be in (0, 1)"),
     (["--confirm-split", "nope"], "nope"),
-    (["--max-accuracy-drop", "1", "--ffn-keep-ratio", "1.5"], "--ffn-keep-ratio must be in (0, 1]"),
+    (["--max-accuracy-drop", "1", "--ladder", "heads", "--ffn-keep-ratio", "1.5"], "--ffn-keep-ratio must be in (0, 1]"),
     # export's INT8 gate options, refused before select and recovery run (the tiny split has 30 rows)
     (["--int8-max-accuracy-drop", "1", "--int8-min-agreement", "0.9"], "two different INT8 gates"),
     (["--int8-max-accuracy-drop", "0.5"], "30 labelled rows cannot bound an INT8 accuracy drop of 0.5 points"),
