@@ -66,7 +66,7 @@ def planted(tmp_path_factory):
 
 def settings_for(data, dense, max_drop, recover=RECOVER, search_step=None, reconstruct=None):
     from cahp_deploy.data import load_labelled
-    from cahp_deploy.run.pipeline import model_sha256
+    from cahp_deploy.run.record import model_sha256
 
     return accuracy_budget.SearchSettings(
         model=str(dense), data=str(data), model_sha256=model_sha256(dense),
@@ -164,7 +164,7 @@ def test_run_cli_with_impossible_budget_stops_in_one_line_without_artifact(plant
 
 
 def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhaustive, tmp_path):
-    from cahp_deploy.run.pipeline import run
+    from cahp_deploy.run.stage import run
 
     _, data, dense = planted
     _, ks, dense_acc, table, _ = exhaustive
@@ -257,7 +257,7 @@ def test_under_a_budget_an_int8_gate_failure_ships_what_passed(planted, exhausti
     sequence chooses among those."""
     from cahp_deploy.errors import Int8GateError
     import cahp_deploy.export as export_stage
-    from cahp_deploy.run.pipeline import run
+    from cahp_deploy.run.stage import run
 
     real = export_stage.export
     calls = []

@@ -251,7 +251,7 @@ def test_two_ranks_recover_a_loadable_trained_model(two_ranks, tiny_data):
 def test_run_refuses_a_baseline_under_a_launcher_before_joining(monkeypatch, tiny_models, tiny_data, tmp_path):
     """Checked before the process group is joined (none exists here), so every rank fails alike at once."""
     from cahp_deploy.errors import CahpError
-    from cahp_deploy.run.pipeline import run
+    from cahp_deploy.run.stage import run
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(CahpError, match="--method random runs in one process only"):
@@ -274,7 +274,7 @@ def _run_worker(rank: int, port: int, model_dir: str, data_dir: str, out: str) -
     """`run` on 2 ranks: plainly (heads and FFN neurons), then a budget search that rank 0 gives up."""
     _join(rank, port)
     from cahp_deploy.errors import CahpError
-    from cahp_deploy.run.pipeline import run
+    from cahp_deploy.run.stage import run
 
     result = run(model_dir, data_dir, f"{out}/run", ffn_keep_ratio=0.5, **RUN)
     assert (result is None) == (rank != 0)

@@ -304,7 +304,7 @@ def test_export_of_ffn_pruned_model_keeps_the_fusions_and_records_neurons(tiny_m
 
 
 def test_run_with_ffn_neurons_ships_them_and_says_so(tiny_models, tiny_data, tmp_path):
-    from cahp_deploy.run.pipeline import run
+    from cahp_deploy.run.stage import run
 
     out = tmp_path / "run"
     result = run(tiny_models["bert"], tiny_data, out, method="random", heads=6, ffn_method="gradient",
@@ -323,7 +323,7 @@ def test_run_with_ffn_neurons_ships_them_and_says_so(tiny_models, tiny_data, tmp
 
 
 def test_budget_search_with_an_ffn_ratio_ships_neurons_too(tiny_models, tiny_data, tmp_path):
-    from cahp_deploy.run.pipeline import run
+    from cahp_deploy.run.stage import run
 
     out = tmp_path / "run"
     run(tiny_models["bert"], tiny_data, out, max_accuracy_drop=100.0, ladder="heads", ffn_keep_ratio=0.5,

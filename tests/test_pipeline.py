@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cahp_deploy import schema
-from cahp_deploy.run.pipeline import run
+from cahp_deploy.run.stage import run
 
 STAGES = ["select", "prune", "refit", "recover", "export-dense", "export-pruned", "bench", "confirm"]
 #: tiny settings: a seeded baseline method (no t-SNE), one short grid cell, little timing
@@ -62,7 +62,7 @@ def test_confirm_writes_confirm_json_only_and_no_recorded_hash_is_patched(first_
     """The confirm stage rewrites no artifact: the manifests are the bytes export wrote, every output hash
     run.json recorded is still the hash of the output, and confirm.json names the manifests it describes."""
     from cahp_deploy.hashing import sha256_file
-    from cahp_deploy.run.pipeline import output_sha256
+    from cahp_deploy.run.record import output_sha256
     from cahp_deploy.shipped import choice
 
     out, _ = first_run

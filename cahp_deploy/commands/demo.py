@@ -23,7 +23,7 @@ def command(out, seed, force):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
     passive_omp_threads()
     from cahp_deploy.demo.quickstart import demo
-    from cahp_deploy.run.pipeline import print_result, summary_console
+    from cahp_deploy.run.summarize import print_result, summary_console
 
     result = demo(out, seed=seed, force=force)
     console = summary_console()

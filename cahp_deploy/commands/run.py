@@ -166,7 +166,8 @@ def command(model, data, out, quantize, **options):
     decision saw (nothing is recommended; see summary.md); 2: bad input, nothing written.
     """
     passive_omp_threads()
-    from cahp_deploy.run.pipeline import print_result, run
+    from cahp_deploy.run.stage import run
+    from cahp_deploy.run.summarize import print_result
 
     result = run(model, data, out, quantize=None if quantize == "none" else quantize, **options)
     if result is not None:  # None: a rank other than 0 of a launched run, which reports nothing

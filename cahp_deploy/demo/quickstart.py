@@ -46,7 +46,8 @@ def demo(out: str | os.PathLike, *, seed: int = 0, force: bool = False, console=
     """Fine-tune the packaged encoder on the packaged set, then ``run`` on it, all into ``out``."""
     from cahp_deploy import distributed
     from cahp_deploy.demo.finetune import EPOCHS, base_encoder_path, finetune
-    from cahp_deploy.run.pipeline import RunRecord, check_run_dir, run
+    from cahp_deploy.run.record import RunRecord, check_run_dir
+    from cahp_deploy.run.stage import run
 
     if distributed.launched():
         raise CahpError("demo runs in one process; launch it without torchrun (`run` is data-parallel)")

@@ -259,69 +259,19 @@ def _rung_selection(evidence, rung):
 def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path,
                      dense_pred: np.ndarray | None = None, rung=None) -> dict[str, Any]:
     """Select at k (or take a progressive ``rung``'s sets), prune, recover, measure; into ``dest`` (atomically)."""
-    from cahp_deploy import pruning, recovery
-    from cahp_deploy.methods.cahp import select_at
+    from cahp_deploy import pruning
 
     start = time.perf_counter()
     share = settings.ffn_ratio_at(k, evidence)
-    if rung is not None:
-        selection = _rung_selection(evidence, rung)
-    else:
-        selection = select_at(evidence, k)
-        if share is not None:
-            _with_neurons(selection, settings, evidence, share)
-    selection.details["k_from"] = "accuracy budget"
-    selection.provenance.update({"model": settings.model, "model_sha256": settings.model_sha256,
-                                 **settings.select_data.provenance()})
+    selection = _candidate_selection(settings, evidence, k, share, rung)
     with atomic_dir(dest, force=True) as tmp:
         selection.to_json(tmp / "selection.json")
         pruned = pruning.prune(settings.model, tmp / "selection.json", tmp / "pruned")
         costs = json.loads((pruned / "pruning.json").read_text())
-        record: dict[str, Any] = {
-            "k": int(k),
-            "heads_kept": int(costs["num_heads_kept"]),
-            "kept_heads": costs["kept_heads"],
-            "params_after": costs["params_after"],
-            "params_before": costs["params_before"],
-            "flop_ceiling_speedup": costs["flop_ceiling_speedup"],
-            "neurons_kept": costs.get("num_neurons_kept"),
-            "macs_removed": round(1.0 - costs["macs_seq128"]["total_after"] / costs["macs_seq128"]["total_before"], 4),
-        }
+        record = _cost_record(k, costs)
         _measured(record, "before", _predict(pruned, settings.eval_data, settings.max_length), settings.eval_data, dense_pred)
         dense = _is_dense(costs)
-        final = pruned
-        steps = []
-        if settings.reconstruct is not None and not dense:
-            from cahp_deploy.recovery.refit import REFIT_FILE, refit
-
-            final = tmp / "refit"
-            rec = refit(pruned, settings.model, settings.select_data, final, max_length=settings.max_length,
-                        seed=settings.seed, **settings.reconstruct)
-            record["refit_seconds"] = rec["total_seconds"]
-            shutil.copy2(final / REFIT_FILE, tmp / REFIT_FILE)
-            steps.append("least-squares refit")
-        if settings.distill_rows is not None and not dense:
-            from cahp_deploy.recovery.distill import DISTILL_FILE, DistillParams, distill_model_dir
-
-            rec = distill_model_dir(final, settings.model, settings.distill_rows, settings.distill_judge,
-                                    tmp / "distilled", max_length=settings.max_length,
-                                    params=DistillParams(**(settings.distill_params or {})))
-            record["distill"] = {key: rec[key] for key in ("kept", "judge_rows", "agreement_before", "agreement_after",
-                                                           "total_seconds")}
-            if rec["kept"]:
-                final = tmp / "distilled"
-                shutil.copy2(final / DISTILL_FILE, tmp / DISTILL_FILE)
-                steps.append("distillation towards dense")
-        if settings.recover is not None and not dense:
-            # accuracy is measured here, on the decision rows, not by recover()
-            source, final = final, tmp / "recovered"
-            rec = distributed.collective(  # launched: every rank trains, rank 0 writes
-                recovery.recover, source, settings.data, final, split=settings.recover_split,
-                seed=settings.seed, **settings.columns, **settings.recover,
-            )
-            record["recovery_seconds"] = rec["total_seconds"]
-            shutil.copy2(final / recovery.RECOVERY_FILE, tmp / recovery.RECOVERY_FILE)
-            steps.append("fine-tune")
+        final, steps = (pruned, []) if dense else _recover_candidate(settings, pruned, tmp, record)
         if steps:
             _measured(record, "after", _predict(final, settings.eval_data, settings.max_length), settings.eval_data,
                       dense_pred)
@@ -341,6 +291,80 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path,
             json.dump(record, f, indent=2)
             f.write("\n")
     return record
+
+
+def _candidate_selection(settings: SearchSettings, evidence, k: int, share: float | None, rung):
+    """Candidate k's Selection: a progressive ``rung``'s sets, or CAHP's cut at k (plus FFN neurons at
+    ``share`` in a joint head ladder)."""
+    from cahp_deploy.methods.cahp import select_at
+
+    if rung is not None:
+        selection = _rung_selection(evidence, rung)
+    else:
+        selection = select_at(evidence, k)
+        if share is not None:
+            _with_neurons(selection, settings, evidence, share)
+    selection.details["k_from"] = "accuracy budget"
+    selection.provenance.update({"model": settings.model, "model_sha256": settings.model_sha256,
+                                 **settings.select_data.provenance()})
+    return selection
+
+
+def _cost_record(k: int, costs: dict[str, Any]) -> dict[str, Any]:
+    """candidate.json's start: what the cut kept and removed (from the pruned model's pruning.json)."""
+    return {
+        "k": int(k),
+        "heads_kept": int(costs["num_heads_kept"]),
+        "kept_heads": costs["kept_heads"],
+        "params_after": costs["params_after"],
+        "params_before": costs["params_before"],
+        "flop_ceiling_speedup": costs["flop_ceiling_speedup"],
+        "neurons_kept": costs.get("num_neurons_kept"),
+        "macs_removed": round(1.0 - costs["macs_seq128"]["total_after"] / costs["macs_seq128"]["total_before"], 4),
+    }
+
+
+def _recover_candidate(settings: SearchSettings, pruned: Path, tmp: Path,
+                       record: dict[str, Any]) -> tuple[Path, list[str]]:
+    """A pruned candidate (not dense itself) recovered in ``tmp``: the refit, distillation towards dense,
+    the fine-tune, each when asked. Returns (the final model dir, the steps taken); each step's numbers
+    go into ``record`` and its record file next to candidate.json."""
+    from cahp_deploy import recovery
+
+    final = pruned
+    steps = []
+    if settings.reconstruct is not None:
+        from cahp_deploy.recovery.refit import REFIT_FILE, refit
+
+        final = tmp / "refit"
+        rec = refit(pruned, settings.model, settings.select_data, final, max_length=settings.max_length,
+                    seed=settings.seed, **settings.reconstruct)
+        record["refit_seconds"] = rec["total_seconds"]
+        shutil.copy2(final / REFIT_FILE, tmp / REFIT_FILE)
+        steps.append("least-squares refit")
+    if settings.distill_rows is not None:
+        from cahp_deploy.recovery.distill import DISTILL_FILE, DistillParams, distill_model_dir
+
+        rec = distill_model_dir(final, settings.model, settings.distill_rows, settings.distill_judge,
+                                tmp / "distilled", max_length=settings.max_length,
+                                params=DistillParams(**(settings.distill_params or {})))
+        record["distill"] = {key: rec[key] for key in ("kept", "judge_rows", "agreement_before", "agreement_after",
+                                                       "total_seconds")}
+        if rec["kept"]:
+            final = tmp / "distilled"
+            shutil.copy2(final / DISTILL_FILE, tmp / DISTILL_FILE)
+            steps.append("distillation towards dense")
+    if settings.recover is not None:
+        # accuracy is measured here, on the decision rows, not by recover()
+        source, final = final, tmp / "recovered"
+        rec = distributed.collective(  # launched: every rank trains, rank 0 writes
+            recovery.recover, source, settings.data, final, split=settings.recover_split,
+            seed=settings.seed, **settings.columns, **settings.recover,
+        )
+        record["recovery_seconds"] = rec["total_seconds"]
+        shutil.copy2(final / recovery.RECOVERY_FILE, tmp / recovery.RECOVERY_FILE)
+        steps.append("fine-tune")
+    return final, steps
 
 
 def _is_dense(costs: dict[str, Any]) -> bool:
@@ -414,29 +438,13 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     Raises :class:`CahpError` when even k = N misses the budget; search.json then records every
     candidate tried and ``chosen`` is null, and no candidate model is kept.
     """
-    from cahp_deploy import evaluation
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    from cahp_deploy.paired import correct
-
-    net, tokenizer = _load_dense(settings)
-    dense_pred = evaluation.logits(net, tokenizer, settings.eval_data, max_length=settings.max_length).argmax(axis=1)
-    dense_correct = correct(dense_pred, settings.eval_data.labels)
+    dense_pred, dense_correct = _dense_on_decision_rows(settings)
     dense_accuracy = float(dense_correct.mean())
-    del net
     evidence = collect(settings, root)
-    rungs: dict[int, Any] = {}
-    if settings.ladder == "macs":
-        from cahp_deploy.run import progressive
-
-        rungs = {r.k: r for r in progressive.load_or_build(settings, evidence, root)}
-        ks = list(rungs)
-        order = "% of dense MACs, every unit first"
-    else:
-        ks = ladder(evidence.knee.k, evidence.num_heads, settings.search_step)
-        order = "every head first, the knee last"
+    rungs, ks, order = _rungs_of(settings, evidence, root)
     settings.say(
         f"search: dense {100 * dense_accuracy:.2f}% on {settings.eval_data.split} ({len(settings.eval_data)} rows); "
         f"budget {points_word(settings.max_drop)}; ladder k = {', '.join(map(str, ks))} ({order}), tested in order "
@@ -444,34 +452,9 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     )
 
     def write(found: SearchResult | None, tried: list[CandidateResult], error: str | None) -> dict[str, Any]:
-        record = {
-            "dense_accuracy": dense_accuracy,
-            "max_drop_points": settings.max_drop,
-            "threshold": dense_accuracy - settings.max_drop / 100.0,
-            "rule": f"paired drop vs dense, one-sided {settings.confidence:.0%} upper bound <= max_drop_points; {RULE}",
-            "confidence": settings.confidence,
-            "ffn_keep_ratio": settings.ffn_keep_ratio,
-            "ffn_ratios": None if settings.ffn_keep_ratio is None or rungs else {k: settings.ffn_ratio_at(k, evidence)
-                                                                                  for k in ks},
-            "ladder": settings.ladder,
-            "ladder_rungs": None if not rungs else {k: {"heads": sum(map(len, r.kept_heads)),
-                                                        "neurons": sum(map(len, r.kept_neurons)),
-                                                        "macs_kept": round(r.macs_kept, 4), "move": r.move}
-                                                    for k, r in rungs.items()},
-            "eval": settings.eval_data.provenance(),
-            "select": settings.select_data.provenance(),
-            "recover_split": None if settings.recover is None else settings.recover_split,
-            "recover": settings.recover,
-            "knee": evidence.knee.to_dict(),
-            "candidates_k": ks,
-            "tried": [c.to_dict() for c in tried],
-            "stopped_at": None if found is None else found.stopped_at,
-            "chosen_k": None if found is None else found.chosen.k,
-            "chosen_dir": None if found is None else _candidate_dir(root, found.chosen.k, settings.ladder).name,
-            "error": error,
-            "seconds": time.perf_counter() - start,
-        }
-        _keep_only_chosen_model(root, None if found is None else _candidate_dir(root, found.chosen.k, settings.ladder).name)
+        record = _search_record(settings, root, evidence, rungs, ks, dense_accuracy, found, tried, error)
+        record["seconds"] = time.perf_counter() - start
+        _keep_only_chosen_model(root, record["chosen_dir"])
         with atomic_file(root / SEARCH_FILE, force=True) as tmp:
             tmp.write_text(json.dumps(record, indent=2) + "\n")
         plot_tradeoff(record, root / TRADEOFF_PLOT)
@@ -489,14 +472,71 @@ def search(settings: SearchSettings, root: str | Path) -> dict[str, Any]:
     except CahpError as e:
         write(None, tried, str(e))
         raise
-    chosen_dir = _candidate_dir(root, found.chosen.k, settings.ladder)
-    rung = rungs.get(found.chosen.k)
-    key = settings.candidate_key(found.chosen.k, settings.ffn_ratio_at(found.chosen.k, evidence),
-                                 None if rung is None else rung.to_dict())
-    if _cached(chosen_dir, key, need_model=True) is None:
-        # chosen before by another budget and its model removed since: build it again
-        _build_candidate(settings, evidence, found.chosen.k, chosen_dir, dense_pred, rung)
+    _ensure_chosen_model(settings, evidence, root, found.chosen.k, dense_pred, rungs.get(found.chosen.k))
     return write(found, found.tried, None)
+
+
+def _dense_on_decision_rows(settings: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Dense's per-row predicted label and correctness on the decision rows (PyTorch)."""
+    from cahp_deploy import evaluation
+    from cahp_deploy.paired import correct
+
+    net, tokenizer = _load_dense(settings)
+    dense_pred = evaluation.logits(net, tokenizer, settings.eval_data, max_length=settings.max_length).argmax(axis=1)
+    return dense_pred, correct(dense_pred, settings.eval_data.labels)
+
+
+def _rungs_of(settings: SearchSettings, evidence, root: Path) -> tuple[dict[int, Any], list[int], str]:
+    """(progressive rungs by k, empty for the head ladder; the ladder's k in test order; its order in words)."""
+    if settings.ladder == "macs":
+        from cahp_deploy.run import progressive
+
+        rungs = {r.k: r for r in progressive.load_or_build(settings, evidence, root)}
+        return rungs, list(rungs), "% of dense MACs, every unit first"
+    return {}, ladder(evidence.knee.k, evidence.num_heads, settings.search_step), "every head first, the knee last"
+
+
+def _search_record(settings: SearchSettings, root: Path, evidence, rungs: dict[int, Any], ks: list[int],
+                   dense_accuracy: float, found: SearchResult | None, tried: list[CandidateResult],
+                   error: str | None) -> dict[str, Any]:
+    """search.json's contents but its ``seconds``."""
+    chosen_dir = None if found is None else _candidate_dir(root, found.chosen.k, settings.ladder).name
+    return {
+        "dense_accuracy": dense_accuracy,
+        "max_drop_points": settings.max_drop,
+        "threshold": dense_accuracy - settings.max_drop / 100.0,
+        "rule": f"paired drop vs dense, one-sided {settings.confidence:.0%} upper bound <= max_drop_points; {RULE}",
+        "confidence": settings.confidence,
+        "ffn_keep_ratio": settings.ffn_keep_ratio,
+        "ffn_ratios": None if settings.ffn_keep_ratio is None or rungs else {k: settings.ffn_ratio_at(k, evidence)
+                                                                              for k in ks},
+        "ladder": settings.ladder,
+        "ladder_rungs": None if not rungs else {k: {"heads": sum(map(len, r.kept_heads)),
+                                                    "neurons": sum(map(len, r.kept_neurons)),
+                                                    "macs_kept": round(r.macs_kept, 4), "move": r.move}
+                                                for k, r in rungs.items()},
+        "eval": settings.eval_data.provenance(),
+        "select": settings.select_data.provenance(),
+        "recover_split": None if settings.recover is None else settings.recover_split,
+        "recover": settings.recover,
+        "knee": evidence.knee.to_dict(),
+        "candidates_k": ks,
+        "tried": [c.to_dict() for c in tried],
+        "stopped_at": None if found is None else found.stopped_at,
+        "chosen_k": None if found is None else found.chosen.k,
+        "chosen_dir": chosen_dir,
+        "error": error,
+    }
+
+
+def _ensure_chosen_model(settings: SearchSettings, evidence, root: Path, k: int, dense_pred: np.ndarray,
+                         rung) -> None:
+    """The chosen candidate's model, built again when another budget chose it before and its model was
+    removed since."""
+    chosen_dir = _candidate_dir(root, k, settings.ladder)
+    key = settings.candidate_key(k, settings.ffn_ratio_at(k, evidence), None if rung is None else rung.to_dict())
+    if _cached(chosen_dir, key, need_model=True) is None:
+        _build_candidate(settings, evidence, k, chosen_dir, dense_pred, rung)
 
 
 def _keep_only_chosen_model(root: Path, keep: str | None) -> None:

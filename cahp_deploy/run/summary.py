@@ -1,6 +1,6 @@
 """The answer to the user's question, in words: what was kept, what it cost in accuracy, what it gained.
 
-Built from :func:`cahp_deploy.run.pipeline.summarize`'s dict (itself read back from the files the stages
+Built from :func:`cahp_deploy.run.summarize.summarize`'s dict (itself read back from the files the stages
 wrote), so the words can never disagree with report.json. ``headline`` gives the first lines (printed
 by the CLI, and the top of ``OUT/summary.md``); ``markdown`` the whole ``OUT/summary.md``.
 """
