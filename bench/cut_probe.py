@@ -27,7 +27,8 @@ from cahp_deploy.methods.cahp import select_at
 from cahp_deploy.modeling import load_classifier
 from cahp_deploy.paired import paired_drop
 from cahp_deploy.recovery.refit import refit
-from cahp_deploy.run.accuracy_budget import SearchSettings, _with_neurons
+from cahp_deploy.run.accuracy_budget import SearchSettings
+from cahp_deploy.run.candidates import with_neurons
 
 
 def predictions(model_dir: Path, data, max_length: int) -> np.ndarray:
@@ -54,7 +55,7 @@ def main(run_out: str, model: str, data: str, split: str, rows: int, max_length:
         start = time.perf_counter()
         sel = select_at(evidence, int(heads))
         if float(share) < 1:
-            _with_neurons(sel, settings, evidence, float(share))
+            with_neurons(sel, settings, evidence, float(share))
         sel.to_json(work / f"{cut}.json")
         pruned = pruning.prune(model, work / f"{cut}.json", work / f"{cut}-pruned")
         costs = json.loads((pruned / "pruning.json").read_text())

@@ -31,7 +31,8 @@ from cahp_deploy.methods.cahp import select_at
 from cahp_deploy.modeling import load_classifier
 from cahp_deploy.paired import paired_drop
 from cahp_deploy.recovery.refit import refit
-from cahp_deploy.run.accuracy_budget import SearchSettings, _with_neurons
+from cahp_deploy.run.accuracy_budget import SearchSettings
+from cahp_deploy.run.candidates import with_neurons
 from cahp_deploy.run.budget_search import ffn_ratio
 from cahp_deploy.selection.result import Selection
 
@@ -63,7 +64,7 @@ def main(run_out: str, model: str, data: str, k: int, floor: float = 0.5, orderi
                               eval_max_examples=None, max_drop=1.0, ffn_keep_ratio=floor, max_length=max_length)
     share = ffn_ratio(k, evidence.knee.k, evidence.num_heads, floor)
     cahp = select_at(evidence, k)
-    _with_neurons(cahp, settings, evidence, share)
+    with_neurons(cahp, settings, evidence, share)
     heads = sum(len(h) for h in cahp.kept_heads)
     work = Path(tempfile.mkdtemp(prefix="ordering-"))
     cuts = {"cahp": cahp}

@@ -3,7 +3,8 @@
 * :mod:`cahp_deploy.run.stage` — ``run``: select → prune → recover → export → bench → confirm, in order.
 * :mod:`cahp_deploy.run.plan` — ``run``'s options checked and what each stage will be asked, before any starts.
 * :mod:`cahp_deploy.run.record` — ``run.json``: what every stage saw and made; resume.
-* :mod:`cahp_deploy.run.accuracy_budget` — ``--max-accuracy-drop``: candidates pruned, recovered, measured.
+* :mod:`cahp_deploy.run.accuracy_budget` — ``--max-accuracy-drop``: the search down the ladder, ``search.json``.
+* :mod:`cahp_deploy.run.candidates` — one candidate: its cut pruned, recovered, measured, cached.
 * :mod:`cahp_deploy.run.budget_search` — the pure search order over candidates (no torch).
 * :mod:`cahp_deploy.run.progressive` — the progressive ladder's rungs (``--ladder macs``).
 * :mod:`cahp_deploy.run.promise` — the confirmation on rows no decision saw, ``confirm.json``.
