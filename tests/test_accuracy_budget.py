@@ -42,17 +42,15 @@ def _write_order_task(directory, n_train=150, n_val=90, seed=0):
     return directory
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    """(root, data dir, dense model dir) of a tiny BERT trained on the order task."""
+def train_planted(root, n_train: int = 150, n_val: int = 90, seed: int = 0):
+    """(data dir, dense model dir, model, tokenizer): a tiny BERT trained on the order task, under ``root``."""
     import torch
     from transformers import AutoTokenizer
 
     from cahp_deploy.data import load_labelled
     from cahp_deploy.recovery import RecoveryParams, finetune_in_place
 
-    root = tmp_path_factory.mktemp("budget")
-    data = _write_order_task(root / "data")
+    data = _write_order_task(root / "data", n_train=n_train, n_val=n_val, seed=seed)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     torch.manual_seed(0)
     model = build_tiny_model("bert", layers=2, heads=8, head_dim=2)
@@ -61,6 +59,14 @@ def planted(tmp_path_factory):
     dense = root / "dense"
     model.save_pretrained(dense)
     tok.save_pretrained(dense)
+    return data, dense, model, tok
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """(root, data dir, dense model dir) of a tiny BERT trained on the order task."""
+    root = tmp_path_factory.mktemp("budget")
+    data, dense, _, _ = train_planted(root)
     return root, data, dense
 
 

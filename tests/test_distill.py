@@ -17,21 +17,12 @@ from cahp_deploy.recovery.distill import DistillParams, agreement, distill_if_it
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """(dense, pruned copy, tokenizer, train rows, judge rows) on the order task of test_accuracy_budget."""
-    from test_accuracy_budget import _write_order_task
-    from transformers import AutoTokenizer
+    from test_accuracy_budget import train_planted
 
     from cahp_deploy.data import load_labelled
     from cahp_deploy.pruning.rewrite import prune_model
-    from cahp_deploy.recovery import RecoveryParams, finetune_in_place
-    from conftest import build_tiny_model, tokenizer_dir
 
-    root = tmp_path_factory.mktemp("distill")
-    data = _write_order_task(root / "data", n_train=300, n_val=200, seed=1)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
-    torch.manual_seed(0)
-    dense = build_tiny_model("bert", layers=2, heads=8, head_dim=2)
-    finetune_in_place(dense, tok, load_labelled(data, "train"),
-                      RecoveryParams(epochs=30, lr=3e-3, batch_size=8, freeze_embeddings=False))
+    data, _, dense, tok = train_planted(tmp_path_factory.mktemp("distill"), n_train=300, n_val=200, seed=1)
     import copy
 
     pruned = prune_model(copy.deepcopy(dense), [[0, 1, 2], [3]], [list(range(0, 32, 3)), list(range(6))])

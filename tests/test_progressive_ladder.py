@@ -44,27 +44,12 @@ def test_mac_targets_step_down_to_the_floor():
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     """A whole search with the progressive ladder (refit, no fine-tune) on the planted model."""
-    from test_accuracy_budget import _write_order_task, settings_for
+    from test_accuracy_budget import settings_for, train_planted
 
-    from cahp_deploy.recovery import RecoveryParams, finetune_in_place
     from cahp_deploy.run import accuracy_budget
 
-    import torch
-    from transformers import AutoTokenizer
-
-    from cahp_deploy.data import load_labelled
-    from conftest import build_tiny_model, tokenizer_dir
-
     root = tmp_path_factory.mktemp("progressive")
-    data = _write_order_task(root / "data")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
-    torch.manual_seed(0)
-    model = build_tiny_model("bert", layers=2, heads=8, head_dim=2)
-    finetune_in_place(model, tok, load_labelled(data, "train"),
-                      RecoveryParams(epochs=30, lr=3e-3, batch_size=8, freeze_embeddings=False))
-    dense = root / "dense"
-    model.save_pretrained(dense)
-    tok.save_pretrained(dense)
+    data, dense, _, _ = train_planted(root)
     s = settings_for(data, dense, max_drop=100.0, recover=None, reconstruct={"max_examples": 40})
     s.ladder, s.mac_step, s.mac_floor = "macs", 0.2, 0.4
     record = accuracy_budget.search(s, root / "search")
