@@ -160,6 +160,13 @@ def test_the_words_say_plainly_when_the_confirmation_misses_or_dense_int8_wins()
     lines = promise_lines(_confirm(conf_upper=1.7, int8_faster=True))
     assert "is NOT confirmed (upper bound of the drop +1.70 points)" in lines[1]
     assert lines[-1].startswith("Plainly: dense INT8 is faster than the shipped pruned artifact")
+    # as confirm writes it when the unseen rows do not back the promise: nothing recommended, the shipped named
+    unconfirmed = {**_confirm(conf_upper=2.36, int8_faster=False), "recommended": None, "confirmed": False,
+                   "why": "NOT confirmed on rows no decision saw (fastest ...)",
+                   "shipped": {"artifact": "pruned", "variant": "optimized", "path": "artifacts/pruned"}}
+    lines = promise_lines(unconfirmed)
+    assert lines[0].startswith("Shipped: the pruned model's `optimized` variant (NOT confirmed on rows no decision saw")
+    assert "is NOT confirmed (upper bound of the drop +2.36 points)" in lines[1]
     shipped_int8 = _confirm(conf_upper=0.95, int8_faster=False)
     shipped_int8["variants"]["optimized"]["int8_mac_share"] = 0.93
     assert "93% of its weight-MATMUL MACs in INT8".lower() in promise_lines(shipped_int8)[0].lower()

@@ -66,6 +66,8 @@ def promise_lines(confirm: dict[str, Any]) -> list[str]:
         return [f"Nothing pruned is shipped as recommended: {confirm['why']}. Ship the dense model "
                 f"(or dense INT8) instead."]
     dense = shipped["artifact"] == "dense"
+    if not dense:  # an unconfirmed promise recommends nothing; the shipped artifact is still named
+        rec = rec or shipped.get("variant")
     v = confirm["dense_int8"] if dense else confirm["variants"][rec]
     share = v.get("int8_mac_share")
     int8 = f", {share:.0%} of its weight-MatMul MACs in INT8" if share else ""
