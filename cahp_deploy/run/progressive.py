@@ -24,6 +24,7 @@ The schedule is written to ``OUT/search/schedule.json`` and reused while its inp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -105,8 +106,7 @@ def _macs(config, heads: list[list[int]], neurons: list[list[int]]) -> int:
 
 
 def _logits(model, tokenizer, rows, max_length: int, heads: list[list[int]], neurons: list[list[int]]) -> np.ndarray:
-    import contextlib
-
+    """Logits of ``model`` with every head and neuron outside the kept sets gated off (what pruning computes)."""
     from cahp_deploy import evaluation
     from cahp_deploy.gates import head_mask, neuron_mask
 
@@ -129,6 +129,7 @@ def mean_kl(reference: np.ndarray, logits: np.ndarray) -> float:
 def build(model, tokenizer, calibration, evidence, *, ffn_method: str, step: float, floor: float, max_length: int,
           seed: int, say=lambda s: None) -> list[Rung]:
     """The whole ladder, from dense (every unit) down to ``floor`` of the dense MACs."""
+    from cahp_deploy import arch, evaluation
     from cahp_deploy.pruning.costs import layer_macs
 
     config = model.config
@@ -136,14 +137,10 @@ def build(model, tokenizer, calibration, evidence, *, ffn_method: str, step: flo
     npl = [int(n) for n in evidence.ffn.neurons_per_layer]
     h_layer, n_layer = layer_of_units(hpl), layer_of_units(npl)
     h_order, n_order = head_order(evidence), neuron_order(evidence, ffn_method, seed)
-    from cahp_deploy import arch
-
     d, hidden = arch.head_dim(config), arch.hidden_size(config)
     head_mac = sum(layer_macs(1, d, hidden, 0)) - sum(layer_macs(0, d, hidden, 0))
     neuron_mac = sum(layer_macs(0, d, hidden, 1)) - sum(layer_macs(0, d, hidden, 0))
     dense_macs = _macs(config, per_layer(range(sum(hpl)), hpl), per_layer(range(sum(npl)), npl))
-    from cahp_deploy import evaluation
-
     reference = evaluation.logits(model, tokenizer, calibration, max_length=max_length)
     removed_h: set[int] = set()
     removed_n: set[int] = set()
