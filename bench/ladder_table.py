@@ -9,7 +9,7 @@ rows each way, the drop and its 95% upper bound (the search's level), and wall t
 
 ``TEXT`` is the unlabelled text for distillation (a dataset dir; its ``train`` split; a fifth, at most
 1,000 rows, held out as the judge). ``RUNGS``: comma-separated rung ids (percent of dense MACs).
-``RECOVERIES``: comma-separated from ``none``, ``ls`` (least-squares refit), ``gold`` (fine-tune on 2,000
+``--render STEM`` writes the markdown from a (partial) STEM.json. ``RECOVERIES``: comma-separated from ``none``, ``ls`` (least-squares refit), ``gold`` (fine-tune on 2,000
 gold-labelled train rows, 3 epochs, as ``recover``'s default), ``logit`` (distillation, logits only,
 from the pruned model), ``ls+logit``, ``ls+hidden`` (refit, then logit + hidden-state distillation).
 Distilled models are scored whether or not the judge would keep them; ``judge`` says what it would do.
@@ -98,11 +98,21 @@ def main(run_out, model, data, split, rows, max_length, text, rungs, recoveries,
             (out / f"{stem}.json").write_text(json.dumps({"run": str(run_out), "split": split, "rows": len(decision),
                                                           "text": str(text), "text_rows": len(text_train), "text_dropped": dropped,
                                                           "judge_rows": len(judge), "results": results}, indent=1))
-    lines = [f"# Rungs x recoveries ({Path(data).name}, decision rows: {len(decision)} of {split})", "",
-             f"`python bench/ladder_table.py` on the progressive ladder of `{Path(run_out).name}`. Distillation text: "
-             f"`{Path(text).name}` ({len(text_train)} rows; {len(judge)} held out as the judge). Drop = dense minus "
+    render(stem)
+
+
+def render(stem: str) -> None:
+    """``results/reconstruct/STEM.md`` from ``STEM.json`` (also for a table stopped part way)."""
+    out = Path(__file__).parent / "results" / "reconstruct"
+    record = json.loads((out / f"{stem}.json").read_text())
+    results, data = record["results"], record["run"]
+    lines = [f"# Rungs x recoveries ({record['split']}, decision rows: {record['rows']})", "",
+             f"`python bench/ladder_table.py` on the progressive ladder of `{Path(data).name}`. Distillation text: "
+             f"`{Path(record['text']).name}` ({record['text_rows']} rows; {record['judge_rows']} held out as the judge; "
+             f"{record.get('text_dropped', 0)} dropped as evaluation rows). Drop = dense minus "
              "the model, points; upper bound at 95% (the search's level). Seconds = the recovery's wall time on "
-             "the shared 2-core machine.", "",
+             "the shared 2-core machine (3-6 jobs beside it). Distillation: 1 epoch, lr 5e-5, T 2; scored whether "
+             "or not the judge keeps it.", "",
              "| rung (% MACs kept) | MACs removed | heads / neurons | recovery | accuracy | agreement | only dense right / "
              "only it right | drop (upper) | judge agreement before -> after (kept?) | seconds |",
              "|---:|---:|---|---|---:|---:|---:|---:|---|---:|"]
@@ -117,4 +127,7 @@ def main(run_out, model, data, split, rows, max_length, text, rungs, recoveries,
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:11])
+    if sys.argv[1] == "--render":
+        render(sys.argv[2])
+    else:
+        main(*sys.argv[1:11])
