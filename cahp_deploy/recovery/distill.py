@@ -26,6 +26,7 @@ import copy
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,10 +36,14 @@ from torch import nn
 
 from cahp_deploy.data import LabelledData, iter_batches, token_lengths
 from cahp_deploy.errors import CahpError
-from cahp_deploy.recovery.trainer import _embedding_parameters, _lr_lambda, _shuffled_buckets
+from cahp_deploy.recovery.trainer import _embedding_parameters, _optimizer, _shuffled_buckets
 from cahp_deploy.signals import model_inputs
 
 log = logging.getLogger(__name__)
+
+DISTILL_FILE = "distill.json"
+#: held-out judge rows taken from the distillation text (at most; a fifth of it when it is small)
+JUDGE_ROWS = 1000
 
 
 @dataclass(frozen=True)
@@ -116,11 +121,7 @@ def distill_in_place(model: nn.Module, teacher: nn.Module, tokenizer, rows: Labe
     steps_per_epoch = int(np.ceil(len(rows) / params.batch_size))
     total = steps_per_epoch * params.epochs
     frozen = _embedding_parameters(model) if params.freeze_embeddings else set()
-    trainable = [p for p in model.parameters() if id(p) not in frozen]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": params.weight_decay},
-         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}], lr=params.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, int(params.warmup_ratio * total)))
+    trainable, optimizer, scheduler = _optimizer(model, params, frozen, total)  # recovery's AdamW and schedule
     use_labels = labelled and params.label_weight > 0
     teacher.eval()
     saved = {id(p): p.requires_grad for p in model.parameters()}
@@ -196,13 +197,6 @@ def distill_if_it_helps(model: nn.Module, teacher: nn.Module, tokenizer, rows: L
             "training": record}
 
 
-__all__ = ["DistillParams", "agreement", "distill_if_it_helps", "distill_in_place", "distillation_terms"]
-
-
-#: held-out judge rows taken from the distillation text (at most; a fifth of it when it is small)
-JUDGE_ROWS = 1000
-
-
 def split_judge(rows: LabelledData, seed: int, judge_rows: int = JUDGE_ROWS) -> tuple[LabelledData, LabelledData]:
     """(training rows, judge rows): a seeded ``judge_rows`` of ``rows`` (a fifth when fewer than five
     times that) held out to decide whether the training is kept."""
@@ -218,8 +212,6 @@ def distill_model_dir(source, dense_model, rows: LabelledData, judge: LabelledDa
                       params: DistillParams = DistillParams()) -> dict[str, Any]:
     """Load ``source`` (a pruned model dir), distil it towards ``dense_model`` if it helps; write ``out``
     (with ``distill.json``) only when the training was kept. Returns the record."""
-    from pathlib import Path
-
     from cahp_deploy.hashing import sha256_dir
     from cahp_deploy.modeling import load_classifier
     from cahp_deploy.recovery.stage import save_model_dir
@@ -235,5 +227,5 @@ def distill_model_dir(source, dense_model, rows: LabelledData, judge: LabelledDa
     return record
 
 
-DISTILL_FILE = "distill.json"
-__all__ += ["DISTILL_FILE", "JUDGE_ROWS", "distill_model_dir", "split_judge"]
+__all__ = ["DISTILL_FILE", "JUDGE_ROWS", "DistillParams", "agreement", "distill_if_it_helps", "distill_in_place",
+           "distill_model_dir", "distillation_terms", "split_judge"]

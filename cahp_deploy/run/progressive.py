@@ -118,11 +118,10 @@ def _logits(model, tokenizer, rows, max_length: int, heads: list[list[int]], neu
 
 def mean_kl(reference: np.ndarray, logits: np.ndarray) -> float:
     """Mean KL(softmax(reference) || softmax(logits)) over rows, in nats."""
-    def log_softmax(x):
-        x = x - x.max(axis=1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    from scipy.special import log_softmax
 
-    p, q = log_softmax(np.asarray(reference, np.float64)), log_softmax(np.asarray(logits, np.float64))
+    p = log_softmax(np.asarray(reference, np.float64), axis=1)
+    q = log_softmax(np.asarray(logits, np.float64), axis=1)
     return float((np.exp(p) * (p - q)).sum(axis=1).mean())
 
 

@@ -431,10 +431,11 @@ def _export_both(record: RunRecord, model: str, model_hash: str, final_model: Pa
 def _bench(record: RunRecord, data: str, out: Path, plan: Plan, dense_art: Path, pruned_art: Path) -> Path:
     """The bench stage: dense vs pruned on the evaluation split. Returns the report dir."""
     from cahp_deploy import bench as bench_stage
+    from cahp_deploy.export import variant_path
 
     eval_in = {"data": plan.eval_data.file_hashes, "split": plan.eval_data.split, **plan.columns}
     bench_kwargs = plan.bench_kwargs
-    if any(not (a / "model_int8.onnx").is_file() for a in (dense_art, pruned_art)) and \
+    if any(not variant_path(a, "int8").is_file() for a in (dense_art, pruned_art)) and \
             plan.export_kwargs.get("quantize") == "int8":
         bench_kwargs = {**bench_kwargs, "variants": None}  # time what each artifact has (dense INT8 included)
 
