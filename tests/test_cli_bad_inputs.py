@@ -260,6 +260,7 @@ def test_eval_split_equal_to_selection_split(bert, broken, tmp_path):
     (["--max-accuracy-drop", "1", "--ladder", "macs", "--mac-step", "0.7"], ("--mac-step", "(0, 0.5)")),
     (["--max-accuracy-drop", "1", "--ladder", "macs", "--search-step", "2"], ("--search-step", "--mac-step")),
     (["--distill-data", "."], ("--distill-data", "--max-accuracy-drop")),
+    (["--max-accuracy-drop", "1", "--distill-data", "/nonexistent/text"], ("--distill-data: ", "does not exist")),
 ])
 def test_bad_recovery_or_budget_options(flags, fragments, bert, broken, tmp_path):
     code, _, err = cli("run", bert, "--data", broken["good"], "--out", tmp_path / "out", *flags)

@@ -47,7 +47,10 @@ def _distill_rows(path, split: str, max_examples: int | None, max_drop: float | 
     from cahp_deploy.recovery.distill import split_judge
     from cahp_deploy.recovery.stage import sample_examples
 
-    rows = load_texts(path, split, columns["text_column"], columns["text_pair_column"])
+    try:
+        rows = load_texts(path, split, columns["text_column"], columns["text_pair_column"])
+    except CahpError as e:
+        raise CahpError(f"--distill-data: {e}") from None
     rows, dropped = without_rows_of(rows, *[r for r in evaluation_rows if r is not None])
     train, judge = split_judge(rows, seed)
     train = sample_examples(train, max_examples, seed)
