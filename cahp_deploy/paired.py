@@ -22,7 +22,7 @@ not vanish with b = c = 0; the upper bound is the largest d that the one-sided t
 (a bisection, vectorized over count pairs in :func:`drop_upper`). The test's b - c is raised by one
 row, which widens the bound: given the discordant count m, b - c = 2b - m moves in steps of 2, and
 one row is half a step (Edwards' continuity correction of McNemar's test); the plain score bound
-falls below its level with a handful of discordant rows. Exact one-sided coverage at 90% (``bench/paired_coverage.py``,
+falls below its level with a handful of discordant rows. Exact one-sided coverage at 90% (``experiments/paired_coverage.py``,
 300..10,000 rows, 0.1..250 expected discordant rows): at least 0.909, Wald's 0.695, the uncorrected
 score's 0.831; 46 vs 34 discordant rows of 1,101 give an upper bound of 2.24 points, Wald's 2.13.
 
@@ -121,7 +121,7 @@ def drop_upper(n, ref_only, new_only, confidence: float = DEFAULT_CONFIDENCE, co
     confidence : in (0.5, 1), the one-sided level.
     continuity : rows of continuity correction (default :data:`CONTINUITY`, 1); 0 gives the plain
         score bound, which falls below its level with a handful of discordant rows
-        (``bench/paired_coverage.py`` measures both).
+        (``experiments/paired_coverage.py`` measures both).
 
     Returns
     -------

@@ -41,7 +41,7 @@ from cahp_deploy.export import int8_mac_share
 
 log = logging.getLogger(__name__)
 
-#: defaults for a quick but meaningful run; the reference script asks for more (see bench/reference.py)
+#: defaults for a quick but meaningful run; the reference script asks for more (see experiments/reference.py)
 DEFAULT_MIN_SECONDS = 1.0
 DEFAULT_MIN_REPS = 10
 DEFAULT_WARMUP = 3

@@ -8,7 +8,7 @@ tuning by layer-wise reconstruction), applied to the whole output projection rat
 scale per head. Why it is worth having next to the SGD fine-tune: every SGD recovery tried moved a
 pruned model *away* from dense on new rows, while this moves it toward dense (minilm-sst5, 48 of 72
 heads kept: validation rows where exactly one of pruned and dense is right 256 -> 83, argmax
-agreement 71.7% -> 90.6%, test 499 -> 165; ``bench/results/reconstruct/probe.md``).
+agreement 71.7% -> 90.6%, test 499 -> 165; ``experiments/results/reconstruct/probe.md``).
 
 One block, the two places refit (shapes per token; ``k`` kept heads of size ``d``, ``m`` kept neurons)::
 

@@ -1,4 +1,4 @@
-"""The method comparison behind ``bench/results/study``.
+"""The method comparison behind ``experiments/results/study``.
 
 * :mod:`cahp_deploy.study.stage` — every method at every budget, before and after recovery, cached per cell.
 * :mod:`cahp_deploy.study.sensitivity` — how CAHP's knee moves with its options.

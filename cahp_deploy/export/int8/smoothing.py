@@ -52,7 +52,7 @@ def smooth(model: onnx.ModelProto, feeds: Sequence[Feed], alpha: float, threads:
     from cahp_deploy.export.int8.tuning import quantizable_nodes
 
     if not 0.0 <= float(alpha) <= 1.0:
-        raise CahpError(f"--int8-smooth {alpha} must be in [0, 1] (0.75 measured best; see bench/results/int8)")
+        raise CahpError(f"--int8-smooth {alpha} must be in [0, 1] (0.75 measured best; see experiments/results/int8)")
     cands = {c.name: c for c in quantizable_nodes(model) if c.op_type != "Gemm"}
     m = onnx.ModelProto()
     m.CopyFrom(model)
