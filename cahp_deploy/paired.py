@@ -37,10 +37,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm
 
+from cahp_deploy.config import DEFAULT_CONFIDENCE  # one-sided, of every bound decided on (two-sided printed)
 from cahp_deploy.errors import CahpError
-
-#: one-sided confidence of every upper bound the tool decides on (and the two-sided level printed)
-DEFAULT_CONFIDENCE = 0.90
 #: how the bounds are computed (recorded with every drop)
 METHOD = "tango-score-cc"
 #: the continuity correction of b - c, in rows: half of its step of 2 once b + c is known

@@ -173,15 +173,6 @@ def test_traffic_batches_are_random_and_padded_per_batch(tiny_data):
 # ----------------------------------------------------------------------------- CLI parsing
 
 
-def test_int_list_parsing():
-    from cahp_deploy.commands.bench import _int_list
-
-    assert _int_list("--batch", "1, 8,32") == (1, 8, 32)
-    assert _int_list("--batch", "") == ()
-    with pytest.raises(CahpError, match="comma-separated"):
-        _int_list("--seq", "128,long")
-
-
 @pytest.mark.parametrize("values, match", [((), "empty --seq grid"), ((0, 8), ">= 1"), (("a",), "positive integers")])
 def test_grid_checks(values, match):
     from cahp_deploy.bench.stage import _check_grid
@@ -238,8 +229,18 @@ def report_dir(arts, tiny_data, tmp_path_factory) -> Path:
     from cahp_deploy.bench import bench
 
     out = tmp_path_factory.mktemp("bench_report") / "report"
-    bench([arts["pruned"]], arts["dense"], out, data=tiny_data, progress=False, **TINY)
+    bench([arts["pruned"]], arts["dense"], out, data=tiny_data, progress=False, variants=["fp32", "optimized", "int8"],
+          **TINY)
     return out
+
+
+def test_default_variants_are_what_a_deployment_chooses_between(arts):
+    """No --variant: the pruned artifact's optimized and INT8 graphs; the baseline adds its fp32 graph."""
+    from cahp_deploy.bench.stage import _open_artifacts
+
+    opened, _ = _open_artifacts([arts["pruned"]], arts["dense"], (8,), None, "cpu")
+    chosen = {a.name: sorted(a.variants) for a in opened}
+    assert chosen == {"pruned": ["int8", "optimized"], "dense": ["fp32", "int8", "optimized"]}
 
 
 # ----------------------------------------------------------------------------- the report

@@ -50,7 +50,7 @@ def test_no_architecture_paths_outside_the_table(path):
 # must be placed here (DESIGN.md, "Folders", says why each layer sits where it does).
 LAYERS: tuple[tuple[str, ...], ...] = (
     # shared pieces
-    ("errors", "atomic", "hashing", "schema", "progress", "formatting", "arch", "gates", "data", "paired",
+    ("errors", "config", "atomic", "hashing", "schema", "progress", "formatting", "arch", "gates", "data", "paired",
      "serving_length", "hf_classifier", "onnx_runtime", "distributed", "evaluation", "shipped", "predict"),
     ("selection", "signals"),  # pure math; torch code that only collects statistics
     ("pruning",),  # surgery, load_pruned, costs

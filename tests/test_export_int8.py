@@ -285,7 +285,8 @@ def test_impossible_target_in_export_is_one_line_and_writes_nothing(outlier_bert
 
 def test_bad_int8_options(outlier_bert, data, tmp_path, capsys):
     out = str(tmp_path / "art")
-    assert "--per-tensor only applies to quantization" in _cli_error(["export", str(outlier_bert), "--out", out, "--per-tensor"], capsys)
+    assert "--per-tensor only applies to quantization" in _cli_error(["export", str(outlier_bert), "--out", out,
+                                                                       "--quantize", "none", "--per-tensor"], capsys)
     for flag, value in (("--int8-tuning-examples", "0"), ("--int8-tuning-margin", "-1"),
                         ("--int8-max-accuracy-drop", "-1"), ("--int8-min-agreement", "1.5")):
         err = _cli_error(["export", str(outlier_bert), "--out", out, "--quantize", "int8", flag, value,

@@ -15,6 +15,18 @@ Sessions, providers and thread settings come from :mod:`cahp_deploy.onnx_runtime
 
 from __future__ import annotations
 
-from cahp_deploy.bench.stage import bench
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cahp_deploy.bench.stage import bench
+
+
+def __getattr__(name: str):
+    if name == "bench":  # imported on first use, so the configs and `--help` stay light
+        from cahp_deploy.bench.stage import bench
+
+        return bench
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["bench"]

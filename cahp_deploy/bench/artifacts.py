@@ -11,13 +11,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cahp_deploy.bench.config import DEPLOYED, VARIANTS
 from cahp_deploy.bench.inputs import max_sequence_length
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_file
 from cahp_deploy.shipped import with_choice
 
 #: every variant an export can hold, in report order
-VARIANTS: tuple[str, ...] = ("fp32", "optimized", "int8", "fp16")
+
 # Files that define the token ids; artifacts fed the same batches must agree on them.
 _VOCAB_FILES = ("vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model", "tokenizer.json")
 
@@ -213,8 +214,9 @@ def check_comparable(arts: list[Artifact]) -> None:
 def choose_variants(arts: list[Artifact], variants: list[str] | None, provider: str) -> list[str]:
     """Fill each artifact's ``variants``; return notes on what was skipped and why.
 
-    Without ``variants`` every variant found is timed, except fp16 on the CPU (ONNX Runtime has few
-    fp16 CPU kernels, so it would time casts, not the model). The baseline always keeps fp32 so that
+    Without ``variants``, what a deployment chooses between: the optimized graph, INT8 and (off the CPU:
+    ONNX Runtime has few fp16 CPU kernels, so it would time casts, not the model) fp16, where present;
+    an artifact with none of them times its fp32 graph. The baseline always keeps fp32 so that
     "speedup vs dense fp32" exists for every cell.
     """
     notes = []
@@ -230,7 +232,9 @@ def choose_variants(arts: list[Artifact], variants: list[str] | None, provider: 
         if "fp32" not in present and a.is_baseline:
             raise CahpError(f"baseline {a.path} has no fp32 model (model.onnx); re-export it")
         if variants is None:
-            wanted = [v for v in present if not (v == "fp16" and provider == "cpu")]
+            wanted = [v for v in present if v in DEPLOYED and not (v == "fp16" and provider == "cpu")]
+            if a.is_baseline or not wanted:
+                wanted = [v for v in VARIANTS if v in present and (v in wanted or v == "fp32")]
             if "fp16" in present and provider == "cpu":
                 notes.append(f"{a.name}: fp16 not timed on the CPU provider (pass --variant fp16 to force it)")
         else:

@@ -36,17 +36,14 @@ from cahp_deploy.bench.artifacts import (
 )
 from cahp_deploy.bench.inputs import Feed, grid_feed, traffic_feeds
 from cahp_deploy.bench.cell_session import Runner
+from cahp_deploy.bench.config import (  # defaults for a quick but meaningful run (experiments/reference.py asks more)
+    DEFAULT_BATCHES, DEFAULT_MIN_REPS, DEFAULT_MIN_SECONDS, DEFAULT_SEQS, DEFAULT_TRAFFIC_SEQUENCES, DEFAULT_WARMUP,
+)
 from cahp_deploy.errors import CahpError
 from cahp_deploy.export import int8_mac_share
 
 log = logging.getLogger(__name__)
 
-#: defaults for a quick but meaningful run; the reference script asks for more (see experiments/reference.py)
-DEFAULT_MIN_SECONDS = 1.0
-DEFAULT_MIN_REPS = 10
-DEFAULT_WARMUP = 3
-#: real-traffic mode draws this many sequences from the split (per batch size)
-DEFAULT_TRAFFIC_SEQUENCES = 512
 
 @dataclass
 class Session:
@@ -222,8 +219,8 @@ def bench(
     *,
     provider: str = "cpu",
     variants: list[str] | None = None,
-    batches=(1, 8, 32),
-    seqs=(32, 128, 512),
+    batches=DEFAULT_BATCHES,
+    seqs=DEFAULT_SEQS,
     data: str | os.PathLike | None = None,
     split: str = "validation",
     text_column: str | None = None,
@@ -248,7 +245,8 @@ def bench(
     artifacts : artifact dirs written by ``cahp-deploy export`` (pruned ones, typically).
     baseline : the dense artifact of the same fine-tuned model; timed in the same run, all variants.
     provider : ``cpu``, ``cuda`` or ``tensorrt``; the last two time with IO binding (inputs on device).
-    variants : which of fp32/optimized/int8/fp16 to time; None = all found (fp16 only off-CPU).
+    variants : which of fp32/optimized/int8/fp16 to time; None = what a deployment chooses between:
+        optimized and int8 where present, fp16 off the CPU (the baseline always keeps fp32).
     batches, seqs : the fixed grid; every (batch, seq) cell is timed for every session.
     data, split : labelled data for accuracy and real-traffic mode (skipped when None).
     threads : ONNX Runtime intra-op threads (None = its default, one per physical core).

@@ -8,6 +8,10 @@ import sys
 import click
 
 from cahp_deploy.commands._options import force_option
+from cahp_deploy.recovery.config import RecoverConfig
+
+#: the fine-tune's options the study takes, under run's names (--recover-epochs, ...)
+_RECOVER_OPTIONS = ("epochs", "lr", "batch_size", "max_examples")
 
 # Kept in step with cahp_deploy.study.stage.DEFAULT_METHODS (not imported: --help must not load torch).
 DEFAULT_METHODS = ("cahp", "gradient", "random", "attattr", "l0", "dsp", "pass")
@@ -33,10 +37,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True, help="Methods to compare (missing ones are skipped with a note).")
 @click.option("--random-seeds", default="0,1,2", show_default=True, help="Seeds of the random baseline.")
 @click.option("--recover/--no-recover", default=True, show_default=True, help="Fine-tune every pruned model and measure again.")
-@click.option("--recover-epochs", default=3, show_default=True, type=int)
-@click.option("--recover-max-examples", default=None, type=int, help="Recover on a seeded subset of N examples (default: the whole split).")
-@click.option("--recover-lr", default=2e-5, show_default=True, type=float)
-@click.option("--recover-batch-size", default=32, show_default=True, type=int)
+@RecoverConfig.cli(run=True, only=_RECOVER_OPTIONS)
 @click.option("--max-examples", default=None, type=int, help="Select on the first N examples of the selection split.")
 @click.option("--eval-max-examples", default=None, type=int, help="Measure on the first N examples of the evaluation split.")
 @click.option("--max-length", default=128, show_default=True, type=int)
@@ -55,18 +56,18 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 @click.option("--note", default=None, help="A line shown at the top of study.md (e.g. 'REDUCED run: ...').")
 @force_option
 def command(model, data, out, select_split, eval_split, test_split, budgets, methods, random_seeds, recover,
-            recover_epochs, recover_max_examples, recover_lr, recover_batch_size, max_examples, eval_max_examples,
-            max_length, degrees, sensitivity_seeds, method_options, seed, text_column, text_pair_column,
-            label_column, axis, ffn_ratios, ffn_methods, note, force):
+            max_examples, eval_max_examples, max_length, degrees, sensitivity_seeds, method_options, seed, text_column,
+            text_pair_column, label_column, axis, ffn_ratios, ffn_methods, note, force, **options):
     """Compare every selection method on MODEL at several budgets, before and after recovery."""
     from cahp_deploy.study.stage import StudyConfig, parse_budgets, parse_method_option, study
 
+    fine_tune = RecoverConfig.from_cli(options, run=True, only=_RECOVER_OPTIONS, recover=recover)
     cfg = StudyConfig(
         select_split=select_split, eval_split=eval_split, test_split=test_split, budgets=parse_budgets(budgets),
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
         random_seeds=_ints(random_seeds, "--random-seeds"), seed=seed, max_examples=max_examples,
-        eval_max_examples=eval_max_examples, recover=recover, recover_epochs=recover_epochs,
-        recover_max_examples=recover_max_examples, recover_lr=recover_lr, recover_batch_size=recover_batch_size,
+        eval_max_examples=eval_max_examples, recover=recover, recover_epochs=fine_tune.epochs,
+        recover_max_examples=fine_tune.max_examples, recover_lr=fine_tune.lr, recover_batch_size=fine_tune.batch_size,
         max_length=max_length, degrees=_ints(degrees, "--degrees"),
         sensitivity_seeds=_ints(sensitivity_seeds, "--sensitivity-seeds"),
         method_options=parse_method_option(method_options), note=note,

@@ -29,6 +29,7 @@ from torch import nn
 
 from cahp_deploy import arch
 from cahp_deploy.errors import CahpError
+from cahp_deploy.export.config import EXPORTERS
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ MIN_OPSET = 11
 #: the opset when none is asked for: Optimum's default (``OnnxConfig.DEFAULT_ONNX_OPSET``) for every
 #: supported architecture, used by both exporters so the choice of exporter does not change it
 DEFAULT_OPSET = 18
-#: ``--exporter`` choices; ``auto`` resolves to one of the others (:func:`resolve_exporter`)
-EXPORTERS = ("auto", "optimum", "torch")
 _OPTIMUM_DIST = "optimum-onnx"
 
 

@@ -9,9 +9,12 @@ module plus one line here.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from cahp_deploy.errors import CahpError
-from cahp_deploy.methods.base import Method, MethodContext
+
+if TYPE_CHECKING:
+    from cahp_deploy.methods.base import Method, MethodContext
 
 #: --method name -> (module, whether it needs a budget)
 REGISTRY: dict[str, tuple[str, bool]] = {
@@ -35,6 +38,14 @@ def get_method(name: str) -> Method:
 
 def needs_budget(name: str) -> bool:
     return REGISTRY[name][1]
+
+
+def __getattr__(name: str):
+    if name in ("Method", "MethodContext"):  # on first use: the registry and the config need no torch
+        from cahp_deploy.methods import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["REGISTRY", "Method", "MethodContext", "get_method", "needs_budget"]

@@ -30,10 +30,8 @@ from typing import Any
 from cahp_deploy.atomic import atomic_file
 from cahp_deploy.hashing import sha256_dir
 from cahp_deploy.run import summary as run_summary
-from cahp_deploy.run.plan import (
-    DEFAULT_DISTILL_ROWS, DEFAULT_LADDER, DEFAULT_QUANTIZE, DEFAULT_RECOVER_EPOCHS, Plan, RunOptions, check_options,
-    make_plan,
-)
+from cahp_deploy.run.config import RunConfig
+from cahp_deploy.run.plan import Plan, make_plan
 from cahp_deploy.run.promise import ErrorRates
 from cahp_deploy.run.record import (
     DENSE_ARTIFACT, PRUNED_ARTIFACT, PRUNED_DIR, RECOVERED_DIR, REFIT_DIR, REPORT_DIR, SEARCH_DIR, SELECTION_FILE,
@@ -41,74 +39,15 @@ from cahp_deploy.run.record import (
 )
 from cahp_deploy.run.summarize import summarize
 
-#: run's arguments that are not stage options
-_NOT_OPTIONS = ("model", "data", "out", "force", "console")
-
-
 def run(
     model: str | os.PathLike,
     data: str | os.PathLike,
     out: str | os.PathLike,
+    config: RunConfig | None = None,
     *,
-    method: str = "cahp",
-    select_split: str = "train",
-    eval_split: str = "validation",
-    text_column: str | None = None,
-    text_pair_column: str | None = None,
-    label_column: str = "label",
-    seed: int = 42,
-    degree: int | None = None,
-    pool_size: int | None = None,
-    space: str | None = None,
-    heads: int | None = None,
-    keep_ratio: float | None = None,
-    max_examples: int | None = None,
-    ffn_method: str | None = None,
-    ffn_keep_ratio: float | None = None,
-    ffn_neurons: int | None = None,
-    recover: bool | None = None,
-    reconstruct: bool = True,
-    reconstruct_rows: int | None = None,
-    recover_epochs: int = DEFAULT_RECOVER_EPOCHS,
-    recover_lr: float | None = None,
-    recover_max_examples: int | None = None,
-    recover_split: str | None = None,
-    distill: bool = False,
-    qat: bool | None = None,
-    max_accuracy_drop: float | None = None,
-    search_step: int | None = None,
-    ladder: str = DEFAULT_LADDER,
-    mac_step: float | None = None,
-    distill_data: str | os.PathLike | None = None,
-    distill_split: str = "train",
-    distill_max_examples: int | None = DEFAULT_DISTILL_ROWS,
-    confirm_split: str | None = None,
-    confirm_fraction: float | None = None,
-    confidence: float | None = None,
-    quantize: str | None = DEFAULT_QUANTIZE,
-    per_channel: bool | None = None,
-    int8_max_accuracy_drop: float | None = None,
-    int8_min_agreement: float | None = None,
-    fp16: bool = False,
-    opset: int | None = None,
-    timing: bool = True,
-    provider: str = "cpu",
-    batch: tuple[int, ...] | None = None,
-    seq: tuple[int, ...] | None = None,
-    min_seconds: float | None = None,
-    min_reps: int | None = None,
-    warmup: int | None = None,
-    traffic: bool = True,
-    threads: int | None = None,
-    variants: tuple[str, ...] | None = None,
-    eval_max_examples: int | None = None,
-    max_length: int | None = None,
-    select_options: dict[str, Any] | None = None,
-    recover_options: dict[str, Any] | None = None,
-    export_options: dict[str, Any] | None = None,
-    bench_options: dict[str, Any] | None = None,
     force: bool = False,
     console=None,
+    **options: Any,
 ) -> dict[str, Any] | None:
     """Select, prune, refit, recover, export (dense and pruned: optimized fp32 + INT8) and bench, into ``out``.
 
@@ -135,10 +74,13 @@ def run(
     at and the artifact serves (None: the longest row of the data, capped at the model's positions;
     :mod:`cahp_deploy.serving_length`).
 
+    The options are a :class:`~cahp_deploy.run.config.RunConfig` (``config``), or ``run``'s flags as
+    keywords (``max_accuracy_drop=1``, ``recover_epochs=2``, ...: the names and defaults of the CLI);
+    ``select_options`` / ``recover_options`` / ``export_options`` / ``bench_options`` pass further
+    keyword arguments to those stages verbatim.
+
     Returns ``{"out", "report", "summary_md", "run", "summary"}``: the run record (run.json's
-    contents) and the dense-vs-pruned summary that is also printed. ``select_options`` /
-    ``recover_options`` / ``export_options`` / ``bench_options`` pass further keyword arguments to
-    those stages verbatim.
+    contents) and the dense-vs-pruned summary that is also printed.
 
     Everything the user can get wrong (paths, splits, columns, labels, provider, an ``out`` that is
     not a run dir) is checked before any stage starts; nothing is written then.
@@ -148,17 +90,19 @@ def run(
     exports, benchmarks and writes (:func:`cahp_deploy.distributed.collective`). The other ranks write
     nothing, are let go once no data-parallel stage is left, and return None.
     """
-    o = RunOptions(**{k: v for k, v in locals().items() if k not in _NOT_OPTIONS})
+    if config is None:
+        config = RunConfig.from_options(**options)
+    elif options:
+        raise TypeError("run() takes a RunConfig or keyword options, not both")
     from cahp_deploy import distributed
 
     model, data, out = str(model), str(data), Path(out)
-    check_options(o)
     if console is None:
         from rich.console import Console
 
         console = Console(stderr=True)
     check_run_dir(out, force)
-    plan = make_plan(model, data, o)
+    plan = make_plan(model, data, config)
 
     # Everything above ran on every rank, so bad input failed on each alike before any rank joined; the
     # barrier keeps rank 0 from creating OUT before every rank has checked it (a group made earlier in
@@ -218,10 +162,10 @@ def _note_run(record: RunRecord, model: str, data: str, plan: Plan) -> str:
     budget, what the decision rows can show. Returns the model's hash."""
     model_hash = model_sha256(model)
     record.data.update(
-        model=model, model_sha256=model_hash, data=data, method=plan.select_kwargs.get("method", "cahp"),
+        model=model, model_sha256=model_hash, data=data, method=plan.config.select.method,
         select_split=plan.select_data.split, eval_split=plan.eval_data.split,
         recover_split=None if plan.recover_kwargs is None else plan.recover_split,
-        max_length=plan.lengths,
+        max_length=plan.lengths, config=plan.config.record(),
     )
     from cahp_deploy.serving_length import words as length_words
 
@@ -267,10 +211,10 @@ def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, p
             "refit",
             {"pruned_sha256": record.output_hash("prune"), "model_sha256": model_hash,
              "data": plan.select_data.file_hashes, "split": plan.select_data.split, "options": plan.reconstruct_kwargs,
-             "max_length": plan.max_length, "seed": plan.select_kwargs.get("seed", 42)},
+             "max_length": plan.max_length, "seed": plan.seed},
             refitted,
             lambda overwrite: refit(pruned, model, plan.select_data, refitted, max_length=plan.max_length,
-                                    seed=plan.select_kwargs.get("seed", 42), force=overwrite, **plan.reconstruct_kwargs),
+                                    seed=plan.seed, force=overwrite, **plan.reconstruct_kwargs),
         )
         last, last_stage = refitted, "refit"
     if plan.recover_kwargs is None:
@@ -289,7 +233,7 @@ def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, p
         recovered,
         lambda overwrite: distributed.collective(
             recovery.recover, source, data, recovered, split=plan.recover_split, eval_split=plan.eval_data.split,
-            eval_max_examples=plan.eval_max_examples, seed=plan.select_kwargs.get("seed", 42),
+            eval_max_examples=plan.eval_max_examples, seed=plan.seed,
             force=overwrite, **plan.columns, **plan.recover_kwargs,
         ),
     )
@@ -323,17 +267,17 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: Plan, mod
     """The accuracy-budget path: the search stage; returns its chosen model dir."""
     from cahp_deploy.run import accuracy_budget
 
-    options = dict(plan.select_kwargs.get("options") or {})
+    budget, select = plan.budget, plan.select_kwargs
     settings = accuracy_budget.SearchSettings(
         model=model, data=data, model_sha256=model_hash,
-        select_data=plan.select_data.head(plan.select_kwargs.get("max_examples")),
+        select_data=plan.select_data.head(select["max_examples"]),
         eval_data=plan.decision,
-        recover_split=plan.recover_split, columns=plan.columns, seed=int(plan.select_kwargs.get("seed", 42)),
-        cahp_options=options, recover=plan.recover_kwargs, eval_max_examples=plan.eval_max_examples,
-        max_drop=float(plan.max_accuracy_drop), say=record.say, confidence=ErrorRates(plan.confidence).search,
-        ffn_keep_ratio=plan.ffn_keep_ratio, ffn_method=plan.ffn_method,
-        search_step=plan.search_step, max_length=plan.max_length, reconstruct=plan.reconstruct_kwargs,
-        ladder=plan.ladder, **({} if plan.mac_step is None else {"mac_step": plan.mac_step}),
+        recover_split=plan.recover_split, columns=plan.columns, seed=plan.seed,
+        cahp_options=dict(select["options"]), recover=plan.recover_kwargs, eval_max_examples=plan.eval_max_examples,
+        max_drop=float(budget.max_accuracy_drop), say=record.say, confidence=ErrorRates(budget.confidence).search,
+        ffn_keep_ratio=plan.config.ffn_keep_ratio, ffn_method=plan.config.select.ffn_method or "cahp",
+        search_step=budget.search_step, max_length=plan.max_length, reconstruct=plan.reconstruct_kwargs,
+        ladder=budget.ladder, **({} if budget.mac_step is None else {"mac_step": budget.mac_step}),
         **({} if plan.distill is None else {"distill_rows": plan.distill["rows"], "distill_judge": plan.distill["judge"],
                                             "distill_params": {}}),
     )
@@ -341,14 +285,14 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: Plan, mod
     record.stage(
         "search",
         {
-            "model_sha256": model_hash, "select": {"data": plan.select_data.file_hashes, **plan.select_kwargs},
+            "model_sha256": model_hash, "select": {"data": plan.select_data.file_hashes, **select},
             "recover": plan.recover_kwargs, "recover_split": plan.recover_split,
             "recover_data": load_split_hashes(data, plan.recover_split, plan.select_data, plan.columns)
             if plan.recover_kwargs is not None else None,
-            "eval": _eval_inputs(plan), "max_accuracy_drop": plan.max_accuracy_drop,
-            "decision_rows": _rows_key(plan.decision), "confidence": ErrorRates(plan.confidence).search,
-            "ffn_keep_ratio": plan.ffn_keep_ratio, "search_step": plan.search_step, "max_length": plan.max_length,
-            "ladder": plan.ladder, "mac_step": plan.mac_step,
+            "eval": _eval_inputs(plan), "max_accuracy_drop": budget.max_accuracy_drop,
+            "decision_rows": _rows_key(plan.decision), "confidence": ErrorRates(budget.confidence).search,
+            "ffn_keep_ratio": plan.config.ffn_keep_ratio, "search_step": budget.search_step,
+            "max_length": plan.max_length, "ladder": budget.ladder, "mac_step": budget.mac_step,
             "distill": None if plan.distill is None else plan.distill["record"],
             "reconstruct": plan.reconstruct_kwargs,
             "rule": accuracy_budget.RULES_VERSION,
@@ -435,9 +379,8 @@ def _bench(record: RunRecord, data: str, out: Path, plan: Plan, dense_art: Path,
 
     eval_in = {"data": plan.eval_data.file_hashes, "split": plan.eval_data.split, **plan.columns}
     bench_kwargs = plan.bench_kwargs
-    if any(not variant_path(a, "int8").is_file() for a in (dense_art, pruned_art)) and \
-            plan.export_kwargs.get("quantize") == "int8":
-        bench_kwargs = {**bench_kwargs, "variants": None}  # time what each artifact has (dense INT8 included)
+    if bench_kwargs.get("variants") and any(not variant_path(a, "int8").is_file() for a in (dense_art, pruned_art)):
+        bench_kwargs = {**bench_kwargs, "variants": None}  # an INT8 gate failed: time what each artifact has
 
     report_dir = out / REPORT_DIR
     record.stage(

@@ -51,6 +51,7 @@ import onnx
 
 from cahp_deploy import onnx_runtime
 from cahp_deploy.errors import CahpError
+from cahp_deploy.export.config import TUNING_EXAMPLES
 from cahp_deploy.export.int8 import quantize as quant
 from cahp_deploy.export.int8.gate import ACCURACY, MARGIN_STANDARD_ERRORS, Int8Gate, score
 from cahp_deploy.export.parity import Feed, ort_logits
@@ -60,9 +61,6 @@ log = logging.getLogger(__name__)
 
 #: ONNX Runtime intra-op threads for the tuning sessions (what a small CPU box has; keeps timings comparable)
 TUNING_THREADS = 2
-#: default number of tuning examples (drawn from the train split). Fewer overfit: the search stops at
-#: the first node set that clears the target on them (512 was too few; DESIGN.md, "Measurements behind the code").
-TUNING_EXAMPLES = 2048
 #: about this many of them rank the nodes (the ranking signal is strong; bisection uses all)
 SENSITIVITY_EXAMPLES = 128
 _LAYER = re.compile(r"layers?[._/](\d+)[._/]")
