@@ -16,8 +16,8 @@ from cahp_deploy.recovery.distill import DistillParams, agreement, distill_if_it
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """(dense, pruned copy, tokenizer, train rows, judge rows) on the order task of test_accuracy_budget."""
-    from test_accuracy_budget import train_planted
+    """(dense, pruned copy, tokenizer, train rows, judge rows) on the order task of test_run_accuracy_budget."""
+    from test_run_accuracy_budget import train_planted
 
     from cahp_deploy.data import load_labelled
     from cahp_deploy.pruning.rewrite import prune_model
@@ -87,7 +87,7 @@ def test_text_only_rows_load_without_a_label_column_and_evaluation_rows_are_drop
 def test_a_search_rung_records_its_distillation_and_judges_the_kept_model(planted, tmp_path):
     """Under a budget with --distill-data, each pruned rung is refit, then distilled; the record says
     whether the training was kept and the judged model is the distilled one exactly when it was."""
-    from test_accuracy_budget import _write_order_task, settings_for
+    from test_run_accuracy_budget import _write_order_task, settings_for
 
     from cahp_deploy.run import accuracy_budget
 

@@ -1,7 +1,7 @@
 """load_labelled on files that are wrong in one way each: a one-line CahpError naming what to fix,
 never a raw ``datasets``/pyarrow error and never a silently changed row (0.7 -> 0, null -> "None").
 
-The CLI side (exit code 2, one line, nothing written) is in test_cli_bad_inputs.py.
+The CLI side (exit code 2, one line, nothing written) is in test_commands_bad_inputs.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The progressive ladder: nested removal orders (pure), and rungs ~a MAC step apart whose kept sets nest,
-built and searched on the tiny planted task of test_accuracy_budget."""
+built and searched on the tiny planted task of test_run_accuracy_budget."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_mac_targets_step_down_to_the_floor():
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     """A whole search with the progressive ladder (refit, no fine-tune) on the planted model."""
-    from test_accuracy_budget import settings_for, train_planted
+    from test_run_accuracy_budget import settings_for, train_planted
 
     from cahp_deploy.run import accuracy_budget
 
