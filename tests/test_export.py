@@ -326,6 +326,31 @@ def test_short_position_table_export_times_and_tunes_within_it(root, arch, usabl
     assert all(set(t) == {f"b1x{usable}", f"b32x{usable}"} for t in opt["timings_ms"].values())
     assert set(m["variants"]["int8"]["timings_ms"]["int8"]) == {f"b1x{usable}", f"b32x{usable}"}
     assert max(s for _, s in m["variants"]["int8"]["tuning"]["data"]["shapes"]) == usable
+    # INT8's source: the candidate whose INT8 graph ran fastest, timed within the table too
+    src = m["variants"]["int8"]["source_choice"]
+    assert src["measured"] and src["timing_shapes"] == [f"b1x{usable}", f"b32x{usable}"]
+    assert set(src["timings_ms"]) == set(opt["timings_ms"])
+    assert src["source"] == ortopt.choose(src["timings_ms"], baseline=opt["choice"])[0]
+    expected = ("optimized" if src["source"] == opt["choice"] else "fp32" if src["source"] == "unfused"
+                else f"fusion candidate {src['source']}")
+    assert m["variants"]["int8"]["source"] == expected
+
+
+def test_int8_source_is_timed_as_int8(full_artifact, tmp_path):
+    """Each fusion candidate quantized (every weight MatMul INT8) and timed; without timing, the fp32 choice."""
+    res = ortopt.optimize(
+        full_artifact / "model.onnx", tmp_path / "opt.onnx", tmp_path / "cand", onnx_model_type="bert",
+        heads_per_layer=[4, 4, 4], head_dim=8, vocab_size=30522, measure=False,
+    )
+    name, rec = ortopt.choose_int8_source(res.candidates, res.choice, tmp_path / "cand", measure=True,
+                                          vocab_size=30522, budget_s=0.5)
+    assert rec["measured"] and set(rec["timings_ms"]) == set(res.candidates) and name == rec["source"]
+    assert name == ortopt.choose(rec["timings_ms"], baseline=res.choice)[0]
+    probes = {p.name for p in (tmp_path / "cand").glob("*_int8_probe.onnx")}
+    assert probes == {f"{n}_int8_probe.onnx" for n in res.candidates}
+    assert ortopt.choose_int8_source(res.candidates, res.choice, tmp_path / "cand", measure=False) == (
+        res.choice, {"source": res.choice, "measured": False, "reason": "the fp32 choice (INT8 sources not timed: "
+                                                                         "measure=False)"})
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -311,6 +311,38 @@ def choose(timings: dict[str, dict[str, float]], baseline: str = UNFUSED) -> tup
     return best, {k: (v if math.isfinite(v) else None) for k, v in score.items()}
 
 
+def choose_int8_source(candidates: dict[str, Path], chosen: str, scratch: Path, *, measure: bool,
+                       provider: str = "cpu", vocab_size: int = 1000, max_seq: int | None = None,
+                       budget_s: float = 6.0) -> tuple[str, dict]:
+    """Which fusion candidate INT8 quantizes: the one whose INT8 graph (every weight MatMul INT8) runs
+    fastest, timed like the fp32 candidates. Returns (name, the record for the manifest).
+
+    Why not the fp32 choice: ORT quantizes a fused ``Attention`` into ``QAttention``, while an unfused
+    graph keeps the attention MatMuls, Softmax and Transposes in fp32, so the fp32 ranking says little
+    about the INT8 one, and the few rounds of the fp32 timing can pick either way. Measured on
+    minilm-mnli (b32x128, interleaved; ``experiments/int8_source.py``): the pruned model's INT8 graph
+    took 224 ms from the fused candidate and 276 ms from the unfused one its fp32 timing had chosen.
+    Without timing (or off the CPU) the fp32 choice stays the source.
+    """
+    from cahp_deploy.export.int8.quantize import quantize_int8
+
+    if not measure or provider != "cpu" or len(candidates) < 2:
+        why = "the fp32 choice (INT8 sources not timed: " + (
+            "one candidate" if len(candidates) < 2 else "measure=False" if not measure else f"provider {provider}") + ")"
+        return chosen, {"source": chosen, "measured": False, "reason": why}
+    quantized = {}
+    for name, path in candidates.items():
+        quantized[name] = scratch / f"{name}_int8_probe.onnx"
+        quantize_int8(path, quantized[name], per_channel=False)
+    shapes = timing_shapes(max_seq)
+    timings = time_graphs(quantized, shapes=shapes, vocab=vocab_size, budget_s=budget_s)
+    base = chosen if chosen in timings else UNFUSED
+    best, scores = choose(timings, baseline=base)
+    return best, {"source": best, "measured": True, "timings_ms": timings, "score_vs_fp32_choice": scores,
+                  "reason": f"fastest INT8 graph (every weight MatMul INT8) not slower than the fp32 choice's "
+                            f"({base}) at any timed shape", "timing_shapes": [f"b{b}x{s}" for b, s in shapes]}
+
+
 @dataclass
 class OptimizeResult:
     choice: str

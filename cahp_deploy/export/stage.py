@@ -499,18 +499,24 @@ def export(
         bar.advance(task)
 
         fused_source = fp16_source = plain  # what int8 quantizes, what fp16 converts
+        source_choice = None
         if optimize:
             say("optimize")
-            variants["optimized"], fused_source, fp16_source = _optimized_variant(
+            variants["optimized"], optimized, fp16_source = _optimized_variant(
                 check, plain, tmp, scratch, config, heads, measure, provider)
+            fused_source = optimized.path
             bar.advance(task)
         if quantize == "int8":
+            if optimize:
+                say("int8 source")
+                fused_source, source_choice = _int8_source(check, optimized, scratch, config, measure, provider)
             say("int8")
             tune_feeds, tune_labels = _int8_tuning_feeds(tune_rows, tokenizer, input_names, config, max_length)
             variants["int8"] = _int8_variant(
                 check, model, config, fused_source, plain, tmp / VARIANT_FILES["int8"], scratch, tune_feeds, tune_labels,
                 tune_record, per_channel, int8_tuning_margin, int8_smooth, gate, gate_note, qat, granularity_from_qat,
                 measure, provider, say)
+            variants["int8"]["source_choice"] = source_choice
             bar.advance(task)
         if fp16:
             say("fp16")
@@ -621,7 +627,20 @@ def _optimized_variant(check: _Parity, plain: Path, tmp: Path, scratch: Path, co
     )
     entry = {"file": result.path.name, **result.record,
              "parity": check.check("optimized", onnx_runtime.session(result.path))}
-    return entry, result.path, result.candidates.get("ort_default", result.path)
+    return entry, result, result.candidates.get("ort_default", result.path)
+
+
+def _int8_source(check: _Parity, optimized, scratch: Path, config, measure: bool, provider: str) -> tuple[Path, dict]:
+    """The fp32 graph INT8 quantizes (:func:`cahp_deploy.export.optimize.choose_int8_source`) and the
+    record of the choice; a candidate other than the optimized variant's is parity-checked first."""
+    name, record = ortopt.choose_int8_source(
+        optimized.candidates, optimized.choice, scratch, measure=measure, provider=provider,
+        vocab_size=int(getattr(config, "vocab_size", 1000)), max_seq=arch.max_sequence_length(config))
+    if name == optimized.choice:
+        return optimized.path, record
+    source = optimized.candidates[name]
+    record["parity"] = check.check("optimized", onnx_runtime.session(source))  # within 1e-4 of PyTorch, or raise
+    return source, record
 
 
 def _copy_model_files(model_dir: Path, tmp: Path, tokenizer, pruning: dict | None) -> None:
@@ -660,7 +679,8 @@ def _int8_variant(check: _Parity, model, config, fused_source: Path, plain: Path
     if granularity_from_qat:
         rec["per_channel_chosen_by"] = "quantization-aware recovery (recovery.json)"
     entry = {
-        "file": dst.name, "source": "optimized" if fused_source != plain else "fp32",
+        "file": dst.name, "source": "fp32" if fused_source == plain else
+        "optimized" if fused_source.name == VARIANT_FILES["optimized"] else f"fusion candidate {fused_source.stem}",
         "per_channel": tuned.per_channel, "weight_type": "int8", "activation_type": "uint8 (dynamic)",
         "quantization_aware": qat is not None, "smoothing": smoothing,
         "excluded_nodes": rec["excluded_nodes"], "fp32_mac_fraction": rec["fp32_mac_fraction"],
