@@ -22,7 +22,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -84,9 +84,6 @@ def _dest(flag_name: str) -> str:
 
 class StageConfig:
     """Base of the stage configs (frozen dataclasses whose fields come from :func:`option`)."""
-
-    #: which command's options these are (for messages)
-    stage: ClassVar[str] = ""
 
     # -- flags ------------------------------------------------------------------------------------
 

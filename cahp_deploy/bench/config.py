@@ -24,8 +24,6 @@ DEFAULT_SEQS = (128,)
 class BenchConfig(StageConfig):
     """Where and what to time, and how long."""
 
-    stage = "bench"
-
     provider: str = option("cpu", "ONNX Runtime execution provider.", choices=("cpu", "cuda", "tensorrt"))
     variants: tuple[str, ...] = option((), "Variant to time (repeatable) [what a deployment chooses between: "
                                        "optimized and int8 where present, fp16 off the CPU; the baseline's fp32 always].",

@@ -22,8 +22,6 @@ TUNING_EXAMPLES = 2048
 class ExportConfig(StageConfig):
     """Which ONNX variants to write and how INT8 is tuned and gated."""
 
-    stage = "export"
-
     optimize: bool = option(True, "Also write model_optimized.onnx (ONNX Runtime fusions, chosen by timing on this "
                             "machine).", off=True, run_name=None)
     quantize: str = option("int8", "Also write model_int8.onnx (dynamic INT8 for CPU; the MatMuls it hurts most stay "

@@ -32,8 +32,6 @@ class SelectConfig(StageConfig):
     baselines' own); the budget fields cap what a method keeps.
     """
 
-    stage = "select"
-
     method: str = option("cahp", "Selection method. " + ", ".join(n for n, (_, b) in REGISTRY.items() if not b)
                          + " choose how many heads (a budget, if given, caps them); the others need one.",
                          choices=tuple(REGISTRY))

@@ -22,8 +22,6 @@ DEFAULT_LR = 2e-5
 class RecoverConfig(StageConfig):
     """The refit and the fine-tune that follow pruning."""
 
-    stage = "recover"
-
     reconstruct: bool = option(True, "Refit each pruned layer's output projections against the dense model by least "
                                "squares (no training, no labels), before any fine-tune.", off=True, in_command=False)
     reconstruct_rows: int | None = option(None, "Calibration rows of the selection split the refit reads [2000].",

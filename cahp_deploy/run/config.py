@@ -32,8 +32,6 @@ DEFAULT_BUDGET_FFN_FLOOR = 0.5
 class BudgetConfig(StageConfig):
     """The accuracy budget: the ladder the search tests, the rows that decide and confirm, the error rate."""
 
-    stage = "run"
-
     max_accuracy_drop: float | None = option(
         None, "Accuracy budget in points: test a ladder of cuts from dense down, in order, while the upper confidence "
         "bound of each candidate's paired drop vs dense, on --eval-split's decision rows, is within P (the first rung "
@@ -95,8 +93,6 @@ class BudgetConfig(StageConfig):
 @dataclass(frozen=True)
 class SharedConfig(StageConfig):
     """What every stage of a run shares: the evaluation split, the columns, the serving length."""
-
-    stage = "run"
 
     eval_split: str = option("validation", "Split accuracy is measured on (never the selection split).",
                              in_command=False)
