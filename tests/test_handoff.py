@@ -292,7 +292,7 @@ def test_trimmed_tokenizer_on_real_sst5(tmp_path):
     keep = vocab.kept_ids(orig, train.texts)
     vocab.trim_tokenizer_dir(model, tmp_path, keep)
     new = vocab.load_fast_tokenizer(tmp_path)
-    assert len(new) == len(keep) == 12400  # measured: bench/results/handoff/README.md
+    assert len(new) == len(keep) == 12400  # measured: experiments/results/handoff/README.md
     covered, stats = vocab.coverage(orig, keep, val.texts)
     assert covered.sum() == 758 and stats["dropped_tokens"] == 488
     old_ids, new_ids = vocab.token_ids(orig, val.texts), vocab.token_ids(new, val.texts)

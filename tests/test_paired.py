@@ -24,7 +24,7 @@ def _upper_without_new_only(n: int, b: int, z: float) -> float:
 
 def _exact_coverage(n: int, nq: float, p: float, continuity: float = 1.0) -> float:
     """P(upper >= q (2p - 1)) with m = b + c ~ Binomial(n, q), b | m ~ Binomial(m, p), m over all but
-    1e-12 of its mass (as bench/paired_coverage.py)."""
+    1e-12 of its mass (as experiments/paired_coverage.py)."""
     q = nq / n
     m = np.arange(int(binom.ppf(1e-12, n, q)), int(binom.isf(1e-12, n, q)) + 2)[:, None]
     b = np.arange(m.max() + 1)[None, :]
@@ -121,7 +121,7 @@ def test_exact_coverage_at_or_above_the_level(n, nq, p):
 
 
 def test_exact_coverage_sees_a_dip():
-    # the same enumeration on the uncorrected score bound: 0.8675 (bench/results/promise/coverage.md)
+    # the same enumeration on the uncorrected score bound: 0.8675 (experiments/results/promise/coverage.md)
     assert _exact_coverage(300, 5, 0.3, continuity=0.0) == pytest.approx(0.8675, abs=1e-4)
 
 
