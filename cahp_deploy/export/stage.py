@@ -498,25 +498,19 @@ def export(
         variants: dict[str, dict] = {"fp32": {"file": plain.name, "parity": check.check("fp32", onnx_runtime.session(plain))}}
         bar.advance(task)
 
-        fused_source = fp16_source = plain  # what int8 quantizes, what fp16 converts
-        source_choice = None
+        optimized, fp16_source = None, plain  # the optimization's candidates (INT8 picks its source), what fp16 converts
         if optimize:
             say("optimize")
             variants["optimized"], optimized, fp16_source = _optimized_variant(
                 check, plain, tmp, scratch, config, heads, measure, provider)
-            fused_source = optimized.path
             bar.advance(task)
         if quantize == "int8":
-            if optimize:
-                say("int8 source")
-                fused_source, source_choice = _int8_source(check, optimized, scratch, config, measure, provider)
             say("int8")
             tune_feeds, tune_labels = _int8_tuning_feeds(tune_rows, tokenizer, input_names, config, max_length)
             variants["int8"] = _int8_variant(
-                check, model, config, fused_source, plain, tmp / VARIANT_FILES["int8"], scratch, tune_feeds, tune_labels,
+                check, model, config, optimized, plain, tmp / VARIANT_FILES["int8"], scratch, tune_feeds, tune_labels,
                 tune_record, per_channel, int8_tuning_margin, int8_smooth, gate, gate_note, qat, granularity_from_qat,
                 measure, provider, say)
-            variants["int8"]["source_choice"] = source_choice
             bar.advance(task)
         if fp16:
             say("fp16")
@@ -664,10 +658,16 @@ def _smoothed_source(check: _Parity, fused_source: Path, scratch: Path, tune_fee
     return int8_source, smoothing
 
 
-def _int8_variant(check: _Parity, model, config, fused_source: Path, plain: Path, dst: Path, scratch: Path,
+def _int8_variant(check: _Parity, model, config, optimized, plain: Path, dst: Path, scratch: Path,
                   tune_feeds, tune_labels, tune_record, per_channel, tuning_margin, smooth_alpha, gate, gate_note,
                   qat, granularity_from_qat: bool, measure: bool, provider: str, say) -> dict:
-    """Write ``dst`` (INT8 of ``fused_source``, tuned and gated) and return its manifest entry."""
+    """Write ``dst`` (INT8 of the fusion candidate :func:`_int8_source` picks, or of ``plain`` when nothing
+    was optimized; tuned and gated) and return its manifest entry."""
+    fused_source, source_choice = plain, None
+    if optimized is not None:
+        say("int8 source")
+        fused_source, source_choice = _int8_source(check, optimized, scratch, config, measure, provider)
+        say("int8")
     int8_source, smoothing = fused_source, None
     if smooth_alpha is not None:
         say("int8 smoothing")
@@ -682,7 +682,7 @@ def _int8_variant(check: _Parity, model, config, fused_source: Path, plain: Path
         "file": dst.name, "source": "fp32" if fused_source == plain else
         "optimized" if fused_source.name == VARIANT_FILES["optimized"] else f"fusion candidate {fused_source.stem}",
         "per_channel": tuned.per_channel, "weight_type": "int8", "activation_type": "uint8 (dynamic)",
-        "quantization_aware": qat is not None, "smoothing": smoothing,
+        "quantization_aware": qat is not None, "smoothing": smoothing, "source_choice": source_choice,
         "excluded_nodes": rec["excluded_nodes"], "fp32_mac_fraction": rec["fp32_mac_fraction"],
         "int8_mac_fraction": rec["int8_mac_fraction"],
         "gate": {**gate.to_dict(), **({"note": gate_note} if gate_note else {}), "tuning_rows": tune_record["on"], "gate_rows": tune_record.get("report_on", result["gate"]["on"]),
