@@ -190,6 +190,20 @@ class StageConfig:
         return new
 
 
+@dataclass(frozen=True)
+class ColumnsConfig(StageConfig):
+    """Which columns of the data are read: every command that reads labelled data takes these."""
+
+    text_column: str | None = option(None, "Text column [default: text, or premise/hypothesis when present].")
+    text_pair_column: str | None = option(None, "Second text column for pair tasks.")
+    label_column: str = option("label", "Integer label column.")
+
+    @property
+    def columns(self) -> dict[str, Any]:
+        return {"text_column": self.text_column, "text_pair_column": self.text_pair_column,
+                "label_column": self.label_column}
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
@@ -225,4 +239,4 @@ def _click_option(f: dataclasses.Field, flag: Flag, name: str):
     return click.option(name, dest, **kwargs)
 
 
-__all__ = ["DEFAULT_CONFIDENCE", "Flag", "StageConfig", "int_tuple", "option"]
+__all__ = ["ColumnsConfig", "DEFAULT_CONFIDENCE", "Flag", "StageConfig", "int_tuple", "option"]

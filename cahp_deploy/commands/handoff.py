@@ -7,6 +7,7 @@ import sys
 import click
 
 from cahp_deploy.commands._options import force_option
+from cahp_deploy.config import ColumnsConfig
 
 
 @click.command("handoff")
@@ -25,9 +26,7 @@ from cahp_deploy.commands._options import force_option
 @click.option("--trim-split", default="train", show_default=True, help="Split of --trim-vocab whose texts set the vocabulary.")
 @click.option("--heldout-split", default="validation", show_default=True,
               help="Split of --trim-vocab the [UNK] rate, parity and accuracy are measured on.")
-@click.option("--text-column", default=None, help="Text column [default: text, or premise/hypothesis when present].")
-@click.option("--text-pair-column", default=None, help="Second text column for pair tasks.")
-@click.option("--label-column", default="label", show_default=True, help="Integer label column.")
+@ColumnsConfig.cli()
 @click.option("--max-examples", type=int, default=None, help="Measure on the first N held-out rows only [all].")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Triton instance_group kind.")

@@ -8,6 +8,7 @@ import sys
 import click
 
 from cahp_deploy.commands._options import force_option
+from cahp_deploy.config import ColumnsConfig
 from cahp_deploy.recovery.config import RecoverConfig
 
 #: the fine-tune's options the study takes, under run's names (--recover-epochs, ...)
@@ -46,9 +47,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 @click.option("--method-option", "method_options", multiple=True, metavar="METHOD.KEY=VALUE",
               help="A method option, e.g. l0.steps=200 or cahp.space=full (repeatable).")
 @click.option("--seed", default=42, show_default=True, type=int)
-@click.option("--text-column", default=None, help="Text column [default: text, or premise/hypothesis].")
-@click.option("--text-pair-column", default=None, help="Second text column for pair tasks.")
-@click.option("--label-column", default="label", show_default=True)
+@ColumnsConfig.cli()
 @click.option("--axis", type=click.Choice(["heads", "ffn"]), default="heads", show_default=True,
               help="heads: the head-selection methods; ffn: FFN neuron methods (every head kept) at --ffn-ratios.")
 @click.option("--ffn-ratios", default="0.25,0.5,0.75", show_default=True, help="--axis ffn: fractions of FFN neurons to keep.")

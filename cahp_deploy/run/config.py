@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cahp_deploy.bench.config import BenchConfig
-from cahp_deploy.config import DEFAULT_CONFIDENCE, StageConfig, option
+from cahp_deploy.config import DEFAULT_CONFIDENCE, ColumnsConfig, StageConfig, option
 from cahp_deploy.errors import CahpError
 from cahp_deploy.export.config import ExportConfig
 from cahp_deploy.methods.config import AUTO, SelectConfig
@@ -91,17 +91,14 @@ class BudgetConfig(StageConfig):
 
 
 @dataclass(frozen=True)
-class SharedConfig(StageConfig):
-    """What every stage of a run shares: the evaluation split, the columns, the serving length."""
+class SharedConfig(ColumnsConfig):
+    """What every stage of a run shares: the columns (:class:`~cahp_deploy.config.ColumnsConfig`), the
+    evaluation split, the serving length."""
 
     eval_split: str = option("validation", "Split accuracy is measured on (never the selection split).",
                              in_command=False)
     eval_max_examples: int | None = option(None, "Measure accuracy (recovery, budget, bench) on the first N rows of "
                                            "--eval-split.", type=int, in_command=False)
-    text_column: str | None = option(None, "Text column [default: text, or premise/hypothesis when present].",
-                                     in_command=False)
-    text_pair_column: str | None = option(None, "Second text column for pair tasks.", in_command=False)
-    label_column: str = option("label", "Integer label column.", in_command=False)
     max_length: int | None = option(None, "The one max length (tokens) every stage scores at and the artifact serves "
                                     "[the longest row of the data, capped at the model's positions].", type=int,
                                     in_command=False)
@@ -109,11 +106,6 @@ class SharedConfig(StageConfig):
 
     def check(self) -> None:
         self._positive("eval_max_examples", "max_length")
-
-    @property
-    def columns(self) -> dict[str, Any]:
-        return {"text_column": self.text_column, "text_pair_column": self.text_pair_column,
-                "label_column": self.label_column}
 
 
 #: the configs ``run`` composes, in --help order
