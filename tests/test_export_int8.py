@@ -393,6 +393,11 @@ def test_the_accuracy_gate_looks_at_every_candidate_int8_first(monkeypatch, tmp_
         run(FakeCheck([0.7, 0.6, 0.55]))
     assert [c["confidence"] for c in calls] == pytest.approx([0.95, 0.975, 0.975]) and calls[2]["margin"] is not None
     calls.clear()
+    _, rec, _ = stage._tune_and_check_int8(FakeCheck([0.7, 0.6, 0.55]), tmp_path, tmp_path, [], None, {"on": "t"}, None,
+                                           None, say=lambda m: None, keep_failed=True)  # kept, marked
+    assert rec["gate_failed"].startswith("INT8 gate failed on rows: ") and "nothing was written" not in rec["gate_failed"]
+    assert [a["passed"] for a in rec["attempts"]] == [False, False, False]
+    calls.clear()
     with pytest.raises(CahpError):  # a user-chosen margin: two looks, no retune
         run(FakeCheck([0.7, 0.6]), margin=0.1)
     assert len(calls) == 2

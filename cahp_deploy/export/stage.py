@@ -118,18 +118,17 @@ def _gate_close(variant: str, result: dict, atol: float, where: str) -> None:
         )
 
 
-def _gate_int8(result: dict, where: str, tuned: dict) -> None:
-    if not result["passed"]:
-        if result["kind"] == ACCURACY:
-            pd = result["paired_drop"]
-            got = (f"accuracy drop {pd['drop']:+.2f} points, {100 * pd['confidence']:g}% upper bound {pd['upper']:+.2f} "
-                   f"({pd['ref_only']} rows only fp32 gets right, {pd['new_only']} only INT8)")
-        else:
-            got = f"argmax agreement {result['agreement']:.2%}"
-        raise Int8GateError(
-            f"INT8 gate failed on {where}: {got}; the gate is {result['gate']} (tuned to {tuned['figure']} on "
-            f"{tuned['on']}); nothing was written (loosen the gate knowingly, or ship the optimized fp32 model)"
-        )
+def _int8_gate_failure(result: dict, where: str, tuned: dict) -> str | None:
+    """What the INT8 gate's miss looked like, in one line; None when it passed."""
+    if result["passed"]:
+        return None
+    if result["kind"] == ACCURACY:
+        pd = result["paired_drop"]
+        got = (f"accuracy drop {pd['drop']:+.2f} points, {100 * pd['confidence']:g}% upper bound {pd['upper']:+.2f} "
+               f"({pd['ref_only']} rows only fp32 gets right, {pd['new_only']} only INT8)")
+    else:
+        got = f"argmax agreement {result['agreement']:.2%}"
+    return f"INT8 gate failed on {where}: {got}; the gate is {result['gate']} (tuned to {tuned['figure']} on {tuned['on']})"
 
 
 def _attempt(rec: dict, held_out: dict, gate: Int8Gate, graph: str) -> dict:
@@ -143,7 +142,7 @@ def _attempt(rec: dict, held_out: dict, gate: Int8Gate, graph: str) -> dict:
 
 
 def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_record: dict | None, per_channel, margin,
-                         say) -> tuple:
+                         say, keep_failed: bool = False) -> tuple:
     """Tune INT8 on the tuning rows, then judge it with the gate on the held-out rows: up to three looks.
 
     The accuracy gate first judges the graph with every candidate INT8 (the fastest; the search's
@@ -153,6 +152,10 @@ def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_rec
     user left the margin at its default, the search runs once more with its target moved by the
     observed gap. Each look judges at its own confidence (:meth:`Int8Gate.look`: the looks share the
     error rate), and the manifest records every look. The agreement gate has no first look.
+
+    When the last look misses too: :class:`Int8GateError`, or, with ``keep_failed``, the last look's
+    graph stays in ``dst`` and ``rec["gate_failed"]`` says why (``run`` under a budget judges it
+    against dense on the decision rows, like every other graph).
     """
     gate = check.gate
     attempts: list[dict] = []
@@ -178,7 +181,13 @@ def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_rec
             figure = (f"a predicted gate-row bound of {g.predicted_upper(rec['tuning']):+.2f} points"
                       if gate.kind == ACCURACY else f"agreement {rec['tuning']['agreement']:.2%}")
             where = (tune_record or {}).get("report_on") or check.gate_rows()
-            _gate_int8(held_out, where, {"figure": figure, "on": (tune_record or {}).get("on")})
+            failure = _int8_gate_failure(held_out, where, {"figure": figure, "on": (tune_record or {}).get("on")})
+            if failure is not None and not keep_failed:
+                raise Int8GateError(f"{failure}; nothing was written (loosen the gate knowingly, or ship the "
+                                    "optimized fp32 model)")
+            if failure is not None:
+                rec["gate_failed"] = failure
+                say(f"int8: {failure}; kept, marked failed, for the accuracy budget to judge against dense")
             return tuned, rec, result
         if full:
             measured_granularity = {key: rec[key] for key in ("granularity", "per_channel_chosen_by")}
@@ -238,7 +247,7 @@ class _Parity:
             _gate_close(variant, out["random"], parity.FP16_ATOL, "random inputs")
             if out["data"]:
                 _gate_close(variant, out["data"], parity.FP16_ATOL, f"{self.data.source} [{self.data.split}]")
-        elif variant == "int8":  # judged by the caller (_gate_int8): a miss may be retuned
+        elif variant == "int8":  # judged by the caller (_tune_and_check_int8): a miss may be retuned
             if not out["data"]:
                 out["note"] = "no --data given: agreement measured on random tokens, not on real data"
             labels = self.labels if dat is not None else None
@@ -416,6 +425,7 @@ def export(
     max_length: int | None = None,
     int8_tuning_split: str = INT8_TUNING_SPLIT,
     exporter: str = "auto",
+    keep_failed_int8: bool = False,
 ) -> Path:
     """Export ``model_dir`` (dense or pruned classifier) to a parity-checked ONNX artifact dir ``out``.
 
@@ -459,6 +469,10 @@ def export(
     exporter : ``auto`` (Optimum when installed and compatible with the installed transformers, else
         torch), ``optimum`` or ``torch``; see :mod:`cahp_deploy.export.onnx_export`. Recorded in the
         manifest as ``exporter`` ({name, why}).
+    keep_failed_int8 : an INT8 graph that misses its gate after every look is still written, its
+        manifest entry marked ``gate_failed`` (default: :class:`Int8GateError`, nothing written). For
+        ``run`` under an accuracy budget, whose shipping sequence judges every graph against dense on
+        the decision rows; ``predict`` and ``handoff`` never pick an INT8 graph on their own.
 
     Returns ``out``. Raises :class:`CahpError` on bad input (before any work) or a failed parity
     gate (then nothing is written).
@@ -510,7 +524,7 @@ def export(
             variants["int8"] = _int8_variant(
                 check, model, config, optimized, plain, tmp / VARIANT_FILES["int8"], scratch, tune_feeds, tune_labels,
                 tune_record, per_channel, int8_tuning_margin, int8_smooth, gate, gate_note, qat, granularity_from_qat,
-                measure, provider, say)
+                measure, provider, say, keep_failed_int8)
             bar.advance(task)
         if fp16:
             say("fp16")
@@ -660,9 +674,10 @@ def _smoothed_source(check: _Parity, fused_source: Path, scratch: Path, tune_fee
 
 def _int8_variant(check: _Parity, model, config, optimized, plain: Path, dst: Path, scratch: Path,
                   tune_feeds, tune_labels, tune_record, per_channel, tuning_margin, smooth_alpha, gate, gate_note,
-                  qat, granularity_from_qat: bool, measure: bool, provider: str, say) -> dict:
+                  qat, granularity_from_qat: bool, measure: bool, provider: str, say, keep_failed: bool) -> dict:
     """Write ``dst`` (INT8 of the fusion candidate :func:`_int8_source` picks, or of ``plain`` when nothing
-    was optimized; tuned and gated) and return its manifest entry."""
+    was optimized; tuned and gated) and return its manifest entry (``gate_failed`` when it was kept
+    after missing its gate)."""
     fused_source, source_choice = plain, None
     if optimized is not None:
         say("int8 source")
@@ -674,6 +689,7 @@ def _int8_variant(check: _Parity, model, config, optimized, plain: Path, dst: Pa
         int8_source, smoothing = _smoothed_source(check, fused_source, scratch, tune_feeds, smooth_alpha)
     tuned, rec, result = _tune_and_check_int8(
         check, int8_source, dst, tune_feeds, tune_labels, tune_record, per_channel, tuning_margin, say=say,
+        keep_failed=keep_failed,
     )
     report = result["data"] or result["random"]
     if granularity_from_qat:
@@ -694,6 +710,8 @@ def _int8_variant(check: _Parity, model, config, optimized, plain: Path, dst: Pa
         "tuning": rec,
         "parity": result,
     }
+    if rec.get("gate_failed"):
+        entry["gate_failed"] = rec["gate_failed"]
     if qat is not None:
         entry["qat_match"] = _qat_match(model, check, dst, tuned.per_channel, len(rec["excluded_nodes"]))
     if measure and provider == "cpu":

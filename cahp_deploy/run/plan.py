@@ -128,11 +128,14 @@ class Plan:
     @property
     def export_kwargs(self) -> dict[str, Any]:
         """:func:`cahp_deploy.export.export`'s options: the run's confidence and provider, the resolved
-        INT8 gate, the serving length, and the rows its checks read (:func:`_export_rows`)."""
+        INT8 gate, the serving length, and the rows its checks read (:func:`_export_rows`). Under a
+        budget an INT8 graph that misses its own gate is kept, marked: the shipping sequence judges it
+        against dense on the decision rows like every other graph."""
         c = self.config
         export = c.export.replace(confidence=c.budget.confidence, int8_max_accuracy_drop=self.int8_gate,
                                   provider="cpu" if c.bench.provider == "cpu" else "cuda")
-        return export.kwargs() | {"max_length": self.max_length} | \
+        keep = {"keep_failed_int8": True} if c.budget.on and c.export.quantize == "int8" else {}
+        return export.kwargs() | {"max_length": self.max_length} | keep | \
             _export_rows(c.budget.on, c.select.split, c.shared.eval_split, c.shared.eval_max_examples) | \
             c.passed.get("export", {})
 

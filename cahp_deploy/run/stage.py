@@ -23,6 +23,7 @@ the order :func:`_run_stages` lists.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -240,25 +241,21 @@ def _select_prune_recover(record: RunRecord, model: str, data: str, out: Path, p
     return recovered, "recover"
 
 
-def _exporter(record: RunRecord, name: str, source: Path, art: Path, options: dict[str, Any], budget: bool):
-    """The export stage's work. Under a budget, an INT8 graph that fails its gate does not end the run: the
-    artifact is written without it (fp32 variants only), run.json says why, and the shipping sequence
-    chooses among the variants that exist."""
+def _exporter(record: RunRecord, name: str, source: Path, art: Path, options: dict[str, Any]):
+    """The export stage's work. Under a budget an INT8 graph that fails its own gate does not end the run:
+    export keeps it, marked (``keep_failed_int8``), run.json says why, and the shipping sequence judges it
+    against dense on the decision rows like every other graph."""
     from cahp_deploy import export as export_stage
-    from cahp_deploy.errors import Int8GateError
 
     def work(overwrite: bool):
         record.data.setdefault("int8_gate_failed", {}).pop(name, None)
-        try:
-            return export_stage.export(source, art, force=overwrite, **options)
-        except Int8GateError as e:
-            if not budget:
-                raise
-            record.data["int8_gate_failed"][name] = str(e)
-            record.say(f"{name}: {e}; under the accuracy budget this artifact is exported without INT8 and the "
-                       "shipping sequence chooses among the variants that exist")
-            fp32_only = {k: v for k, v in options.items() if not k.startswith("int8_") and k != "per_channel"}
-            return export_stage.export(source, art, force=overwrite, **{**fp32_only, "quantize": None})
+        written = export_stage.export(source, art, force=overwrite, **options)
+        failed = json.loads((written / "manifest.json").read_text())["variants"].get("int8", {}).get("gate_failed")
+        if failed:
+            record.data["int8_gate_failed"][name] = failed
+            record.say(f"{name}: {failed}; kept under the accuracy budget: the shipping sequence judges it against "
+                       "dense on the decision rows")
+        return written
 
     return work
 
@@ -368,7 +365,7 @@ def _export_both(record: RunRecord, model: str, model_hash: str, final_model: Pa
     for name, source, sha, art in (("export-dense", model, model_hash, dense_art),
                                    ("export-pruned", final_model, final_sha, pruned_art)):
         record.stage(name, {"model_sha256": sha, "options": plan.export_kwargs, "eval": export_in}, art,
-                     _exporter(record, name, source, art, export_common, plan.max_accuracy_drop is not None))
+                     _exporter(record, name, source, art, export_common))
     return dense_art, pruned_art
 
 

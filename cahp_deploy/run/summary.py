@@ -123,9 +123,10 @@ def headline(summary: dict[str, Any]) -> list[str]:
                      "points): each budget is one more look at them, and the error rate holds for one run alone; "
                      "confirm on a fresh --confirm-split before relying on a budget chosen after seeing others.")
     for stage in summary.get("int8_gate_failed") or []:
-        lines.append(f"The {stage.removeprefix('export-')} model's INT8 graph failed its accuracy gate (run.json, "
-                     "`int8_gate_failed`): that artifact was exported without INT8, and the shipping sequence chose "
-                     "among the variants that exist.")
+        lines.append(f"The {stage.removeprefix('export-')} model's INT8 graph failed its own accuracy gate (INT8 vs "
+                     "its fp32 graph on the selection split's gate rows; run.json, `int8_gate_failed`): it was kept, "
+                     "marked in the manifest (`gate_failed`), and judged against dense on the decision rows like every "
+                     "other graph; predict and handoff never pick it unless this run recommends it.")
     kept, total = pruned["heads_kept"], pruned["heads_total"]
     search = summary.get("search")
     how = ""
