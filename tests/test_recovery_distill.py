@@ -113,3 +113,34 @@ def test_a_search_rung_records_its_distillation_and_judges_the_kept_model(plante
     kept = record["tried"][-1]["details"]["distill"]["kept"] if pruned[-1]["k"] == record["chosen_k"] else None
     if kept is not None:
         assert (chosen / "model" / "distill.json").is_file() == kept
+
+
+def test_text_likeness_warns_only_when_the_lengths_differ():
+    from cahp_deploy.recovery.distill import UNLIKE_KS, text_likeness
+
+    rng = np.random.default_rng(0)
+    task = rng.integers(15, 35, size=500)
+    alike = text_likeness(rng.integers(15, 35, size=400), task)
+    assert alike["ks_statistic"] < UNLIKE_KS and alike["warning"] is None
+    short = text_likeness(rng.integers(3, 12, size=400), task)  # phrases against sentences
+    assert short["ks_statistic"] > UNLIKE_KS
+    assert short["warning"].startswith("--distill-data looks unlike the task's rows (median ")
+    assert short["median_tokens"]["distill_data"] < short["median_tokens"]["task"]
+
+
+def test_the_run_plan_records_how_alike_the_distillation_text_is(tmp_path):
+    from conftest import tokenizer_dir, write_tiny_data
+
+    from cahp_deploy.data import load_labelled
+    from cahp_deploy.run.plan import _distill_rows
+
+    task = load_labelled(write_tiny_data(tmp_path / "task", n_train=120), "train")
+    same = write_tiny_data(tmp_path / "same", n_train=120, seed=3)
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "train.jsonl").write_text("".join(json.dumps({"text": w}) + "\n" for w in ["good", "bad", "fine"] * 40))
+    columns = {"text_column": None, "text_pair_column": None}
+    got = {name: _distill_rows(path, "train", None, columns, [], 0, task, tokenizer_dir())["record"]["likeness"]
+           for name, path in (("same", same), ("short", short))}
+    assert got["same"]["warning"] is None
+    assert got["short"]["warning"] and got["short"]["median_tokens"]["distill_data"] == 3.0  # [CLS] word [SEP]

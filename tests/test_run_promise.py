@@ -219,3 +219,15 @@ def test_the_headline_says_plainly_when_the_search_kept_every_head():
                                "stopped at k=66)") for line in lines)
     summary["search"]["chosen_k"] = 66
     assert not any(line.startswith("Plainly") for line in headline(summary))
+
+
+def test_the_headline_carries_the_distillation_texts_warning():
+    from cahp_deploy.run.summary import headline
+
+    row = {"heads_kept": 60, "heads_total": 72, "accuracy": 0.47, "speedup_same_variant": {}, "bytes": None}
+    summary = {"rows": [dict(row, baseline=True, variant="optimized"), dict(row, baseline=False, variant="optimized")],
+               "distill_warning": "--distill-data looks unlike the task's rows (median 10 tokens vs 24; KS 0.47 > 0.3)"}
+    assert "**Warning:** --distill-data looks unlike the task's rows (median 10 tokens vs 24; KS 0.47 > 0.3)." \
+        in headline(summary)
+    summary["distill_warning"] = None
+    assert not any("Warning" in line for line in headline(summary))

@@ -197,6 +197,34 @@ def distill_if_it_helps(model: nn.Module, teacher: nn.Module, tokenizer, rows: L
             "training": record}
 
 
+#: two-sample Kolmogorov-Smirnov statistic of token lengths above which ``--distill-data`` is called
+#: unlike the task's rows (SST-2 phrases vs SST-5 sentences: 0.47; MNLI text vs MNLI train: 0.03)
+UNLIKE_KS = 0.3
+
+
+def text_likeness(text_lengths, task_lengths) -> dict[str, Any]:
+    """How alike the distillation text and the task's rows are, by token length (the one property any
+    text has): both medians and the two-sample KS statistic, with a ``warning`` above :data:`UNLIKE_KS`.
+
+    Why: the judge that keeps or undoes a distillation is drawn from this text. Measured on SST-5, a
+    judge of SST-2 phrases (median 10 tokens vs SST-5's 24) kept two distillations that lowered
+    agreement with dense on SST-5's own rows (docs/recovery.md). Length is a symptom, not a proof:
+    text of the right length can still come from another distribution.
+    """
+    from scipy.stats import ks_2samp
+
+    a, b = np.asarray(text_lengths), np.asarray(task_lengths)
+    ks = float(ks_2samp(a, b).statistic) if a.size and b.size else 0.0
+    out: dict[str, Any] = {"median_tokens": {"distill_data": float(np.median(a)) if a.size else None,
+                                             "task": float(np.median(b)) if b.size else None},
+                           "ks_statistic": round(ks, 4), "unlike_above": UNLIKE_KS, "warning": None}
+    if ks > UNLIKE_KS:
+        out["warning"] = (f"--distill-data looks unlike the task's rows (median {out['median_tokens']['distill_data']:g} "
+                          f"tokens vs {out['median_tokens']['task']:g}; KS {ks:.2f} > {UNLIKE_KS}): its judge may keep "
+                          "distillations that lower agreement with dense on the task's own rows (docs/recovery.md)")
+    return out
+
+
 def split_judge(rows: LabelledData, seed: int, judge_rows: int = JUDGE_ROWS) -> tuple[LabelledData, LabelledData]:
     """(training rows, judge rows): a seeded ``judge_rows`` of ``rows`` (a fifth when fewer than five
     times that) held out to decide whether the training is kept."""
@@ -227,5 +255,5 @@ def distill_model_dir(source, dense_model, rows: LabelledData, judge: LabelledDa
     return record
 
 
-__all__ = ["DISTILL_FILE", "JUDGE_ROWS", "DistillParams", "agreement", "distill_if_it_helps", "distill_in_place",
-           "distill_model_dir", "distillation_terms", "split_judge"]
+__all__ = ["DISTILL_FILE", "JUDGE_ROWS", "UNLIKE_KS", "DistillParams", "agreement", "distill_if_it_helps", "distill_in_place",
+           "distill_model_dir", "distillation_terms", "split_judge", "text_likeness"]

@@ -17,13 +17,16 @@ from cahp_deploy.run.config import RunConfig
 
 
 def _distill_rows(path, split: str, max_examples: int | None, columns: dict[str, Any], evaluation_rows: list,
-                  seed: int) -> dict[str, Any] | None:
+                  seed: int, task_rows, tokenizer_of: str) -> dict[str, Any] | None:
     """``--distill-data``'s text: rows that appear in the evaluation or confirmation splits dropped, a judge
-    part held out (:func:`cahp_deploy.recovery.distill.split_judge`), the rest cut to ``max_examples``."""
+    part held out (:func:`cahp_deploy.recovery.distill.split_judge`), the rest cut to ``max_examples``;
+    its likeness to ``task_rows`` by token length recorded (and a warning when unlike)."""
     if path is None:
         return None
-    from cahp_deploy.data import load_texts, without_rows_of
-    from cahp_deploy.recovery.distill import split_judge
+    from transformers import AutoTokenizer
+
+    from cahp_deploy.data import load_texts, token_lengths, without_rows_of
+    from cahp_deploy.recovery.distill import split_judge, text_likeness
     from cahp_deploy.recovery.stage import sample_examples
 
     try:
@@ -33,8 +36,12 @@ def _distill_rows(path, split: str, max_examples: int | None, columns: dict[str,
     rows, dropped = without_rows_of(rows, *[r for r in evaluation_rows if r is not None])
     train, judge = split_judge(rows, seed)
     train = sample_examples(train, max_examples, seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_of)
+    likeness = text_likeness(token_lengths(tokenizer, sample_examples(rows, 2000, seed), 512),
+                             token_lengths(tokenizer, sample_examples(task_rows, 2000, seed), 512))
     return {"rows": train, "judge": judge, "record": {
-        **train.provenance(), "rows": len(train), "judge_rows": len(judge), "dropped_as_evaluation_rows": dropped}}
+        **train.provenance(), "rows": len(train), "judge_rows": len(judge), "dropped_as_evaluation_rows": dropped,
+        "likeness": likeness}}
 
 
 def _joint_int8_gate(max_drop: float, rows: int, confidence: float) -> float | None:
@@ -198,7 +205,7 @@ def make_plan(model: str, data: str, c: RunConfig) -> Plan:
     decision, confirmation, how, power = _decision_rows(c, eval_rows, confirm_data)
     lengths = _serving_length(model, config, [select_data, eval_rows, confirm_data], c.shared.max_length)
     distill = _distill_rows(c.budget.distill_data, c.budget.distill_split, c.budget.distill_max_examples, columns,
-                            [eval_rows, confirm_data], c.select.seed)
+                            [eval_rows, confirm_data], c.select.seed, select_data, model)
     gate = c.export.int8_max_accuracy_drop
     if c.export.quantize == "int8":  # export's INT8 gate options, checked now rather than after select and recovery
         gate = _check_int8_gate(c, len(select_data), len(decision))

@@ -176,6 +176,10 @@ def _note_run(record: RunRecord, model: str, data: str, plan: Plan) -> str:
 
         record.data["power"] = plan.power
         record.say(power_words(plan.power))  # before any recovery: what these rows can show at all
+        warning = ((plan.distill or {}).get("record") or {}).get("likeness", {}).get("warning")
+        record.data["distill_warning"] = warning
+        if warning:
+            record.say(f"WARNING: {warning}")
         _record_budget(record, plan)
     else:
         record.data.pop("power", None)

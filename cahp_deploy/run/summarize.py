@@ -107,6 +107,7 @@ def summarize(out: str | os.PathLike, record: dict[str, Any] | None = None) -> d
         "power": record.get("power") if searched else None,
         "budgets_asked": budgets_on(record) if searched else [],
         "int8_gate_failed": sorted(record.get("int8_gate_failed") or {}),
+        "distill_warning": record.get("distill_warning") if searched else None,
         "rows": rows,
     }
 

@@ -122,6 +122,8 @@ def headline(summary: dict[str, Any]) -> list[str]:
         lines.append(f"These decision rows have now been asked {len(asked)} budgets ({', '.join(f'{b:g}' for b in asked)} "
                      "points): each budget is one more look at them, and the error rate holds for one run alone; "
                      "confirm on a fresh --confirm-split before relying on a budget chosen after seeing others.")
+    if summary.get("distill_warning"):
+        lines.append(f"**Warning:** {summary['distill_warning']}.")
     for stage in summary.get("int8_gate_failed") or []:
         lines.append(f"The {stage.removeprefix('export-')} model's INT8 graph failed its own accuracy gate (INT8 vs "
                      "its fp32 graph on the selection split's gate rows; run.json, `int8_gate_failed`): it was kept, "
