@@ -11,7 +11,8 @@ rows each way, the drop and its 95% upper bound (the search's level), and wall t
 1,000 rows, held out as the judge). ``RUNGS``: comma-separated rung ids (percent of dense MACs).
 ``--render STEM`` writes the markdown from a (partial) STEM.json. ``RECOVERIES``: comma-separated from ``none``, ``ls`` (least-squares refit), ``gold`` (fine-tune on 2,000
 gold-labelled train rows, 3 epochs, as ``recover``'s default), ``logit`` (distillation, logits only,
-from the pruned model), ``ls+logit``, ``ls+hidden`` (refit, then logit + hidden-state distillation).
+from the pruned model), ``hidden`` (logit + hidden-state distillation from the pruned model), ``ls+logit``,
+``ls+hidden`` (refit, then logit + hidden-state distillation).
 Distilled models are scored whether or not the judge would keep them; ``judge`` says what it would do.
 """
 
@@ -82,10 +83,10 @@ def main(run_out, model, data, split, rows, max_length, text, rungs, recoveries,
                 extra["refit_seconds"] = round(refit_seconds, 1)
             if how == "gold":
                 finetune_in_place(net, tok, sample_examples(train, 2000, 42), RecoveryParams(max_length=max_length))
-            if how in ("logit", "ls+logit", "ls+hidden"):
+            if how in ("logit", "hidden", "ls+logit", "ls+hidden"):
                 before = agreement(net, tok, judge, judge_ref, max_length)
                 rec = distill_in_place(net, dense, tok, text_train, max_length=max_length,
-                                       params=DistillParams(hidden_weight=1.0 if how == "ls+hidden" else 0.0))
+                                       params=DistillParams(hidden_weight=1.0 if how.endswith("hidden") else 0.0))
                 after = agreement(net, tok, judge, judge_ref, max_length)
                 extra.update(judge_before=round(100 * before, 2), judge_after=round(100 * after, 2),
                              judge_keeps=after > before, distill_seconds=round(rec["train_seconds"], 1))
