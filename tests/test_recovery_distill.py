@@ -131,6 +131,8 @@ def test_text_likeness_warns_only_when_the_lengths_differ():
 def test_the_run_plan_records_how_alike_the_distillation_text_is(tmp_path):
     from conftest import tokenizer_dir, write_tiny_data
 
+    from transformers import AutoTokenizer
+
     from cahp_deploy.data import load_labelled
     from cahp_deploy.run.plan import _distill_rows
 
@@ -140,7 +142,8 @@ def test_the_run_plan_records_how_alike_the_distillation_text_is(tmp_path):
     short.mkdir()
     (short / "train.jsonl").write_text("".join(json.dumps({"text": w}) + "\n" for w in ["good", "bad", "fine"] * 40))
     columns = {"text_column": None, "text_pair_column": None}
-    got = {name: _distill_rows(path, "train", None, columns, [], 0, task, tokenizer_dir())["record"]["likeness"]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    got = {name: _distill_rows(path, "train", None, columns, [], 0, task, tok)["record"]["likeness"]
            for name, path in (("same", same), ("short", short))}
     assert got["same"]["warning"] is None
     assert got["short"]["warning"] and got["short"]["median_tokens"]["distill_data"] == 3.0  # [CLS] word [SEP]

@@ -17,14 +17,12 @@ from cahp_deploy.run.config import RunConfig
 
 
 def _distill_rows(path, split: str, max_examples: int | None, columns: dict[str, Any], evaluation_rows: list,
-                  seed: int, task_rows, tokenizer_of: str) -> dict[str, Any] | None:
+                  seed: int, task_rows, tokenizer) -> dict[str, Any] | None:
     """``--distill-data``'s text: rows that appear in the evaluation or confirmation splits dropped, a judge
     part held out (:func:`cahp_deploy.recovery.distill.split_judge`), the rest cut to ``max_examples``;
     its likeness to ``task_rows`` by token length recorded (and a warning when unlike)."""
     if path is None:
         return None
-    from transformers import AutoTokenizer
-
     from cahp_deploy.data import load_texts, token_lengths, without_rows_of
     from cahp_deploy.recovery.distill import split_judge, text_likeness
     from cahp_deploy.recovery.stage import sample_examples
@@ -36,7 +34,6 @@ def _distill_rows(path, split: str, max_examples: int | None, columns: dict[str,
     rows, dropped = without_rows_of(rows, *[r for r in evaluation_rows if r is not None])
     train, judge = split_judge(rows, seed)
     train = sample_examples(train, max_examples, seed)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_of)
     likeness = text_likeness(token_lengths(tokenizer, sample_examples(rows, 2000, seed), 512),
                              token_lengths(tokenizer, sample_examples(task_rows, 2000, seed), 512))
     return {"rows": train, "judge": judge, "record": {
@@ -166,19 +163,18 @@ def _export_rows(budget: bool, select_split: str, eval_split: str, eval_max_exam
     return {"split": eval_split, "max_examples": eval_max_examples}
 
 
-def _serving_length(model: str, config, datasets: list, asked: int | None) -> dict[str, Any]:
+def _serving_length(tokenizer, config, datasets: list, asked: int | None) -> dict[str, Any]:
     """The run's one max length (:mod:`cahp_deploy.serving_length`), from the rows of every split it reads."""
-    from transformers import AutoTokenizer
-
     from cahp_deploy.serving_length import resolve_max_length
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
     return resolve_max_length(tokenizer, config, [d for d in datasets if d is not None], asked)
 
 
 def make_plan(model: str, data: str, c: RunConfig) -> Plan:
     """Read the model's config and every split, check them (labels, lengths, the FFN budget, the INT8 gate,
     the provider), and decide what each stage will be asked."""
+    from transformers import AutoTokenizer
+
     from cahp_deploy import distributed
     from cahp_deploy.data import check_labels, load_labelled
     from cahp_deploy.modeling import load_config
@@ -203,9 +199,10 @@ def make_plan(model: str, data: str, c: RunConfig) -> Plan:
         check_labels(confirm_data, num_labels, min_classes=1)
     eval_rows = eval_data.head(c.shared.eval_max_examples)
     decision, confirmation, how, power = _decision_rows(c, eval_rows, confirm_data)
-    lengths = _serving_length(model, config, [select_data, eval_rows, confirm_data], c.shared.max_length)
+    tokenizer = AutoTokenizer.from_pretrained(model)  # the serving length and the distillation text's likeness
+    lengths = _serving_length(tokenizer, config, [select_data, eval_rows, confirm_data], c.shared.max_length)
     distill = _distill_rows(c.budget.distill_data, c.budget.distill_split, c.budget.distill_max_examples, columns,
-                            [eval_rows, confirm_data], c.select.seed, select_data, model)
+                            [eval_rows, confirm_data], c.select.seed, select_data, tokenizer)
     gate = c.export.int8_max_accuracy_drop
     if c.export.quantize == "int8":  # export's INT8 gate options, checked now rather than after select and recovery
         gate = _check_int8_gate(c, len(select_data), len(decision))

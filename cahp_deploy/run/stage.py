@@ -176,7 +176,7 @@ def _note_run(record: RunRecord, model: str, data: str, plan: Plan) -> str:
 
         record.data["power"] = plan.power
         record.say(power_words(plan.power))  # before any recovery: what these rows can show at all
-        warning = ((plan.distill or {}).get("record") or {}).get("likeness", {}).get("warning")
+        warning = plan.distill["record"]["likeness"]["warning"] if plan.distill else None
         record.data["distill_warning"] = warning
         if warning:
             record.say(f"WARNING: {warning}")
