@@ -54,11 +54,15 @@ class SurgeonOrder:
     costs: np.ndarray
 
 
+def _damping(gram: np.ndarray, damp: float) -> float:
+    """lambda = damp * mean(diag(G)) (damp itself for an all-zero Gram)."""
+    diag = np.diag(gram)
+    return damp * float(diag.mean()) if diag.size and diag.mean() > 0 else damp
+
+
 def _damped_inverse(gram: np.ndarray, damp: float) -> np.ndarray:
     g = np.array(gram, dtype=np.float64, copy=True)
-    diag = np.diag(g)
-    lam = damp * float(diag.mean()) if diag.size and diag.mean() > 0 else damp
-    g[np.diag_indices_from(g)] += lam
+    g[np.diag_indices_from(g)] += _damping(gram, damp)
     return np.linalg.inv(g)
 
 
@@ -122,8 +126,7 @@ def refit_weight(gram: np.ndarray, weight: np.ndarray, kept: Sequence[int], grou
     rows = np.concatenate([np.arange(g * group, (g + 1) * group) for g in sorted(kept)] + [[gram.shape[0] - 1]])
     rows = rows.astype(np.int64)
     g = gram[np.ix_(rows, rows)].copy()
-    diag = np.diag(gram)
-    lam = damp * float(diag.mean()) if diag.size and diag.mean() > 0 else damp
+    lam = _damping(gram, damp)
     g[np.diag_indices_from(g)] += lam
     out = np.zeros_like(wa)
     out[rows] = np.linalg.solve(g, gram[rows] @ wa + lam * wa[rows])
