@@ -8,8 +8,8 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cahp_deploy.selection.removal_order import (layer_of_units, mac_targets, nested_order, next_units,
-                                                  per_layer)
+from cahp_deploy.selection.removal_order import (aligned_kept, layer_of_units, mac_targets, nested_order,
+                                                  next_units, per_layer)
 
 
 def test_nested_order_removes_the_least_persistent_units_first_and_breaks_ties_by_score():
@@ -32,6 +32,36 @@ def test_next_units_take_the_order_in_turn_and_keep_each_layer_its_minimum(cuts,
     assert all(len(layer) >= 1 for layer in left)
     more = next_units(order, set(taken), 3, layer_of, min_per_layer=1)
     assert not set(more) & set(taken)  # a removed unit is never offered again
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.permutations(list(range(150))), st.lists(st.integers(0, 60), min_size=4, max_size=4),
+       st.sampled_from([1, 4, 16]))
+def test_aligned_widths_are_multiples_and_stay_nested_as_the_order_is_taken(order, steps, multiple):
+    units = [64, 48, 38]  # 38: not a multiple of 16
+    layer_of = layer_of_units(units)
+    removed: set[int] = set()
+    kept = aligned_kept(order, removed, units, multiple)
+    assert [len(k) for k in kept] == units  # nothing removed: every unit, whatever the multiple
+    for count in steps:
+        removed |= set(next_units(order, removed, count, layer_of, min_per_layer=1))
+        now = aligned_kept(order, removed, units, multiple)
+        assert all(set(b) <= set(a) for a, b in zip(kept, now))  # nested: nothing returns
+        raw = per_layer(set(range(150)) - removed, units)
+        for n, k, r in zip(units, now, raw):
+            assert len(k) == len(r) if multiple == 1 or len(r) == n else (len(k) % multiple == 0 or len(k) == n)
+            assert abs(len(k) - len(r)) <= max(multiple // 2, multiple - len(r)) and len(k) >= 1
+        kept = now
+    assert aligned_kept(order, removed, units, 1) == per_layer(set(range(150)) - removed, units)
+
+
+def test_aligned_widths_keep_the_layers_most_important_units_and_refuse_an_unordered_removal():
+    order = [7, 6, 5, 4, 3, 2, 1, 0] + list(range(8, 16))  # layer 0 sheds its high ids first, layer 1 its low
+    # layer 0 keeps 5 -> 4 (its last 4 in the order); layer 1 keeps 7 -> 8 (rounded to the nearest multiple)
+    assert aligned_kept(order, {7, 6, 5, 8}, [8, 8], 4) == [[0, 1, 2, 3], list(range(8))]
+    assert aligned_kept(order, {7, 6, 5, 8}, [8, 8], 1) == [[0, 1, 2, 3, 4], list(range(1, 8))]
+    with pytest.raises(ValueError, match="not the first"):
+        aligned_kept(order, {0}, [8, 8], 4)  # unit 0 is layer 0's last in the order
 
 
 def test_mac_targets_step_down_to_the_floor():
@@ -63,7 +93,9 @@ def test_progressive_rungs_are_nested_a_step_of_macs_apart_and_recorded(searched
     for above, below in zip(schedule, schedule[1:]):
         for kind in ("kept_heads", "kept_neurons"):
             assert all(set(b) <= set(a) for a, b in zip(above[kind], below[kind]))  # nested: nothing returns
-        assert below["macs_kept"] <= below["target"] + 1e-9 and below["move"] in ("heads", "neurons", "both")
+        # about a step apart: each layer's FFN width is rounded to a multiple of 16 (or kept whole)
+        assert below["macs_kept"] <= below["target"] + 0.05 and below["move"] in ("heads", "neurons", "both")
+        assert all(len(n) % 16 == 0 or len(n) == len(d) for n, d in zip(below["kept_neurons"], schedule[0]["kept_neurons"]))
         assert below["macs_kept"] < above["macs_kept"]
     # a budget of 100 points: every rung passes, the last is chosen, its dir is mNNN, the others' models are gone
     assert record["ladder"] == "macs" and record["chosen_k"] == 40 and record["chosen_dir"] == "m040"

@@ -68,6 +68,7 @@ from cahp_deploy.run.candidates import MODEL_DIR, candidate_dir, ensure_model, m
 from cahp_deploy.errors import CahpError
 from cahp_deploy.hashing import sha256_json
 from cahp_deploy.paired import DEFAULT_CONFIDENCE
+from cahp_deploy.run.progressive import NEURON_MULTIPLE
 from cahp_deploy.run.promise import rows_fingerprint
 from cahp_deploy.run.summary import points_word
 
@@ -111,6 +112,7 @@ class SearchSettings:
     ladder: str = "heads"  # "heads": CAHP head counts (joint FFN share by k); "macs": the progressive ladder
     mac_step: float = 0.05  # progressive ladder: share of dense MACs between rungs
     mac_floor: float = 0.5  # progressive ladder: the last rung keeps about this share of dense MACs
+    neuron_multiple: int = NEURON_MULTIPLE  # progressive ladder: each layer keeps a multiple of this many FFN neurons
     distill_rows: Any = None  # LabelledData: text to distil each rung towards dense on (None: no distillation)
     distill_judge: Any = None  # LabelledData: held-out text that decides whether a rung keeps its distillation
     distill_params: dict[str, Any] | None = None  # DistillParams fields

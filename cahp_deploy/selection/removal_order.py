@@ -11,6 +11,8 @@ Two pieces make that possible without looking at any accuracy:
   when it has few clusters to spend are the heads removed first.
 * :func:`next_units`: the next units of an order worth about a number of MACs, never the last unit of
   a layer where a layer must keep one (FFN neurons: an emptied FFN is allowed but gains one inert unit).
+* :func:`aligned_kept`: the kept units with each layer's count rounded to a multiple (FFN widths that
+  are multiples of 16 run faster in ONNX Runtime's INT8 GEMM), still nested from rung to rung.
 """
 
 from __future__ import annotations
@@ -55,6 +57,35 @@ def next_units(order: Sequence[int], removed: set[int], count: int, layer_of: Se
     return out
 
 
+def aligned_kept(order: Sequence[int], removed: set[int], units_per_layer: Sequence[int],
+                 multiple: int = 1) -> list[list[int]]:
+    """Per-layer kept local indices once ``removed`` is gone, each layer's count rounded to ``multiple``.
+
+    ``removed`` must be a prefix of each layer's share of ``order`` (what :func:`next_units` takes).
+    A layer keeping c of its n units keeps the last t of its share of the order, t = c rounded to the
+    nearest multiple, at least one multiple (or n when smaller) and n when nothing was removed. t never
+    grows as c shrinks, so kept sets stay nested however ``removed`` grows; ``multiple`` 1 keeps exactly
+    the units not removed.
+    """
+    if multiple < 1:
+        raise ValueError(f"the multiple must be at least 1, got {multiple}")
+    offsets = np.concatenate([[0], np.cumsum(units_per_layer)]).astype(int)
+    layer_of = layer_of_units(units_per_layer)
+    shares: list[list[int]] = [[] for _ in units_per_layer]
+    for u in order:
+        shares[layer_of[u]].append(int(u))
+    out = []
+    for layer, share in enumerate(shares):
+        n = int(units_per_layer[layer])
+        gone = sum(u in removed for u in share)
+        if any(u not in removed for u in share[:gone]):
+            raise ValueError(f"layer {layer}: the removed units are not the first of the layer's order")
+        c = n - gone
+        t = c if c == n or multiple == 1 else min(n, max(multiple, multiple * int(np.floor(c / multiple + 0.5))))
+        out.append(sorted(u - int(offsets[layer]) for u in share[n - t:]))
+    return out
+
+
 def per_layer(kept_units: Iterable[int], units_per_layer: Sequence[int]) -> list[list[int]]:
     """Global unit ids (layer by layer) -> per-layer sorted local indices."""
     offsets = np.concatenate([[0], np.cumsum(units_per_layer)])
@@ -77,4 +108,4 @@ def mac_targets(step: float, floor: float) -> list[float]:
     return [round(1.0 - i * step, 6) for i in range(n + 1)]
 
 
-__all__ = ["layer_of_units", "mac_targets", "nested_order", "next_units", "per_layer"]
+__all__ = ["aligned_kept", "layer_of_units", "mac_targets", "nested_order", "next_units", "per_layer"]
