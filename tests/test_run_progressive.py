@@ -99,6 +99,9 @@ def test_progressive_rungs_are_nested_a_step_of_macs_apart_and_recorded(searched
         assert below["macs_kept"] < above["macs_kept"]
     # a budget of 100 points: every rung passes, the last is chosen, its dir is mNNN, the others' models are gone
     assert record["ladder"] == "macs" and record["chosen_k"] == 40 and record["chosen_dir"] == "m040"
+    from cahp_deploy.run.summary import _ladder_words
+
+    assert record["neuron_multiple"] == 16 and "FFN width a multiple of 16" in _ladder_words(record)
     assert (root / "m040" / "model" / "config.json").is_file() and not (root / "m080" / "model").exists()
     tried = {c["k"]: c for c in record["tried"]}
     assert tried[100]["details"]["dense_anchor"] is True

@@ -286,6 +286,7 @@ def _search_record(settings: SearchSettings, root: Path, evidence, rungs: dict[i
         "ffn_ratios": None if settings.ffn_keep_ratio is None or rungs else {k: settings.ffn_ratio_at(k, evidence)
                                                                               for k in ks},
         "ladder": settings.ladder,
+        "neuron_multiple": settings.neuron_multiple if rungs else None,
         "ladder_rungs": None if not rungs else {k: {"heads": sum(map(len, r.kept_heads)),
                                                     "neurons": sum(map(len, r.kept_neurons)),
                                                     "macs_kept": round(r.macs_kept, 4), "move": r.move}

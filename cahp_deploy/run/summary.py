@@ -193,15 +193,22 @@ def _mac_step(search: dict[str, Any]) -> float:
     return (ks[0] - ks[1]) / 100 if len(ks) > 1 else 0.05
 
 
+def _aligned_words(search: dict[str, Any]) -> str:
+    multiple = search.get("neuron_multiple") or 1
+    return f"; each layer's FFN width a multiple of {multiple}, which ONNX Runtime's INT8 GEMM runs faster" \
+        if multiple > 1 else ""
+
+
 def _ladder_words(search: dict[str, Any]) -> str:
     """How the ladder was made, in one sentence."""
     ks = ", ".join(map(str, search["candidates_k"]))
     if search.get("ladder") == "macs":
         return (f"The ladder, fixed before any decision row was seen: rungs k = {ks} percent of the dense MACs "
                 f"(seq 128), each removing a further ~{_mac_step(search):.0%} from heads (CAHP's order) and FFN neurons "
-                "(the FFN ranking's order) together, nested so a removed unit never returns; each step's move (heads, "
-                "neurons or both) is the one whose masked logits stay closest to dense on calibration rows of the "
-                "selection split (`search/schedule.json`). Tested in that order and stopped at the first miss")
+                f"(the FFN ranking's order{_aligned_words(search)}) together, nested so a removed unit never returns; "
+                "each step's move (heads, neurons or both) is the one whose masked logits stay closest to dense on "
+                "calibration rows of the selection split (`search/schedule.json`). Tested in that order and stopped at "
+                "the first miss")
     return (f"The ladder, fixed before any accuracy was seen: k = {ks} (every head first, CAHP's knee last), tested in "
             "that order and stopped at the first miss")
 
