@@ -319,6 +319,8 @@ def test_under_a_budget_an_int8_graph_that_fails_its_gate_is_kept_and_judged(pla
     confirm = json.loads((out / "confirm.json").read_text())  # both INT8 graphs scored against dense, as candidates
     assert confirm["variants"]["int8"]["decision"]["n"] == confirm["dense_int8"]["decision"]["n"] > 0
     assert "INT8 graph failed its own accuracy gate" in (out / "summary.md").read_text()
+    # INT8 figures say how the rows were batched: a dynamic-INT8 graph's labels depend on it
+    assert "INT8 graphs were scored in length-bucketed batches of 32" in (out / "summary.md").read_text()
 
 
 def test_without_a_budget_a_failed_int8_gate_still_stops_export(planted, tmp_path, monkeypatch):

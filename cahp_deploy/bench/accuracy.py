@@ -15,7 +15,12 @@ from cahp_deploy.data import LabelledData, iter_batches
 from cahp_deploy.onnx_runtime import feed, input_dtypes
 
 
-def encode(tokenizer, data: LabelledData, max_length: int, batch_size: int = 32) -> list[tuple[np.ndarray, Feed]]:
+#: rows per batch when ONNX graphs are scored (a dynamic-INT8 graph's labels depend on it: its input scales are per batch)
+SCORING_BATCH = 32
+
+
+def encode(tokenizer, data: LabelledData, max_length: int,
+           batch_size: int = SCORING_BATCH) -> list[tuple[np.ndarray, Feed]]:
     """Length-bucketed batches (little padding, so this is fast) with the row indices of each."""
     out = []
     for idx, enc, _ in iter_batches(tokenizer, data, batch_size=batch_size, max_length=max_length, bucket=True, return_tensors="np"):

@@ -270,6 +270,14 @@ def _rows_section(summary: dict[str, Any]) -> list[str]:
     if summary.get("max_length"):
         out.append(f"- Every accuracy above was measured at the {length_words(summary['max_length'])}; the "
                    "artifact serves that length (manifest `max_length`).")
+    confirm = summary.get("confirm") or {}
+    if "int8" in (confirm.get("variants") or {}) or confirm.get("dense_int8"):
+        from cahp_deploy.bench.accuracy import SCORING_BATCH
+
+        out.append(f"- INT8 graphs were scored in length-bucketed batches of {SCORING_BATCH}. Dynamic INT8 scales each "
+                   "MatMul's input by the whole batch, so a row's label can change with its batch-mates: served in "
+                   "other batches, an INT8 graph's accuracy moves by a few tenths of a point (MNLI: 4-5% of labels, "
+                   "the drop by up to 0.5; experiments/results/int8 in the cahp-deploy repository).")
     return ["## The rows, the error rate, the length", "", *out, ""] if out else []
 
 
