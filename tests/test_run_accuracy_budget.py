@@ -232,22 +232,33 @@ def test_the_first_rung_is_dense_itself_and_is_not_recovered(planted, exhaustive
     assert others and all(not c["dense_anchor"] if "dense_anchor" in c else c["judged"] == "recovered" for c in others)
 
 
-def test_a_rung_is_refit_against_dense_and_its_record_says_how_far_it_moved(planted, tmp_path):
-    """With the refit on (run's default under a budget) and no fine-tune, a pruned rung is the refit model;
-    its record has the MACs removed, agreement with dense before and after, and the refit's own record."""
+def _refit_rung(planted, tmp_path, judge_int8: bool = False):
+    """The knee's rung measured with the refit on and no fine-tune: (settings, evidence, search root, dense's
+    predictions, k, its result, measure(k) for another rung)."""
     from cahp_deploy import evaluation
     from cahp_deploy.modeling import load_classifier
     from cahp_deploy.paired import correct
 
     _, data, dense = planted
     settings = settings_for(data, dense, max_drop=100.0, recover=None, reconstruct={"max_examples": 40})
+    settings.judge_int8 = judge_int8
     root = tmp_path / "search"
     root.mkdir()
     evidence = accuracy_budget.collect(settings, root)
     net, tok = load_classifier(dense)
     pred = evaluation.logits(net, tok, settings.eval_data).argmax(axis=1)
+
+    def measure(k):
+        return accuracy_budget.measure_candidate(settings, evidence, k, root, correct(pred, settings.eval_data.labels), pred)
+
     k = evidence.knee.k
-    result = accuracy_budget.measure_candidate(settings, evidence, k, root, correct(pred, settings.eval_data.labels), pred)
+    return settings, evidence, root, pred, k, measure(k), measure
+
+
+def test_a_rung_is_refit_against_dense_and_its_record_says_how_far_it_moved(planted, tmp_path):
+    """With the refit on (run's default under a budget) and no fine-tune, a pruned rung is the refit model;
+    its record has the MACs removed, agreement with dense before and after, and the refit's own record."""
+    settings, evidence, root, pred, k, result, measure = _refit_rung(planted, tmp_path)
     record = json.loads((root / f"k{k:03d}" / "candidate.json").read_text())
     assert record["recovery"] == "least-squares refit" and result.judged == "recovered"
     assert 0 < record["macs_removed"] < 1 and result.details["macs_removed"] == record["macs_removed"]
@@ -256,7 +267,7 @@ def test_a_rung_is_refit_against_dense_and_its_record_says_how_far_it_moved(plan
     assert refit["calibration"]["num_examples"] == 40 and refit["calibration"]["split"] == "train"
     assert (root / f"k{k:03d}" / "model" / "refit.json").is_file()  # the judged model is the refit one
     # the dense anchor is never refit: it is dense itself
-    first = accuracy_budget.measure_candidate(settings, evidence, 16, root, correct(pred, settings.eval_data.labels), pred)
+    first = measure(16)
     assert first.judged == "pruned" and first.details["dense_anchor"] is True
 
 
@@ -265,19 +276,9 @@ def test_when_int8_ships_a_pruned_rung_is_judged_with_int8_rounding_and_dense_st
     every Linear rounded as dynamic INT8 will; dense itself is judged as it is; the cache never mixes the two."""
     from cahp_deploy import evaluation
     from cahp_deploy.modeling import load_classifier
-    from cahp_deploy.paired import correct
     from cahp_deploy.recovery.qat import simulated_int8
 
-    _, data, dense = planted
-    settings = settings_for(data, dense, max_drop=100.0, recover=None, reconstruct={"max_examples": 40})
-    settings.judge_int8 = True
-    root = tmp_path / "search"
-    root.mkdir()
-    evidence = accuracy_budget.collect(settings, root)
-    net, tok = load_classifier(dense)
-    pred = evaluation.logits(net, tok, settings.eval_data).argmax(axis=1)
-    k = evidence.knee.k
-    result = accuracy_budget.measure_candidate(settings, evidence, k, root, correct(pred, settings.eval_data.labels), pred)
+    settings, evidence, root, pred, k, result, measure = _refit_rung(planted, tmp_path, judge_int8=True)
     assert result.details["judged_as"] == "int8 (simulated)"
     model, tok = load_classifier(root / f"k{k:03d}" / "model")
     with simulated_int8(model):
@@ -288,8 +289,9 @@ def test_when_int8_ships_a_pruned_rung_is_judged_with_int8_rounding_and_dense_st
     assert result.accuracy_after == pytest.approx(float((int8_pred == labels).mean()))
     record = json.loads((root / f"k{k:03d}" / "candidate.json").read_text())
     assert record["agreement_after"] == pytest.approx(float((int8_pred == pred).mean()))
-    first = accuracy_budget.measure_candidate(settings, evidence, 16, root, correct(pred, settings.eval_data.labels), pred)
+    first = measure(16)
     assert first.details["judged_as"] == "fp32" and first.accuracy_before == pytest.approx(float((pred == labels).mean()))
+    _, data, dense = planted
     fp32_settings = settings_for(data, dense, max_drop=100.0, recover=None, reconstruct={"max_examples": 40})
     assert fp32_settings.candidate_key(k) != settings.candidate_key(k)  # a cached fp32 judgement is never reused
 
