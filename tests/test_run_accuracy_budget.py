@@ -209,9 +209,6 @@ def test_run_with_budget_exports_the_chosen_candidate_and_says_so(planted, exhau
     assert shipped["promise"]["confirmed"] is True and shipped["promise"]["max_drop_points"] == 100.0
     assert confirm["shipped"]["path"] == "artifacts/pruned"  # relative: no machine's absolute path
     assert "before recovery" in text and "Accuracy budget search" in text and "tradeoff.png" in text
-    # the run ships INT8 when it can, so every pruned rung was judged with INT8 rounding, dense as it is
-    assert search["judge_int8"] is True and "judged as its INT8 graph computes" in text
-    assert [c["details"]["judged_as"] for c in search["tried"]] == ["fp32"] + ["int8 (simulated)"] * (len(search["tried"]) - 1)
     assert result["summary"]["search"]["chosen_k"] == ks[0]
     # one budget for the whole artifact: export's INT8 gate is the budget itself (its rows can bound it)
     dense_manifest = json.loads((out / "artifacts" / "dense" / "manifest.json").read_text())
@@ -232,33 +229,22 @@ def test_the_first_rung_is_dense_itself_and_is_not_recovered(planted, exhaustive
     assert others and all(not c["dense_anchor"] if "dense_anchor" in c else c["judged"] == "recovered" for c in others)
 
 
-def _refit_rung(planted, tmp_path, judge_int8: bool = False):
-    """The knee's rung measured with the refit on and no fine-tune: (settings, evidence, search root, dense's
-    predictions, k, its result, measure(k) for another rung)."""
+def test_a_rung_is_refit_against_dense_and_its_record_says_how_far_it_moved(planted, tmp_path):
+    """With the refit on (run's default under a budget) and no fine-tune, a pruned rung is the refit model;
+    its record has the MACs removed, agreement with dense before and after, and the refit's own record."""
     from cahp_deploy import evaluation
     from cahp_deploy.modeling import load_classifier
     from cahp_deploy.paired import correct
 
     _, data, dense = planted
     settings = settings_for(data, dense, max_drop=100.0, recover=None, reconstruct={"max_examples": 40})
-    settings.judge_int8 = judge_int8
     root = tmp_path / "search"
     root.mkdir()
     evidence = accuracy_budget.collect(settings, root)
     net, tok = load_classifier(dense)
     pred = evaluation.logits(net, tok, settings.eval_data).argmax(axis=1)
-
-    def measure(k):
-        return accuracy_budget.measure_candidate(settings, evidence, k, root, correct(pred, settings.eval_data.labels), pred)
-
     k = evidence.knee.k
-    return settings, evidence, root, pred, k, measure(k), measure
-
-
-def test_a_rung_is_refit_against_dense_and_its_record_says_how_far_it_moved(planted, tmp_path):
-    """With the refit on (run's default under a budget) and no fine-tune, a pruned rung is the refit model;
-    its record has the MACs removed, agreement with dense before and after, and the refit's own record."""
-    settings, evidence, root, pred, k, result, measure = _refit_rung(planted, tmp_path)
+    result = accuracy_budget.measure_candidate(settings, evidence, k, root, correct(pred, settings.eval_data.labels), pred)
     record = json.loads((root / f"k{k:03d}" / "candidate.json").read_text())
     assert record["recovery"] == "least-squares refit" and result.judged == "recovered"
     assert 0 < record["macs_removed"] < 1 and result.details["macs_removed"] == record["macs_removed"]
@@ -267,33 +253,8 @@ def test_a_rung_is_refit_against_dense_and_its_record_says_how_far_it_moved(plan
     assert refit["calibration"]["num_examples"] == 40 and refit["calibration"]["split"] == "train"
     assert (root / f"k{k:03d}" / "model" / "refit.json").is_file()  # the judged model is the refit one
     # the dense anchor is never refit: it is dense itself
-    first = measure(16)
+    first = accuracy_budget.measure_candidate(settings, evidence, 16, root, correct(pred, settings.eval_data.labels), pred)
     assert first.judged == "pruned" and first.details["dense_anchor"] is True
-
-
-def test_when_int8_ships_a_pruned_rung_is_judged_with_int8_rounding_and_dense_stays_the_fp32_anchor(planted, tmp_path):
-    """judge_int8 (run's default when it exports INT8): a pruned rung's accuracies are those of its model with
-    every Linear rounded as dynamic INT8 will; dense itself is judged as it is; the cache never mixes the two."""
-    from cahp_deploy import evaluation
-    from cahp_deploy.modeling import load_classifier
-    from cahp_deploy.recovery.qat import simulated_int8
-
-    settings, evidence, root, pred, k, result, measure = _refit_rung(planted, tmp_path, judge_int8=True)
-    assert result.details["judged_as"] == "int8 (simulated)"
-    model, tok = load_classifier(root / f"k{k:03d}" / "model")
-    with simulated_int8(model):
-        int8_logits = evaluation.logits(model, tok, settings.eval_data)
-    int8_pred = int8_logits.argmax(axis=1)
-    assert np.abs(int8_logits - evaluation.logits(model, tok, settings.eval_data)).max() > 1e-4  # rounding was on
-    labels = np.asarray(settings.eval_data.labels)
-    assert result.accuracy_after == pytest.approx(float((int8_pred == labels).mean()))
-    record = json.loads((root / f"k{k:03d}" / "candidate.json").read_text())
-    assert record["agreement_after"] == pytest.approx(float((int8_pred == pred).mean()))
-    first = measure(16)
-    assert first.details["judged_as"] == "fp32" and first.accuracy_before == pytest.approx(float((pred == labels).mean()))
-    _, data, dense = planted
-    fp32_settings = settings_for(data, dense, max_drop=100.0, recover=None, reconstruct={"max_examples": 40})
-    assert fp32_settings.candidate_key(k) != settings.candidate_key(k)  # a cached fp32 judgement is never reused
 
 
 def test_under_a_budget_an_int8_graph_that_fails_its_gate_is_kept_and_judged(planted, exhaustive, tmp_path, monkeypatch):

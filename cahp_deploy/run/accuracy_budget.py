@@ -113,7 +113,6 @@ class SearchSettings:
     mac_step: float = 0.05  # progressive ladder: share of dense MACs between rungs
     mac_floor: float = 0.5  # progressive ladder: the last rung keeps about this share of dense MACs
     neuron_multiple: int = NEURON_MULTIPLE  # progressive ladder: each layer keeps a multiple of this many FFN neurons
-    judge_int8: bool = False  # pruned rungs judged as their dynamic-INT8 export computes (simulated in PyTorch)
     distill_rows: Any = None  # LabelledData: text to distil each rung towards dense on (None: no distillation)
     distill_judge: Any = None  # LabelledData: held-out text that decides whether a rung keeps its distillation
     distill_params: dict[str, Any] | None = None  # DistillParams fields
@@ -151,7 +150,7 @@ class SearchSettings:
             "eval_rows_sha256": rows_fingerprint(self.eval_data), "ffn_keep_ratio": ffn_share,
             "ffn_method": self.ffn_method if self.ffn_keep_ratio is not None else None,
             "rule": RULES_VERSION, "max_length": int(self.max_length), "reconstruct": self.reconstruct,
-            "distill": self.distill_key(), "judge_int8": self.judge_int8,
+            "distill": self.distill_key(),
         })
 
 
@@ -288,7 +287,6 @@ def _search_record(settings: SearchSettings, root: Path, evidence, rungs: dict[i
                                                                               for k in ks},
         "ladder": settings.ladder,
         "neuron_multiple": settings.neuron_multiple if rungs else None,
-        "judge_int8": settings.judge_int8,
         "ladder_rungs": None if not rungs else {k: {"heads": sum(map(len, r.kept_heads)),
                                                     "neurons": sum(map(len, r.kept_neurons)),
                                                     "macs_kept": round(r.macs_kept, 4), "move": r.move}

@@ -10,7 +10,6 @@ interrupted search resumes where it stopped. The search itself, its settings and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -33,16 +32,13 @@ CANDIDATE_FILE = "candidate.json"
 MODEL_DIR = "model"
 
 
-def _predict(model_dir: Path, eval_data, max_length: int, int8: bool = False) -> np.ndarray:
-    """Per-row predicted label of a model dir (PyTorch) on ``eval_data``, rows cut at ``max_length``; with
-    ``int8``, every Linear computing as its dynamic-INT8 export will (:func:`cahp_deploy.recovery.qat.simulated_int8`)."""
+def _predict(model_dir: Path, eval_data, max_length: int) -> np.ndarray:
+    """Per-row predicted label of a model dir (PyTorch) on ``eval_data``, rows cut at ``max_length``."""
     from cahp_deploy import evaluation
     from cahp_deploy.modeling import load_classifier
-    from cahp_deploy.recovery.qat import simulated_int8
 
     net, tokenizer = load_classifier(model_dir, attn_implementation=None)
-    with simulated_int8(net) if int8 else contextlib.nullcontext():
-        return evaluation.logits(net, tokenizer, eval_data, max_length=max_length).argmax(axis=1)
+    return evaluation.logits(net, tokenizer, eval_data, max_length=max_length).argmax(axis=1)
 
 
 def _measured(record: dict[str, Any], when: str, pred: np.ndarray, eval_data, dense_pred: np.ndarray | None) -> None:
@@ -102,15 +98,12 @@ def _build_candidate(settings: SearchSettings, evidence, k: int, dest: Path,
         pruned = pruning.prune(settings.model, tmp / "selection.json", tmp / "pruned")
         costs = json.loads((pruned / "pruning.json").read_text())
         record = _cost_record(k, costs)
+        _measured(record, "before", _predict(pruned, settings.eval_data, settings.max_length), settings.eval_data, dense_pred)
         dense = _is_dense(costs)
-        int8 = settings.judge_int8 and not dense  # dense itself stays the fp32 anchor
-        record["judged_as"] = "int8 (simulated)" if int8 else "fp32"
-        _measured(record, "before", _predict(pruned, settings.eval_data, settings.max_length, int8),
-                  settings.eval_data, dense_pred)
         final, steps = (pruned, []) if dense else _recover_candidate(settings, pruned, tmp, record)
         if steps:
-            _measured(record, "after", _predict(final, settings.eval_data, settings.max_length, int8),
-                      settings.eval_data, dense_pred)
+            _measured(record, "after", _predict(final, settings.eval_data, settings.max_length), settings.eval_data,
+                      dense_pred)
             record.update(judged="recovered", recovery=" + ".join(steps))
             for stale in ("pruned", "refit", "distilled"):
                 if (tmp / stale).is_dir() and tmp / stale != final:
@@ -234,7 +227,7 @@ def _as_result(record: dict[str, Any], dense_correct: np.ndarray | None, confide
                                                   "params_after", "params_before", "dense_anchor", "recovery",
                                                   "macs_removed", "refit_seconds", "recovery_seconds",
                                                   "agreement_before", "agreement_after", "move", "target_macs",
-                                                  "distill", "judged_as")},
+                                                  "distill")},
         drop=drop,
     )
 

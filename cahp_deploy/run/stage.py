@@ -279,7 +279,6 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: Plan, mod
         ffn_keep_ratio=plan.config.ffn_keep_ratio, ffn_method=plan.config.select.ffn_method or "cahp",
         search_step=budget.search_step, max_length=plan.max_length, reconstruct=plan.reconstruct_kwargs,
         ladder=budget.ladder, **({} if budget.mac_step is None else {"mac_step": budget.mac_step}),
-        judge_int8=plan.config.export.quantize == "int8",
         **({} if plan.distill is None else {"distill_rows": plan.distill["rows"], "distill_judge": plan.distill["judge"],
                                             "distill_params": {}}),
     )
@@ -295,7 +294,6 @@ def _search(record: RunRecord, model: str, data: str, out: Path, plan: Plan, mod
             "decision_rows": _rows_key(plan.decision), "confidence": ErrorRates(budget.confidence).search,
             "ffn_keep_ratio": plan.config.ffn_keep_ratio, "search_step": budget.search_step,
             "max_length": plan.max_length, "ladder": budget.ladder, "mac_step": budget.mac_step,
-            "judge_int8": plan.config.export.quantize == "int8",
             "distill": None if plan.distill is None else plan.distill["record"],
             "reconstruct": plan.reconstruct_kwargs,
             "rule": accuracy_budget.RULES_VERSION,

@@ -53,8 +53,7 @@ def _search_summary(out: Path) -> dict[str, Any] | None:
         return None
     r = _read(path)
     keys = ("dense_accuracy", "max_drop_points", "threshold", "chosen_k", "candidates_k", "tried", "seconds", "knee",
-            "confidence", "ffn_keep_ratio", "stopped_at", "ladder", "ladder_rungs", "neuron_multiple",
-            "judge_int8")
+            "confidence", "ffn_keep_ratio", "stopped_at", "ladder", "ladder_rungs", "neuron_multiple")
     return {k: r.get(k) for k in keys} | {"plot": f"{SEARCH_DIR}/tradeoff.png"}
 
 

@@ -199,14 +199,6 @@ def _aligned_words(search: dict[str, Any]) -> str:
         if multiple > 1 else ""
 
 
-def _int8_words(search: dict[str, Any]) -> str:
-    if not search.get("judge_int8"):
-        return ""
-    return ("Every other rung is judged as its INT8 graph computes (every Linear's dynamic INT8 rounding simulated "
-            "in PyTorch), since the fastest graph this run can ship is INT8; the shipping sequence then judges the "
-            "real graphs. ")
-
-
 def _ladder_words(search: dict[str, Any]) -> str:
     """How the ladder was made, in one sentence."""
     ks = ", ".join(map(str, search["candidates_k"]))
@@ -297,7 +289,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"upper confidence bound of its paired drop vs dense is within it (not the point estimate). "
             f"{_ladder_words(search)}, so that its many looks at the same rows do not inflate the chance of a false pass. The first rung "
             f"removes nothing: it is dense itself, not recovered, and passes any budget the rows can resolve. "
-            f"{_int8_words(search)}Tested ({search['seconds']:.0f} s in all):",
+            f"Tested ({search['seconds']:.0f} s in all):",
             "",
             *_candidates_table(search),
             "",
