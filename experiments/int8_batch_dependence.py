@@ -24,8 +24,7 @@ import numpy as np
 def main(dense_model: str, run_out: str, data: str, split: str, max_rows: str, out: str) -> None:
     from cahp_deploy import evaluation
     from cahp_deploy.bench import accuracy
-    from cahp_deploy.bench.inputs import Feed
-    from cahp_deploy.data import iter_batches, load_labelled
+    from cahp_deploy.data import load_labelled
     from cahp_deploy.modeling import load_classifier
     from cahp_deploy.onnx_runtime import session
     from cahp_deploy.paired import correct, paired_drop
@@ -55,12 +54,7 @@ def main(dense_model: str, run_out: str, data: str, split: str, max_rows: str, o
         res = {"bucketed b32": score(base, None)}
         for b in (1, 8, 64):
             res[f"bucketed b{b}"] = score(accuracy.predict(s, accuracy.encode(tok, rows, max_length, b), len(rows)), base)
-        unbucketed = []
-        for idx, enc, _ in iter_batches(tok, rows, batch_size=32, max_length=max_length, bucket=False, return_tensors="np"):
-            arrays = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
-            arrays.setdefault("token_type_ids", np.zeros_like(arrays["input_ids"]))
-            unbucketed.append((np.asarray(idx), Feed(arrays, num_sequences=len(idx),
-                                                     padded_length=arrays["input_ids"].shape[1], real_tokens=0)))
+        unbucketed = accuracy.encode(tok, rows, max_length, 32, bucket=False)
         res["file order b32"] = score(accuracy.predict(s, unbucketed, len(rows)), base)
         model, _ = load_classifier(torch_dirs[name], attn_implementation=None)
         with simulated_int8(model):

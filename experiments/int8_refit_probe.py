@@ -1,9 +1,9 @@
 """Does a refit that sees INT8's rounding keep the INT8 model closer to dense? (issue #26)
 
-    python experiments/int8_refit_probe.py DENSE RUNG_DIR JUDGE_DIR OUT.json
+    python experiments/int8_refit_probe.py DENSE DATA RUNG_DIR JUDGE_DIR OUT.json
 
 RUNG_DIR is a candidate of a run's search (``search/mNNN``: its ``selection.json``). The rung is pruned
-from DENSE again and refit twice against dense on the run's calibration rows (2,000 of train, seed 0):
+from DENSE again and refit twice against dense on the run's calibration rows (2,000 of DATA's train, seed 0):
 as ``run`` does (fp32 stream), and with the pruned model's Linears computing as ONNX Runtime's dynamic
 INT8 will (``recovery.qat.simulated_int8``), so that each layer's refit also undoes the rounding error
 the INT8 layers below it leave. Both are judged on JUDGE_DIR's train split (rows no decision saw and
@@ -24,7 +24,7 @@ import numpy as np
 MAX_LENGTH = 254
 
 
-def main(dense: str, rung: str, judge: str, out: str) -> None:
+def main(dense: str, data: str, rung: str, judge: str, out: str) -> None:
     from cahp_deploy import evaluation
     from cahp_deploy.data import load_labelled
     from cahp_deploy.modeling import load_classifier
@@ -33,7 +33,6 @@ def main(dense: str, rung: str, judge: str, out: str) -> None:
     from cahp_deploy.recovery.reconstruct import reconstruct
     from cahp_deploy.recovery.stage import sample_examples
 
-    data = str(Path(dense).parent.parent / "data" / "mnli")
     calibration = sample_examples(load_labelled(data, "train"), 2000, 0)
     rows = load_labelled(judge, "train")
     labels = np.asarray(rows.labels)
@@ -73,4 +72,4 @@ def main(dense: str, rung: str, judge: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

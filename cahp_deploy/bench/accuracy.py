@@ -19,11 +19,13 @@ from cahp_deploy.onnx_runtime import feed, input_dtypes
 SCORING_BATCH = 32
 
 
-def encode(tokenizer, data: LabelledData, max_length: int,
-           batch_size: int = SCORING_BATCH) -> list[tuple[np.ndarray, Feed]]:
-    """Length-bucketed batches (little padding, so this is fast) with the row indices of each."""
+def encode(tokenizer, data: LabelledData, max_length: int, batch_size: int = SCORING_BATCH,
+           bucket: bool = True) -> list[tuple[np.ndarray, Feed]]:
+    """Length-bucketed batches (little padding, so this is fast; ``bucket=False``: in the data's order) with the
+    row indices of each."""
     out = []
-    for idx, enc, _ in iter_batches(tokenizer, data, batch_size=batch_size, max_length=max_length, bucket=True, return_tensors="np"):
+    for idx, enc, _ in iter_batches(tokenizer, data, batch_size=batch_size, max_length=max_length, bucket=bucket,
+                                    return_tensors="np"):
         arrays = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
         b, s = arrays["input_ids"].shape
         arrays.setdefault("token_type_ids", np.zeros((b, s), dtype=np.int64))
