@@ -81,7 +81,8 @@ def _outlier_graph(path: Path, benign: int, seed: int = 0) -> tuple[Path, list[d
 
 def test_search_keeps_exactly_the_outlier_matmuls_in_fp32(tmp_path):
     src, feeds = _outlier_graph(tmp_path / "g.onnx", benign=2)
-    res = int8_tuning.tune_int8(src, tmp_path / "q.onnx", feeds, Int8Gate.agreement(0.97), per_channel=False, margin=0.0)
+    res = int8_tuning.tune_int8(src, tmp_path / "q.onnx", feeds, Int8Gate.agreement(0.97), per_channel=False, margin=0.0,
+                                smooth_alpha=None)
     rec = res.record
     assert rec["granularity"]["per_tensor"]["agreement"] < 0.9  # plain INT8 breaks agreement
     assert {r["name"] for r in rec["sensitivity"][:2]} == {"mm_in", "mm_mid"}  # ranked above the benign ones
@@ -101,7 +102,8 @@ def test_accuracy_gate_search_keeps_the_same_nodes_fp32(tmp_path):
     same two outlier nodes in fp32, and the trace carries the paired drop and its bound."""
     src, feeds = _outlier_graph(tmp_path / "g.onnx", benign=2)
     labels = parity.ort_logits(int8_tuning.session(src), feeds).argmax(-1)
-    res = int8_tuning.tune_int8(src, tmp_path / "q.onnx", feeds, Int8Gate.accuracy(3.0), labels=labels, per_channel=False)
+    res = int8_tuning.tune_int8(src, tmp_path / "q.onnx", feeds, Int8Gate.accuracy(3.0), labels=labels, per_channel=False,
+                                smooth_alpha=None)
     rec = res.record
     assert {n.name for n in res.excluded} == {"mm_in", "mm_mid"}
     assert rec["granularity"]["per_tensor"]["drop_upper"] > 10  # everything INT8: far outside the budget
@@ -116,7 +118,8 @@ def test_impossible_gate_is_one_line_and_writes_nothing(tmp_path):
     """Every MatMul is an outlier MatMul: meeting the gate needs all of them in fp32, so INT8 is pointless."""
     src, feeds = _outlier_graph(tmp_path / "g.onnx", benign=0)
     with pytest.raises(CahpError, match="unless all 2 quantizable MatMuls stay fp32") as e:
-        int8_tuning.tune_int8(src, tmp_path / "q.onnx", feeds, Int8Gate.agreement(0.97), per_channel=False, margin=0.0)
+        int8_tuning.tune_int8(src, tmp_path / "q.onnx", feeds, Int8Gate.agreement(0.97), per_channel=False, margin=0.0,
+                              smooth_alpha=None)
     assert "\n" not in str(e.value) and not (tmp_path / "q.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]  # scratch removed too
 
@@ -312,7 +315,8 @@ def test_a_held_out_miss_retunes_once_with_the_gap_added(monkeypatch, tmp_path):
     gate = Int8Gate.agreement(0.99)
 
     def fake_tune(source, dst, feeds, gate_, labels=None, reference=None, per_channel=None, margin=None, say=None,
-                  search_nodes=True):
+                  search_nodes=True, max_logit_mse=None, smooth_alpha=None):
+        assert max_logit_mse is None  # the agreement gate moves its target, not an error ceiling
         assert search_nodes  # the agreement gate has no every-candidate-INT8 look
         margins.append(margin)
         target = gate.target(10_000, margin)
@@ -348,15 +352,22 @@ def test_a_held_out_miss_retunes_once_with_the_gap_added(monkeypatch, tmp_path):
 
 def test_the_accuracy_gate_looks_at_every_candidate_int8_first(monkeypatch, tmp_path):
     """Look 0 judges the all-INT8 graph at 95 % (half of the 10 % error rate); a miss searches with
-    the measured granularity and judges at 97.5 %, then retunes once at 97.5 %."""
+    the measured granularity and the error ceiling the miss sets, judged at 97.5 %, then retunes once
+    at 97.5 % with a tighter ceiling. A retune no graph short of fp32 can meet keeps the last graph, marked."""
     from cahp_deploy.export import stage
 
     gate = Int8Gate.accuracy(0.5, confidence=0.9)
     calls = []
 
-    def fake_tune(source, dst, feeds, gate_, labels=None, per_channel=None, margin=None, say=None, search_nodes=True):
-        calls.append({"search": search_nodes, "confidence": gate_.confidence, "per_channel": per_channel, "margin": margin})
-        record = {"target": gate_.target(2048, margin), "tuning": {"drop": 0.0, "drop_upper": 0.3, "discordant": 5, "n": 2048},
+    def fake_tune(source, dst, feeds, gate_, labels=None, per_channel=None, margin=None, say=None, search_nodes=True,
+                  max_logit_mse=None, smooth_alpha=None):
+        calls.append({"search": search_nodes, "confidence": gate_.confidence, "per_channel": per_channel, "margin": margin,
+                      "ceiling": max_logit_mse, "smooth": smooth_alpha})
+        if max_logit_mse is not None and max_logit_mse <= 0.0:
+            raise CahpError("INT8 cannot meet its gate unless all 2 quantizable MatMuls stay fp32")
+        mse = 0.01 if max_logit_mse is None else max_logit_mse
+        record = {"target": gate_.target(2048, margin), "tuning": {"drop": 0.0, "drop_upper": 0.3, "discordant": 5, "n": 2048,
+                                                                   "logit_mse": mse},
                   "excluded_nodes": [] if not search_nodes else [1], "granularity": {"per_channel": {}},
                   "per_channel_chosen_by": "measurement (higher tuning agreement)" if per_channel is None else "user"}
         return type("Tuned", (), {"record": record, "per_channel": True})()
@@ -371,36 +382,81 @@ def test_the_accuracy_gate_looks_at_every_candidate_int8_first(monkeypatch, tmp_
         def check(self, variant, session, gate_=None):
             self.seen.append(gate_.confidence)
             upper = self.uppers.pop(0)
+            # the rows behind each bound (3.0: too few rows for any share of the error to fit: ceiling 0)
+            n, b = {0.7: (2000, 60), 0.6: (2000, 50), 0.55: (2000, 45), 3.0: (50, 5)}.get(upper, (2000, 3))
             return {"gate": {"kind": "accuracy", "gate": gate_.describe(), "drop": 0.1, "drop_upper": upper,
                              "passed": upper <= 0.5, "paired_drop": {"drop": 0.1, "upper": upper, "confidence": gate_.confidence,
-                                                                     "ref_only": 3, "new_only": 2}}}
+                                                                     "n": n, "ref_only": b, "new_only": b // 2}}}
 
     monkeypatch.setattr(stage.int8_tuning, "tune_int8", fake_tune)
     monkeypatch.setattr(stage.onnx_runtime, "session", lambda path: None)
-    run = lambda check, margin=None: stage._tune_and_check_int8(check, tmp_path, tmp_path, [], None, {"on": "t"}, None,
-                                                                 margin, say=lambda m: None)
+    run = lambda check, margin=None, **kw: stage._tune_and_check_int8(check, tmp_path, tmp_path, [], None, {"on": "t"}, None,
+                                                                       margin, say=lambda m: None, **kw)
     _, rec, _ = run(FakeCheck([0.4]))  # every candidate INT8 passes: no search
-    assert calls == [{"search": False, "confidence": pytest.approx(0.95), "per_channel": None, "margin": None}]
+    assert calls == [{"search": False, "confidence": pytest.approx(0.95), "per_channel": None, "margin": None, "ceiling": None,
+                      "smooth": int8_tuning.SEARCH_SMOOTH_ALPHA}]
     assert [(a["graph"], a["confidence"], a["passed"]) for a in rec["attempts"]] == [("every candidate INT8", 0.95, True)]
     calls.clear()
     check = FakeCheck([0.7, 0.45])
-    _, rec, _ = run(check)  # a miss: the search runs with the granularity the first look measured
+    _, rec, _ = run(check)  # a miss: the search runs with the granularity the first look measured, under a ceiling
     assert [c["search"] for c in calls] == [False, True] and calls[1]["per_channel"] is True
+    want = gate.look(1).error_ceiling({"logit_mse": 0.01}, {"paired_drop": {"n": 2000, "ref_only": 60, "new_only": 30}})
+    assert calls[1]["ceiling"] == pytest.approx(want) and 0 < want < 0.01
     assert check.seen == pytest.approx([0.95, 0.975])
     assert rec["per_channel_chosen_by"].startswith("measurement") and [a["passed"] for a in rec["attempts"]] == [False, True]
     calls.clear()
     with pytest.raises(CahpError, match=r"INT8 gate failed on rows: .* 97\.5% upper bound \+0\.55"):  # three misses: the last look raises
         run(FakeCheck([0.7, 0.6, 0.55]))
-    assert [c["confidence"] for c in calls] == pytest.approx([0.95, 0.975, 0.975]) and calls[2]["margin"] is not None
+    assert [c["confidence"] for c in calls] == pytest.approx([0.95, 0.975, 0.975])
+    assert calls[2]["margin"] is None and 0 < calls[2]["ceiling"] < calls[1]["ceiling"]  # each miss tightens the ceiling
     calls.clear()
-    _, rec, _ = stage._tune_and_check_int8(FakeCheck([0.7, 0.6, 0.55]), tmp_path, tmp_path, [], None, {"on": "t"}, None,
-                                           None, say=lambda m: None, keep_failed=True)  # kept, marked
+    _, rec, _ = run(FakeCheck([0.7, 0.6, 0.55]), keep_failed=True)  # kept, marked
     assert rec["gate_failed"].startswith("INT8 gate failed on rows: ") and "nothing was written" not in rec["gate_failed"]
     assert [a["passed"] for a in rec["attempts"]] == [False, False, False]
+    calls.clear()
+    _, rec, _ = run(FakeCheck([3.0]), keep_failed=True)  # a miss so wide that no retune short of fp32 reaches the ceiling
+    assert len(calls) == 2 and rec["attempts"][-1]["graph"] == "searched" and "unreachable" in rec["attempts"][-1]
+    assert rec["gate_failed"].startswith("INT8 gate failed on rows: ") and "stay fp32" in rec["gate_failed"]
+    with pytest.raises(CahpError, match="stay fp32"):  # without keep_failed: the error
+        run(FakeCheck([3.0]))
+    calls.clear()
+    run(FakeCheck([0.4]), smooth_alpha=None)  # the source was smoothed already, or quantization-aware: no search smoothing
+    assert calls[0]["smooth"] is None
     calls.clear()
     with pytest.raises(CahpError):  # a user-chosen margin: two looks, no retune
         run(FakeCheck([0.7, 0.6]), margin=0.1)
     assert len(calls) == 2
+
+
+def test_error_ceiling_asks_for_the_share_of_the_error_a_miss_says_must_go():
+    """Discordant rows scaled by f fit the bound exactly; the logit MSE ceiling is f**2 of the missed graph's."""
+    from cahp_deploy.paired import drop_upper
+
+    g = Int8Gate.accuracy(1.0, confidence=0.975)
+    held_out = {"paired_drop": {"n": 5000, "ref_only": 79, "new_only": 41}}  # MiniLM-MNLI's pruned model, all INT8
+    ceiling = g.error_ceiling({"logit_mse": 0.0129}, held_out)
+    f = (ceiling / 0.0129) ** 0.5
+    assert 0.6 < f < 0.9 and float(drop_upper(5000, f * 79, f * 41, 0.975)) == pytest.approx(1.0, abs=1e-3)
+    assert g.error_ceiling({"logit_mse": 0.0129}, {"paired_drop": {"n": 5000, "ref_only": 20, "new_only": 20}}) == 0.0129
+    assert g.error_ceiling({"logit_mse": 0.0129}, {"paired_drop": {"n": 50, "ref_only": 5, "new_only": 1}}) == 0.0  # no f fits
+
+
+def test_search_smooths_the_outlier_matmuls_before_keeping_any_fp32(tmp_path):
+    """Smoothing moves each outlier channel into the weights: the two outlier MatMuls smoothed, every node INT8."""
+    src, feeds = _outlier_graph(tmp_path / "g.onnx", benign=2)
+    res = int8_tuning.tune_int8(src, tmp_path / "q.onnx", feeds, Int8Gate.agreement(0.97), per_channel=False, margin=0.0)
+    rec = res.record
+    assert rec["granularity"]["per_tensor"]["agreement"] < 0.9 and rec["sensitivity"]  # the search ran
+    assert not res.excluded and rec["int8_mac_fraction"] == 1.0
+    assert set(rec["smoothed_nodes"]) == set(res.smoothing["node_names"]) == {"mm_in", "mm_mid"}
+    assert res.smoothing["alpha"] == int8_tuning.SEARCH_SMOOTH_ALPHA and res.smoothing["fp32_vs_source"]["agreement"] == 1.0
+    assert rec["tuning_agreement"] >= 0.97
+    steps = [t["step"] for t in rec["trace"]]
+    assert any(s.startswith("smoothing: 4 most sensitive") for s in steps) and not any(s.startswith("bisection") for s in steps)
+    graph = onnx.load(str(tmp_path / "q.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
+    assert "MatMul" not in ops and ops.count("MatMulInteger") == 4  # every node INT8
+    assert {n.name for n in graph.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth")} == {"mm_in_smooth", "mm_mid_smooth"}
 
 
 # ----------------------------------------------------------------------------- the accuracy gate, end to end

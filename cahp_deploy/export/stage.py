@@ -142,20 +142,24 @@ def _attempt(rec: dict, held_out: dict, gate: Int8Gate, graph: str) -> dict:
 
 
 def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_record: dict | None, per_channel, margin,
-                         say, keep_failed: bool = False) -> tuple:
+                         say, keep_failed: bool = False, smooth_alpha: float | None = int8_tuning.SEARCH_SMOOTH_ALPHA) -> tuple:
     """Tune INT8 on the tuning rows, then judge it with the gate on the held-out rows: up to three looks.
 
     The accuracy gate first judges the graph with every candidate INT8 (the fastest; the search's
     prediction assumes a zero drop and cannot see that INT8 may gain accuracy on the gate rows). On a
     miss, the search runs and its graph is judged; the search stops at the first node set that
-    clears its target on the tuning rows, so the held-out figure comes out worse. When that misses too and the
-    user left the margin at its default, the search runs once more with its target moved by the
-    observed gap. Each look judges at its own confidence (:meth:`Int8Gate.look`: the looks share the
-    error rate), and the manifest records every look. The agreement gate has no first look.
+    clears its target on the tuning rows, so the held-out figure comes out worse. Under the accuracy
+    gate each miss also sets the logit MSE the next search must reach on the tuning rows
+    (:meth:`Int8Gate.error_ceiling`: the share of the error the miss says must go). When the searched
+    graph misses too and the user left the margin at its default, the search runs once more with its
+    target moved by the observed gap. Each look judges at its own confidence (:meth:`Int8Gate.look`:
+    the looks share the error rate), and the manifest records every look. The agreement gate has no
+    first look.
 
     When the last look misses too: :class:`Int8GateError`, or, with ``keep_failed``, the last look's
     graph stays in ``dst`` and ``rec["gate_failed"]`` says why (``run`` under a budget judges it
-    against dense on the decision rows, like every other graph).
+    against dense on the decision rows, like every other graph); with ``keep_failed``, a retune whose
+    target no graph short of fp32 meets keeps the previous look's graph the same way.
     """
     gate = check.gate
     attempts: list[dict] = []
@@ -163,25 +167,38 @@ def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_rec
     if margin is not None:  # the user chose the margin: no retry behind their back
         looks = looks[:-1]
     measured_granularity = None
+    ceiling = None
+    previous = None
     for k, look in enumerate(looks):
         g = gate.look(look)
         full = look == 0
         if full:
             say("int8: every MatMul in INT8 first")
-        tuned = int8_tuning.tune_int8(source, dst, feeds, g, labels=labels, per_channel=per_channel,
-                                      margin=margin, say=say, search_nodes=not full)
+        try:
+            tuned = int8_tuning.tune_int8(source, dst, feeds, g, labels=labels, per_channel=per_channel,
+                                          margin=margin, max_logit_mse=ceiling, smooth_alpha=smooth_alpha,
+                                          say=say, search_nodes=not full)
+        except CahpError as e:
+            if not (keep_failed and previous is not None):
+                raise
+            tuned, rec, result, failure = previous  # dst still holds the previous look's graph
+            attempts.append({"graph": LOOKS[look], "unreachable": str(e)})
+            rec["attempts"] = attempts
+            rec["gate_failed"] = f"{failure}; the {LOOKS[look]} graph: {e}"
+            say(f"int8: {rec['gate_failed']}; kept, marked failed, for the accuracy budget to judge against dense")
+            return tuned, rec, result
         rec = {**tuned.record, "data": tune_record}
         if measured_granularity is not None:  # the granularity was measured by the first look
             rec.update(measured_granularity)
         result = check.check("int8", onnx_runtime.session(dst), g)
         held_out = result["gate"]
         attempts.append(_attempt(rec, held_out, g, LOOKS[look]))
+        figure = (f"a predicted gate-row bound of {g.predicted_upper(rec['tuning']):+.2f} points"
+                  if gate.kind == ACCURACY else f"agreement {rec['tuning']['agreement']:.2%}")
+        failure = _int8_gate_failure(held_out, (tune_record or {}).get("report_on") or check.gate_rows(),
+                                     {"figure": figure, "on": (tune_record or {}).get("on")})
         if held_out["passed"] or k == len(looks) - 1:
             rec["attempts"] = attempts
-            figure = (f"a predicted gate-row bound of {g.predicted_upper(rec['tuning']):+.2f} points"
-                      if gate.kind == ACCURACY else f"agreement {rec['tuning']['agreement']:.2%}")
-            where = (tune_record or {}).get("report_on") or check.gate_rows()
-            failure = _int8_gate_failure(held_out, where, {"figure": figure, "on": (tune_record or {}).get("on")})
             if failure is not None and not keep_failed:
                 raise Int8GateError(f"{failure}; nothing was written (loosen the gate knowingly, or ship the "
                                     "optimized fp32 model)")
@@ -189,10 +206,17 @@ def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_rec
                 rec["gate_failed"] = failure
                 say(f"int8: {failure}; kept, marked failed, for the accuracy budget to judge against dense")
             return tuned, rec, result
+        if gate.kind == ACCURACY:
+            nxt = gate.look(looks[k + 1]).error_ceiling(rec["tuning"], held_out)
+            ceiling = nxt if ceiling is None else min(ceiling, nxt)
+            previous = (tuned, rec, result, failure)
         if full:
             measured_granularity = {key: rec[key] for key in ("granularity", "per_channel_chosen_by")}
             per_channel = tuned.per_channel
-            say("int8: every MatMul in INT8 missed the gate rows; searching for the nodes to keep fp32")
+            say("int8: every MatMul in INT8 missed the gate rows; searching for the nodes to smooth or keep fp32"
+                + ("" if ceiling is None else f" (tuning logit MSE <= {ceiling:.4g})"))
+        elif gate.kind == ACCURACY:
+            say(f"int8: the held-out rows missed the gate; retuning to a tuning logit MSE <= {ceiling:.4g}")
         else:
             margin = g.retune_margin(rec["target"], rec["tuning"], held_out)
             say(f"int8: the held-out rows missed the gate; retuning with margin {margin:.4g}")
@@ -690,7 +714,10 @@ def _int8_variant(check: _Parity, model, config, optimized, plain: Path, dst: Pa
     tuned, rec, result = _tune_and_check_int8(
         check, int8_source, dst, tune_feeds, tune_labels, tune_record, per_channel, tuning_margin, say=say,
         keep_failed=keep_failed,
+        # the search smooths only a plain source whose rounding no quantization-aware training matched
+        smooth_alpha=None if smoothing is not None or qat is not None else int8_tuning.SEARCH_SMOOTH_ALPHA,
     )
+    smoothing = smoothing or tuned.smoothing
     report = result["data"] or result["random"]
     if granularity_from_qat:
         rec["per_channel_chosen_by"] = "quantization-aware recovery (recovery.json)"

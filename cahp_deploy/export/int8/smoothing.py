@@ -1,4 +1,5 @@
-"""SmoothQuant-style activation smoothing before dynamic INT8 (``export --int8-smooth ALPHA``).
+"""SmoothQuant-style activation smoothing before dynamic INT8 (``export --int8-smooth ALPHA``, and the
+INT8 search's first lever after a gate miss: the most sensitive nodes smoothed, all still INT8).
 
 Dynamic INT8 scales each MatMul input per tensor, so a few outlier channels (BERT's early FFN
 inputs) leave the other channels with a handful of levels. Smoothing moves that range into the
@@ -14,7 +15,7 @@ MiniLM: DESIGN.md, "Measurements behind the code".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import onnx
@@ -25,6 +26,20 @@ from cahp_deploy.export.parity import Feed
 
 #: the scale is clipped to this range, so a dead channel does not blow up its weights
 SCALE_RANGE = (1e-2, 1e2)
+
+
+def smoothable_nodes(model: onnx.ModelProto, only: Collection[str] | None = None) -> dict:
+    """The nodes :func:`smooth` can smooth (every quantizable one but ``Gemm``), by name; ``only``: those named."""
+    from cahp_deploy.export.int8.tuning import quantizable_nodes
+
+    return {c.name: c for c in quantizable_nodes(model) if c.op_type != "Gemm" and (only is None or c.name in only)}
+
+
+def input_absmax(model: onnx.ModelProto, feeds: Sequence[Feed], threads: int = 2) -> dict:
+    """Per-channel max |x| of every smoothable node's input over ``feeds`` (what :func:`smooth` calibrates
+    with; compute it once when smoothing the same graph several ways)."""
+    by_name = {n.name: n for n in model.graph.node}
+    return _input_absmax(model, feeds, sorted({by_name[c].input[0] for c in smoothable_nodes(model)}), threads)
 
 
 def _input_absmax(model: onnx.ModelProto, feeds: Sequence[Feed], tensors: Sequence[str], threads: int) -> dict:
@@ -47,18 +62,19 @@ def _input_absmax(model: onnx.ModelProto, feeds: Sequence[Feed], tensors: Sequen
     return out
 
 
-def smooth(model: onnx.ModelProto, feeds: Sequence[Feed], alpha: float, threads: int = 2) -> tuple[onnx.ModelProto, dict]:
-    """The graph with every weight MatMul / fused Attention smoothed (Gemm: pooled vectors, left alone)."""
-    from cahp_deploy.export.int8.tuning import quantizable_nodes
-
+def smooth(model: onnx.ModelProto, feeds: Sequence[Feed], alpha: float, threads: int = 2,
+           only: Collection[str] | None = None, absmax: dict | None = None) -> tuple[onnx.ModelProto, dict]:
+    """The graph with every weight MatMul / fused Attention smoothed (Gemm: pooled vectors, left alone),
+    or only the nodes named in ``only``: each smoothed input is one more elementwise ``Mul`` at run time.
+    ``absmax``: :func:`input_absmax` of ``model`` (else computed from ``feeds``)."""
     if not 0.0 <= float(alpha) <= 1.0:
         raise CahpError(f"--int8-smooth {alpha} must be in [0, 1] (0.75 measured best; see experiments/results/int8)")
-    cands = {c.name: c for c in quantizable_nodes(model) if c.op_type != "Gemm"}
+    cands = smoothable_nodes(model, only)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {t.name: t for t in m.graph.initializer}
     by_name = {n.name: n for n in m.graph.node}
-    amax = _input_absmax(model, feeds, sorted({by_name[c].input[0] for c in cands}), threads)
+    amax = absmax if absmax is not None else _input_absmax(model, feeds, sorted({by_name[c].input[0] for c in cands}), threads)
     nodes = []
     for n in m.graph.node:
         if n.name in cands:
@@ -74,8 +90,8 @@ def smooth(model: onnx.ModelProto, feeds: Sequence[Feed], alpha: float, threads:
         nodes.append(n)
     del m.graph.node[:]
     m.graph.node.extend(nodes)
-    return m, {"alpha": float(alpha), "nodes": len(cands), "scale_range": list(SCALE_RANGE),
+    return m, {"alpha": float(alpha), "nodes": len(cands), "node_names": sorted(cands), "scale_range": list(SCALE_RANGE),
                "calibration": "max |x| per input channel over the INT8 tuning rows"}
 
 
-__all__ = ["SCALE_RANGE", "smooth"]
+__all__ = ["SCALE_RANGE", "input_absmax", "smooth", "smoothable_nodes"]

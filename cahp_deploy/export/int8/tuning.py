@@ -1,8 +1,9 @@
-"""Accuracy-aware mixed-precision INT8: quantize every weight MatMul, keep the most sensitive in fp32.
+"""Accuracy-aware INT8: quantize every weight MatMul; where that misses, smooth the most sensitive
+inputs, and only then keep the most sensitive MatMuls in fp32.
 
 Why: dynamic INT8 of a whole small classifier changes many predictions while accuracy barely moves;
 a gate (:mod:`int8_gate`: by default the accuracy drop's upper bound, which grows with the discordant
-rows) can need some nodes in fp32. Small margins flip easily, and the error is concentrated in the
+rows) can need some of that error gone. Small margins flip easily, and the error is concentrated in the
 early FFN MatMuls (per-tensor uint8 activation scales computed over a whole batch do not suit their
 outlier-heavy inputs). The figures: DESIGN.md, "Measurements behind the code".
 
@@ -15,17 +16,25 @@ So, as Intel Neural Compressor's fallback tuning and ORT users do it, INT8 becom
 2. Quantize every candidate, per-tensor and per-channel, and keep the weight-scale granularity with
    the higher agreement on the tuning set (lower logit MSE on a tie), unless the caller chose one.
 3. If that misses the gate's target on the tuning rows (:meth:`~cahp_deploy.export.int8.gate.Int8Gate.target`:
-   by default the paired accuracy drop vs fp32 within the budget): leave-one-in
+   by default the paired accuracy drop vs fp32 within the budget; after a miss on the gate rows also a
+   logit-MSE ceiling, :meth:`~cahp_deploy.export.int8.gate.Int8Gate.error_ceiling`): leave-one-in
    sensitivity. For each candidate, the graph with only that node INT8; its sensitivity is the logit
    MSE vs fp32 on ~128 tuning rows. Logit MSE rather than agreement: a few hundred examples flip in
    steps of 0.2-0.8 %, too coarse to rank 20+ nodes. Leave-one-in rather than leave-one-out: dropping
    one node from the fully quantized graph barely moves its MSE (the other nodes' errors dominate),
    while one node alone against fp32 gives a clean ranking, early FFN first.
-4. Bisection over the ranked list for the smallest ``k`` such that keeping the top ``k`` in fp32
-   meets the target on the whole tuning set (near-monotone in ``k``; every probe is in the trace).
+4. a. Bisection over the ranked list for the fewest ``k`` whose inputs, smoothed (SmoothQuant,
+   :mod:`~cahp_deploy.export.int8.smoothing`, alpha :data:`SEARCH_SMOOTH_ALPHA`), meet the target
+   with *every* node still INT8: one elementwise ``Mul`` per smoothed input (~1.3 % of the INT8 graph's
+   time at one thread) instead of ~8 % per node kept fp32 (MiniLM-MNLI's pruned model;
+   ``experiments/int8_fallback_probe.py``).
+   b. Only if smoothing every node misses: bisection for the fewest ``k`` kept in fp32, on the fully
+   smoothed graph (without smoothing, ``smooth_alpha=None``, on the plain one). Both are near-monotone
+   in ``k``; every probe is in the trace.
 5. ``k == n`` (every candidate back in fp32): INT8 would be the fp32 model, a :class:`CahpError`.
 
-Cost: ``n + log2(n) + 3`` evaluations (``n`` of them on a quarter of the tuning set). Mixes are
+Cost: ``n + 2 log2(n) + 4`` evaluations at most (``n`` of them on ~128 rows; each smoothing probe
+also re-runs the quantizer). Mixes are
 assembled in memory from the fp32 graph and its fully quantized twin (:class:`Mixer`: each node's
 quantized subgraph swapped in), so the search never re-runs the quantizer; the shipped file is then
 made by ORT's ``quantize_dynamic`` with ``nodes_to_exclude`` and evaluated once more.
@@ -66,6 +75,8 @@ SENSITIVITY_EXAMPLES = 128
 _LAYER = re.compile(r"layers?[._/](\d+)[._/]")
 #: fp32 op types the search considers (ORT's quantizer handles Gemm as MatMul + Add)
 CANDIDATE_OPS = ("MatMul", "Attention", "Gemm")
+#: SmoothQuant alpha of the search's first lever after a gate miss (0.75 measured best; experiments/results/int8)
+SEARCH_SMOOTH_ALPHA = 0.75
 #: ops that only appear in a node's subgraph once ORT quantized it
 _INTEGER_OPS = ("MatMulInteger", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm")
 
@@ -252,6 +263,7 @@ class Int8Result:
     excluded: list[QuantNode]
     candidates: list[QuantNode]
     record: dict = field(default_factory=dict)
+    smoothing: dict | None = None  # the search smoothed its most sensitive nodes (their names, alpha, calibration)
 
 
 def _sensitivity_batches(feeds: Sequence[Feed], examples: int) -> list[int]:
@@ -341,22 +353,80 @@ def _sensitivity(search: "_Search", mixer: "Mixer", cands: list[QuantNode], subs
     return ranked
 
 
-def _bisect(search: "_Search", mixer: "Mixer", order: list[str], gate: Int8Gate, target: float, say) -> list[str]:
-    """Step 4: bisection for the shortest prefix of the ranking ``order`` that, kept fp32, meets the target."""
+def _bisect(search: "_Search", mixer: "Mixer", order: list[str], meets: Callable[[dict], bool], what: str, say) -> list[str]:
+    """Step 4b: bisection for the shortest prefix of the ranking ``order`` that, kept fp32, ``meets`` the target."""
     lo, hi = 0, len(order)  # lo: measured to miss the target; hi: everything fp32
     while hi - lo > 1:
         mid = (lo + hi) // 2
         say(f"int8: bisection, {mid} of {len(order)} nodes in fp32")
         res = search.probe(lambda mid=mid: mixer.build(order[:mid]), f"bisection: {mid} most sensitive in fp32",
                            {"fp32_nodes": order[:mid], "num_fp32": mid})
-        lo, hi = (lo, mid) if gate.met(res, target) else (mid, hi)
+        lo, hi = (lo, mid) if meets(res) else (mid, hi)
     if hi == len(order):
         raise CahpError(
-            f"INT8 cannot meet its gate ({gate.describe()}; target on the tuning set {target:.4g}) unless all "
-            f"{len(order)} quantizable MatMuls stay fp32; INT8 would be the fp32 model: ship model_optimized.onnx, "
-            "or loosen the gate knowingly; nothing was written"
+            f"INT8 cannot meet its gate ({what}) unless all {len(order)} quantizable MatMuls stay fp32; INT8 would be "
+            "the fp32 model: ship model_optimized.onnx, or loosen the gate knowingly; nothing was written"
         )
     return order[:hi]
+
+
+class _Smoother:
+    """Step 4a: "the ``n`` most sensitive nodes smoothed (SmoothQuant), every node INT8", for any ``n``.
+
+    Smoothing moves an input's outlier channels into the weights, exactly in fp32, at the cost of one
+    elementwise ``Mul`` per smoothed input, so unlike fp32 fallback it keeps every MAC in INT8. On
+    MiniLM-MNLI's pruned model (70 % rung) the sensitive nodes are the early FFN MatMuls; measured
+    (``experiments/int8_fallback_probe.py``): gate-row drop vs fp32 +0.76 all INT8, +0.10 with the 3 most
+    sensitive smoothed; each smoothed input costs ~1.3 % of the INT8 graph's time at one thread, each
+    node kept fp32 instead ~8 %.
+    """
+
+    def __init__(self, search: "_Search", order: list[str], alpha: float, per_channel: bool, scratch: Path):
+        from cahp_deploy.export.int8 import smoothing
+
+        self.search, self.order, self.alpha, self.per_channel, self.scratch = search, order, alpha, per_channel, scratch
+        self.absmax = smoothing.input_absmax(search.fp32, search.feeds, search.threads)
+        self.smoothable = set(smoothing.smoothable_nodes(search.fp32))
+        self.built: dict[int, tuple[Path, Path, dict]] = {}
+
+    def nodes(self, n: int) -> list[str]:
+        return [name for name in self.order[:n] if name in self.smoothable]
+
+    def build(self, n: int) -> tuple[Path, Path, dict]:
+        """(the smoothed fp32 graph, its every-node INT8 twin, the smoothing record), written once per ``n``."""
+        from cahp_deploy.export.int8 import smoothing
+
+        if n not in self.built:
+            graph, record = smoothing.smooth(self.search.fp32, [], self.alpha, only=self.nodes(n), absmax=self.absmax)
+            fp32, int8 = self.scratch / f"smoothed_{n}.onnx", self.scratch / f"smoothed_{n}_int8.onnx"
+            onnx.save(graph, str(fp32))
+            quant.quantize_int8(fp32, int8, per_channel=self.per_channel)
+            self.built[n] = (fp32, int8, record)
+        return self.built[n]
+
+    def probe(self, n: int) -> dict:
+        return self.search.probe(lambda: self.build(n)[1], f"smoothing: {n} most sensitive smoothed, every node int8",
+                                 {"smoothed_nodes": self.nodes(n), "num_fp32": 0})
+
+    def fewest(self, meets: Callable[[dict], bool], say) -> int | None:
+        """The fewest most sensitive nodes whose smoothing ``meets`` the target (bisection, the ranking's
+        prefixes), or None when smoothing every one does not."""
+        lo, hi = 0, len(self.order)
+        say(f"int8: smoothing all {hi} sensitive-ranked nodes")
+        if not meets(self.probe(hi)):
+            return None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            say(f"int8: smoothing the {mid} most sensitive nodes")
+            lo, hi = (lo, mid) if meets(self.probe(mid)) else (mid, hi)
+        return hi
+
+    def record(self, n: int) -> dict:
+        fp32, _, record = self.build(n)
+        exact = self.search.evaluate(fp32)  # smoothing is exact in fp32 up to rounding: say how exact
+        return {**record, "chosen_by": "the INT8 search, after the gate rows missed (fewest most sensitive nodes that meet "
+                                       "the target, every node still INT8)",
+                "fp32_vs_source": {"agreement": exact["agreement"], "logit_mse": exact["logit_mse"]}}
 
 
 def _record(search: "_Search", mixer: "Mixer", cands: list[QuantNode], ex_nodes: list[QuantNode], chosen: bool, per_channel: bool | None,
@@ -366,7 +436,8 @@ def _record(search: "_Search", mixer: "Mixer", cands: list[QuantNode], ex_nodes:
     num_examples = sum(len(r) for r in search.reference)
     fp32_fraction = _fp32_fraction(ex_nodes, cands)
     return {
-        "method": ("ORT dynamic INT8; leave-one-in sensitivity (logit MSE); bisection over the ranked nodes" if search_nodes
+        "method": ("ORT dynamic INT8; leave-one-in sensitivity (logit MSE); bisection over the ranked nodes, smoothed "
+                   "first, then kept fp32" if search_nodes
                    else "ORT dynamic INT8 of every candidate (no search)"),
         "weight_type": "int8 (symmetric)",
         "activation_type": "uint8 (dynamic, per tensor per batch)",
@@ -408,21 +479,27 @@ def tune_int8(
     labels: np.ndarray | None = None,
     per_channel: bool | None = None,
     margin: float | None = None,
+    max_logit_mse: float | None = None,
+    smooth_alpha: float | None = SEARCH_SMOOTH_ALPHA,
     sensitivity_examples: int = SENSITIVITY_EXAMPLES,
     threads: int = TUNING_THREADS,
     say: Callable[[str], None] = lambda msg: None,
     search_nodes: bool = True,
 ) -> Int8Result:
-    """Write ``dst``: ``src`` dynamically quantized except the fewest most sensitive nodes that meet
-    ``gate``'s target (:meth:`Int8Gate.target` with ``margin``) on ``feeds`` (the tuning set), whose
-    rows are labelled ``labels`` (in feed order; needed by the accuracy gate).
+    """Write ``dst``: ``src`` dynamically quantized, with the fewest most sensitive nodes smoothed, or
+    else (every node smoothed) the fewest most sensitive kept fp32, that meet ``gate``'s target
+    (:meth:`Int8Gate.target` with ``margin``; and a tuning-row logit MSE of at most ``max_logit_mse``,
+    which :meth:`Int8Gate.error_ceiling` sets after a miss on the gate rows) on ``feeds`` (the tuning
+    set), whose rows are labelled ``labels`` (in feed order; needed by the accuracy gate).
 
     ``per_channel`` None measures per-tensor and per-channel weight scales and keeps the better;
     True/False forces one. Sensitivity is measured on about ``sensitivity_examples`` of the tuning
-    rows (every k-th batch), bisection and the shipped file on all of them. ``say`` receives one-line
-    progress messages. ``search_nodes`` False skips steps 3-4: every candidate INT8, whatever the tuning
-    rows say (the gate rows judge it). Raises :class:`CahpError` when the graph has nothing to quantize, or when the
-    target needs every candidate in fp32 (INT8 would then be the fp32 model).
+    rows (every k-th batch), bisection and the shipped file on all of them. ``smooth_alpha`` None: the
+    search never smooths (the source is smoothed already, or the graph must match quantization-aware
+    training's rounding). ``say`` receives one-line progress messages. ``search_nodes`` False skips
+    steps 3-4: every candidate INT8, whatever the tuning rows say (the gate rows judge it). Raises
+    :class:`CahpError` when the graph has nothing to quantize, or when the target needs every
+    candidate in fp32 (INT8 would then be the fp32 model).
     """
     started = time.perf_counter()
     if gate.needs_labels and labels is None:
@@ -435,6 +512,13 @@ def tune_int8(
     target = gate.target(num_examples, margin)
     names = [c.name for c in cands]
     by_name = {c.name: c for c in cands}
+
+    def meets(res: dict) -> bool:
+        return gate.met(res, target) and (max_logit_mse is None or res["logit_mse"] <= max_logit_mse + 1e-12)
+
+    what = f"{gate.describe()}; target on the tuning set {target:.4g}" + (
+        "" if max_logit_mse is None else f", logit MSE <= {max_logit_mse:.4g}")
+    smoothing = None
     with tempfile.TemporaryDirectory(prefix=".cahp-int8-", dir=Path(dst).parent) as scratch:
         # 1-2: everything quantized, per-tensor and/or per-channel
         granularity, quantized = _quantize_all(search, Path(src), Path(scratch), len(cands), per_channel, say)
@@ -447,27 +531,45 @@ def tune_int8(
 
         ranked: list[dict] = []
         excluded: list[str] = []
+        source = Path(src)
         subset = _sensitivity_batches(search.feeds, sensitivity_examples)
-        if search_nodes and not gate.met(full, target):
+        if search_nodes and not meets(full):
             ranked = _sensitivity(search, mixer, cands, subset, say)  # 3: leave-one-in
-            excluded = _bisect(search, mixer, [r["name"] for r in ranked], gate, target, say)  # 4
+            order = [r["name"] for r in ranked]
+            smoothed = None
+            if smooth_alpha is not None:  # 4a: smooth the fewest most sensitive, every node INT8
+                smoother = _Smoother(search, order, smooth_alpha, chosen, Path(scratch))
+                smoothed = smoother.fewest(meets, say)
+                if smoothed is None:  # 4b on the graph with every node smoothed
+                    smoothed = len(order)
+                    fp32_graph, int8_graph, _ = smoother.build(smoothed)
+                    mixer = Mixer(onnx.load(str(fp32_graph)), onnx.load(str(int8_graph)), names)
+                    excluded = _bisect(search, mixer, order, meets, what, say)
+                source = smoother.build(smoothed)[0]
+                smoothing = smoother.record(smoothed)
+            else:
+                excluded = _bisect(search, mixer, order, meets, what, say)  # 4b
 
         # the shipped file: ORT's own quantizer with nodes_to_exclude, evaluated once more
-        say(f"int8: writing {Path(dst).name} with {len(excluded)} of {len(cands)} nodes in fp32")
+        say(f"int8: writing {Path(dst).name} with {len(excluded)} of {len(cands)} nodes in fp32"
+            + (f", {smoothing['nodes']} smoothed" if smoothing else ""))
 
         def write_shipped() -> Path:
-            quant.quantize_int8(Path(src), Path(dst), per_channel=chosen, nodes_to_exclude=[by_name[n].quantizer_name for n in excluded])
+            quant.quantize_int8(source, Path(dst), per_channel=chosen, nodes_to_exclude=[by_name[n].quantizer_name for n in excluded])
             return Path(dst)
 
         shipped = search.probe(write_shipped, "shipped file (quantize_dynamic, nodes_to_exclude)",
-                               {"fp32_nodes": excluded, "num_fp32": len(excluded)})
+                               {"fp32_nodes": excluded, "num_fp32": len(excluded),
+                                **({"smoothed_nodes": smoothing["node_names"]} if smoothing else {})})
     ex_nodes = [by_name[n] for n in excluded]
     record = _record(search, mixer, cands, ex_nodes, chosen, per_channel, granularity, gate, target, margin, shipped, ranked,
                      subset, search_nodes, threads, started)
-    log.info("int8: %d/%d nodes in fp32 (%.1f%% of MACs), tuning %s", len(ex_nodes), len(cands),
-             100 * record["fp32_mac_fraction"], shipped)
-    return Int8Result(per_channel=chosen, excluded=ex_nodes, candidates=cands, record=record)
+    record["max_logit_mse"] = max_logit_mse
+    record["smoothed_nodes"] = smoothing["node_names"] if smoothing else []
+    log.info("int8: %d/%d nodes in fp32 (%.1f%% of MACs), %d smoothed, tuning %s", len(ex_nodes), len(cands),
+             100 * record["fp32_mac_fraction"], len(record["smoothed_nodes"]), shipped)
+    return Int8Result(per_channel=chosen, excluded=ex_nodes, candidates=cands, record=record, smoothing=smoothing)
 
 
-__all__ = ["Int8Result", "Mixer", "QuantNode", "SENSITIVITY_EXAMPLES", "TUNING_EXAMPLES", "TUNING_THREADS",
+__all__ = ["Int8Result", "Mixer", "QuantNode", "SEARCH_SMOOTH_ALPHA", "SENSITIVITY_EXAMPLES", "TUNING_EXAMPLES", "TUNING_THREADS",
            "not_quantized", "quantizable_nodes", "session", "tune_int8"]
