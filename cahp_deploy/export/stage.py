@@ -151,8 +151,8 @@ def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_rec
     clears its target on the tuning rows, so the held-out figure comes out worse. Under the accuracy
     gate each miss also sets the logit MSE the next search must reach on the tuning rows
     (:meth:`Int8Gate.error_ceiling`: the share of the error the miss says must go). When the searched
-    graph misses too and the user left the margin at its default, the search runs once more with its
-    target moved by the observed gap. Each look judges at its own confidence (:meth:`Int8Gate.look`:
+    graph misses too and the user left the margin at its default, the search runs once more: under the
+    tighter ceiling (accuracy gate), or with its target moved by the observed gap (agreement gate). Each look judges at its own confidence (:meth:`Int8Gate.look`:
     the looks share the error rate), and the manifest records every look. The agreement gate has no
     first look.
 
@@ -182,7 +182,7 @@ def _tune_and_check_int8(check, source: Path, dst: Path, feeds, labels, tune_rec
             if not (keep_failed and previous is not None):
                 raise
             tuned, rec, result, failure = previous  # dst still holds the previous look's graph
-            attempts.append({"graph": LOOKS[look], "unreachable": str(e)})
+            attempts.append({"graph": LOOKS[look], "passed": False, "unreachable": str(e)})
             rec["attempts"] = attempts
             rec["gate_failed"] = f"{failure}; the {LOOKS[look]} graph: {e}"
             say(f"int8: {rec['gate_failed']}; kept, marked failed, for the accuracy budget to judge against dense")
