@@ -15,8 +15,9 @@ with alpha A of every node / of the N most sensitive only (``export.int8.smoothi
   sequence judges), and the confirmation split vs dense;
 
 each with its paired drop and one-sided 95% upper bound, length-bucketed batches of 32 (``run``'s
-batching); then one interleaved timing loop with the dense INT8 graph at b32x128 (1 thread and ORT
-default). Exploratory: it looks at the decision rows, so nothing here is a promise.
+batching); then one interleaved timing loop with the dense INT8 graph at b32x128 (``export.optimize.time_graphs``,
+1 thread and ORT's default). The committed JSON files were timed by an inline loop of the same kind
+(12 interleaved rounds, order reversed every round, median). Exploratory: it looks at the decision rows, so nothing here is a promise.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main(run_out: str, data: str, out: str, *ks: str) -> None:
     from cahp_deploy.export.int8 import quantize as quant
     from cahp_deploy.export.int8 import tuning
     from cahp_deploy.export.optimize import build_candidate, time_graphs
-    from cahp_deploy.onnx_runtime import ThreadSettings, session
+    from cahp_deploy.onnx_runtime import session
     from cahp_deploy.paired import correct, paired_drop
 
     specs = list(ks) or ["k0", "k1", "k2", "k3", "k4", "k6", "k8"]
@@ -130,37 +131,18 @@ def main(run_out: str, data: str, out: str, *ks: str) -> None:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             result["mixes"].append(row)
             print(json.dumps(row), flush=True)
-        timing = {}
-        for threads in (1, 0):
-            import os
-            os.environ["OMP_NUM_THREADS"] = str(threads or 2)
-            timing[f"threads={threads or 'default'}"] = _time(graphs, threads)
+        timing = {f"threads={t or 'default'}": _speedups(time_graphs(graphs, shapes=((32, 128),), budget_s=40.0, threads=t))
+                  for t in (1, None)}
         result["timing_b32x128_ms"] = timing
         print(json.dumps(timing, indent=1))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1))
 
 
-def _time(graphs: dict, threads: int, rounds: int = 12) -> dict:
-    """Median ms at b32x128, graphs interleaved (order reversed every round)."""
-    from cahp_deploy.onnx_runtime import session
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1000, 20000, size=(32, 128), dtype=np.int64)
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    sessions = {k: session(p, threads=threads) for k, p in graphs.items()}
-    feeds = {k: {i.name: feed[i.name] for i in s.get_inputs()} for k, s in sessions.items()}
-    for k, s in sessions.items():
-        s.run(None, feeds[k])
-    times: dict = {k: [] for k in sessions}
-    names = list(sessions)
-    for r in range(rounds):
-        for k in names if r % 2 == 0 else reversed(names):
-            t = time.perf_counter()
-            sessions[k].run(None, feeds[k])
-            times[k].append((time.perf_counter() - t) * 1000)
-    med = {k: round(float(np.median(v)), 1) for k, v in times.items()}
-    return {k: {"ms": v, "speedup_vs_dense_int8": round(med["dense int8"] / v, 3)} for k, v in med.items()}
+def _speedups(timings: dict[str, dict[str, float]]) -> dict:
+    """{graph: {ms, speedup_vs_dense_int8}} from ``time_graphs``' medians at b32x128."""
+    med = {k: t["b32x128"] for k, t in timings.items()}
+    return {k: {"ms": round(v, 1), "speedup_vs_dense_int8": round(med["dense int8"] / v, 3)} for k, v in med.items()}
 
 
 if __name__ == "__main__":

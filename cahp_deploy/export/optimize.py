@@ -268,13 +268,15 @@ def time_graphs(
     vocab: int = 1000,
     budget_s: float = 6.0,
     provider: str = "cpu",
+    threads: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Median ms per run of each graph at each (batch, seq), runs interleaved (order reversed every round).
 
     Interleaving spreads load from other processes over all candidates alike; the round count per
-    shape is set from one warm-up so the whole measurement stays near ``budget_s``.
+    shape is set from one warm-up so the whole measurement stays near ``budget_s``. ``threads``: ORT
+    intra-op threads (None: ORT's default).
     """
-    sessions = {k: onnx_runtime.session(p, provider) for k, p in paths.items()}
+    sessions = {k: onnx_runtime.session(p, provider, threads=threads) for k, p in paths.items()}
     names = list(paths)
     per_shape = budget_s / max(1, len(shapes))
     result: dict[str, dict[str, float]] = {k: {} for k in names}

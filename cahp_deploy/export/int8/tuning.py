@@ -353,15 +353,25 @@ def _sensitivity(search: "_Search", mixer: "Mixer", cands: list[QuantNode], subs
     return ranked
 
 
-def _bisect(search: "_Search", mixer: "Mixer", order: list[str], meets: Callable[[dict], bool], what: str, say) -> list[str]:
-    """Step 4b: bisection for the shortest prefix of the ranking ``order`` that, kept fp32, ``meets`` the target."""
-    lo, hi = 0, len(order)  # lo: measured to miss the target; hi: everything fp32
+def _fewest(total: int, meets_at: Callable[[int], bool]) -> int:
+    """Bisection over ranking prefixes: the smallest ``k`` in 1..``total`` with ``meets_at(k)``, where ``k = 0``
+    is known to miss and ``total`` is taken to meet (it is never probed here)."""
+    lo, hi = 0, total
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        say(f"int8: bisection, {mid} of {len(order)} nodes in fp32")
-        res = search.probe(lambda mid=mid: mixer.build(order[:mid]), f"bisection: {mid} most sensitive in fp32",
-                           {"fp32_nodes": order[:mid], "num_fp32": mid})
-        lo, hi = (lo, mid) if meets(res) else (mid, hi)
+        lo, hi = (lo, mid) if meets_at(mid) else (mid, hi)
+    return hi
+
+
+def _bisect(search: "_Search", mixer: "Mixer", order: list[str], meets: Callable[[dict], bool], what: str, say) -> list[str]:
+    """Step 4b: bisection for the shortest prefix of the ranking ``order`` that, kept fp32, ``meets`` the target."""
+
+    def meets_at(k: int) -> bool:
+        say(f"int8: bisection, {k} of {len(order)} nodes in fp32")
+        return meets(search.probe(lambda: mixer.build(order[:k]), f"bisection: {k} most sensitive in fp32",
+                                  {"fp32_nodes": order[:k], "num_fp32": k}))
+
+    hi = _fewest(len(order), meets_at)  # len(order): everything fp32
     if hi == len(order):
         raise CahpError(
             f"INT8 cannot meet its gate ({what}) unless all {len(order)} quantizable MatMuls stay fp32; INT8 would be "
@@ -411,15 +421,16 @@ class _Smoother:
     def fewest(self, meets: Callable[[dict], bool], say) -> int | None:
         """The fewest most sensitive nodes whose smoothing ``meets`` the target (bisection, the ranking's
         prefixes), or None when smoothing every one does not."""
-        lo, hi = 0, len(self.order)
-        say(f"int8: smoothing all {hi} sensitive-ranked nodes")
-        if not meets(self.probe(hi)):
+        total = len(self.order)
+        say(f"int8: smoothing all {total} sensitive-ranked nodes")
+        if not meets(self.probe(total)):
             return None
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            say(f"int8: smoothing the {mid} most sensitive nodes")
-            lo, hi = (lo, mid) if meets(self.probe(mid)) else (mid, hi)
-        return hi
+
+        def meets_at(k: int) -> bool:
+            say(f"int8: smoothing the {k} most sensitive nodes")
+            return meets(self.probe(k))
+
+        return _fewest(total, meets_at)
 
     def record(self, n: int) -> dict:
         fp32, _, record = self.build(n)
